@@ -1,0 +1,556 @@
+#!/usr/bin/env python
+"""Regenerate every reference fixture under tests/fixtures/.
+
+    pip install -r scripts/reference/requirements.txt
+    python scripts/reference/make_fixtures.py            # everything
+    python scripts/reference/make_fixtures.py --phase 1  # decoder parity only
+
+Phase 1 (this file): tiny randomly initialised decoder models saved in HF
+layout + reference logits/losses, eval-set losses, and the real stories260K
+model's eval loss and greedy generation.
+Phase 2 (make_peft_fixtures.py): PEFT LoRA adapters, logits, gradients,
+merged weights and a short AdamW training curve.
+Phase 3 (make_chat_fixtures.py): chat-template and tokenizer encodings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    BATCH,
+    FIXTURES,
+    SEQ,
+    STORIES260K,
+    VOCAB,
+    load_fixture_model,
+    rel,
+    setup_determinism,
+    update_manifest,
+    write_json,
+)
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+    attention_dropout=0.0,
+)
+
+LLAMA_BASE = dict(
+    hidden_size=48,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    intermediate_size=76,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+    rope_scaling=None,
+)
+
+# name -> (config class, kwargs, seed, extra options)
+SPECS = {
+    "llama": (LlamaConfig, dict(LLAMA_BASE), 1001, {}),
+    "llama_tied_bias": (
+        LlamaConfig,
+        dict(
+            hidden_size=40,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=12,
+            intermediate_size=53,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        1002,
+        {},
+    ),
+    "llama_linear_rope": (
+        LlamaConfig,
+        dict(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=45,
+            tie_word_embeddings=False,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+        1003,
+        {},
+    ),
+    "mistral": (
+        MistralConfig,
+        dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=61,
+            sliding_window=6,
+            tie_word_embeddings=False,
+        ),
+        1004,
+        {},
+    ),
+    "qwen2": (
+        Qwen2Config,
+        dict(
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            intermediate_size=59,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+        ),
+        1005,
+        {},
+    ),
+    "qwen3": (
+        Qwen3Config,
+        dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=57,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+        1006,
+        {},
+    ),
+    "gemma": (
+        GemmaConfig,
+        dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=55,
+            hidden_act="gelu_pytorch_tanh",
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        ),
+        1007,
+        {"gemma_norm": True},
+    ),
+    "gemma2": (
+        Gemma2Config,
+        dict(
+            num_hidden_layers=3,
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=51,
+            hidden_act="gelu_pytorch_tanh",
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=6,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=16,
+            tie_word_embeddings=True,
+        ),
+        1008,
+        # large embeddings (tied => lm_head) and q/k so both soft-caps bite
+        {"gemma_norm": True, "embed_std": 0.8, "qk_std": 0.6},
+    ),
+    "phi3": (
+        Phi3Config,
+        dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=False,
+            rope_scaling=None,
+            original_max_position_embeddings=64,
+        ),
+        1009,
+        {},
+    ),
+    "llama_bf16": (LlamaConfig, dict(LLAMA_BASE), 1010, {"save_dtype": torch.bfloat16}),
+    "llama_f16": (LlamaConfig, dict(LLAMA_BASE), 1011, {"save_dtype": torch.float16}),
+    "llama_sharded": (LlamaConfig, dict(LLAMA_BASE), 1012, {"max_shard_size": "100KB"}),
+}
+
+WEIGHT_STD = 0.15
+EMBED_STD = 0.15
+BIAS_STD = 0.1
+NORM_STD = 0.1
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+EVAL_TEXTS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.",
+    "Tom had a red ball.",
+    "One day, a small dog found a big bone in the park. The dog was very happy and wagged its tail. "
+    "He ran home to show his mom.",
+    "The cat sat on the mat and looked at the bird.",
+    "Sam and Mia went to the beach. They built a big sand castle. Then a wave came and the castle fell down, "
+    "but they laughed and built another one.",
+    "The sun was hot. Ben wanted some cold water.",
+]
+
+
+def reinit_weights(model, opts: dict) -> None:
+    """Overwrite every parameter with seeded random values (no zero/one defaults)."""
+    gemma_norm = opts.get("gemma_norm", False)
+    embed_std = opts.get("embed_std", EMBED_STD)
+    qk_std = opts.get("qk_std", WEIGHT_STD)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied params are yielded once
+            if p.dim() == 1 and name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * BIAS_STD)
+            elif p.dim() == 1:  # RMSNorm weights (incl. q_norm/k_norm)
+                if gemma_norm:  # Gemma RMSNorm computes x * (1 + w)
+                    p.copy_(torch.randn_like(p) * NORM_STD)
+                else:
+                    p.copy_(1.0 + torch.randn_like(p) * NORM_STD)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p) * embed_std)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(torch.randn_like(p) * qk_std)
+            else:
+                p.copy_(torch.randn_like(p) * WEIGHT_STD)
+
+
+def make_input_ids(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (BATCH, SEQ), generator=g, dtype=torch.int64)
+
+
+def eval_texts_tokenized(tok):
+    rows = []
+    for text in EVAL_TEXTS:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id == 1, ids[:3]
+        rows.append(ids)
+    return rows
+
+
+@torch.no_grad()
+def eval_loss(model, rows) -> dict:
+    total = 0.0  # float64 accumulation
+    tokens = 0
+    per_row = []
+    for ids in rows:
+        t = torch.tensor([ids], dtype=torch.int64)
+        loss = float(model(input_ids=t, labels=t).loss)
+        n = len(ids) - 1
+        total += loss * n
+        tokens += n
+        per_row.append({"tokens": n, "loss": loss})
+    mean = total / tokens
+    return {"loss": mean, "tokens": tokens, "perplexity": math.exp(mean), "rows": per_row}
+
+
+def gemma2_softcap_stats(model, input_ids) -> dict:
+    """Max |raw| attention score and final logit, before soft-capping."""
+    import transformers.models.gemma2.modeling_gemma2 as mg
+
+    orig = mg.eager_attention_forward
+    raw_max = []
+
+    def spy(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw):
+        k = mg.repeat_kv(key, module.num_key_value_groups)
+        s = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            s = s.masked_fill(attention_mask[:, :, :, : k.shape[-2]] < -1, 0.0)
+        raw_max.append(float(s.abs().max()))
+        return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap, **kw)
+
+    mg.eager_attention_forward = spy
+    try:
+        with torch.no_grad():
+            h = model.model(input_ids=input_ids).last_hidden_state
+            raw = model.lm_head(h)
+    finally:
+        mg.eager_attention_forward = orig
+    cap = model.config.final_logit_softcapping
+    return {
+        "max_abs_raw_final_logit": float(raw.abs().max()),
+        "frac_raw_final_logits_above_cap": float((raw.abs() > cap).float().mean()),
+        "max_abs_raw_attn_score_per_layer": raw_max,
+        "attn_scores_above_cap": any(v > model.config.attn_logit_softcapping for v in raw_max),
+    }
+
+
+def build_fixture(name: str, tok_rows) -> dict:
+    cls, kwargs, seed, opts = SPECS[name]
+    cfg_kwargs = dict(COMMON)
+    cfg_kwargs.update(kwargs)
+    config = cls(**cfg_kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    reinit_weights(model, opts)
+    model.eval()
+
+    save_dtype = opts.get("save_dtype", torch.float32)
+    out_dir = FIXTURES / "models" / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    to_save = model.to(save_dtype)
+    save_kwargs = {"safe_serialization": True}
+    if "max_shard_size" in opts:
+        save_kwargs["max_shard_size"] = opts["max_shard_size"]
+    to_save.save_pretrained(str(out_dir), **save_kwargs)
+    # generation_config.json is not needed by the Rust side; keep the fixture minimal.
+    gen_cfg = out_dir / "generation_config.json"
+    if gen_cfg.exists():
+        gen_cfg.unlink()
+
+    # Reference outputs are always computed from the files on disk, upcast to f32.
+    ref = load_fixture_model(name)
+    if save_dtype == torch.float32:
+        for (n1, p1), (n2, p2) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+            assert n1 == n2 and torch.equal(p1, p2), n1
+    else:
+        for (n1, p1), (n2, p2) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+            assert n1 == n2 and torch.equal(p1.float(), p2), n1
+
+    input_ids = make_input_ids(seed + 5000)
+    captured = {}
+    hooks = []
+    for i, layer in enumerate(ref.model.layers):
+        hooks.append(
+            layer.register_forward_hook(
+                lambda mod, inp, o, i=i: captured.__setitem__(f"hidden.layer.{i}", o[0] if isinstance(o, tuple) else o)
+            )
+        )
+    hooks.append(ref.model.norm.register_forward_hook(lambda mod, inp, o: captured.__setitem__("hidden.final_norm", o)))
+    with torch.no_grad():
+        out = ref(input_ids=input_ids, labels=input_ids, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    logits = out.logits.float().contiguous()
+    loss = float(out.loss)
+    assert torch.equal(out.hidden_states[-1], captured["hidden.final_norm"])
+
+    tensors = {"input_ids": input_ids.contiguous(), "logits": logits}
+    tensors["hidden.embed"] = out.hidden_states[0].float().contiguous()
+    for k, v in captured.items():
+        tensors[k] = v.float().contiguous()
+    ref_dir = FIXTURES / "reference"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(ref_dir / f"{name}.safetensors"), metadata={"fixture": name})
+
+    saved_files = sorted(p.name for p in out_dir.iterdir())
+    keys = set()
+    from safetensors import safe_open
+
+    for f in out_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            keys.update(fh.keys())
+    tied = bool(ref.config.tie_word_embeddings)
+    assert ("lm_head.weight" in keys) == (not tied), (name, tied)
+
+    entry = {
+        "model_type": ref.config.model_type,
+        "dtype": DTYPE_NAMES[save_dtype],
+        "path": rel(out_dir),
+        "reference": rel(ref_dir / f"{name}.safetensors"),
+        "files": saved_files,
+        "num_tensors": len(keys),
+        "num_parameters": int(sum(p.numel() for p in ref.parameters())),
+        "tie_word_embeddings": tied,
+        "seed": seed,
+        "input_ids_seed": seed + 5000,
+        "loss": loss,
+        "loss_tokens": BATCH * (SEQ - 1),
+        "reference_tensors": sorted(tensors),
+        "eval": eval_loss(ref, tok_rows),
+    }
+    if save_dtype != torch.float32:
+        entry["notes"] = (
+            f"weights stored as {DTYPE_NAMES[save_dtype]}; reference logits/losses computed by upcasting "
+            "those exact weights to float32 and running in float32"
+        )
+    if "max_shard_size" in opts:
+        shards = [f for f in saved_files if f.startswith("model-") and f.endswith(".safetensors")]
+        assert len(shards) >= 2 and "model.safetensors.index.json" in saved_files, saved_files
+        entry["shards"] = len(shards)
+        entry["max_shard_size"] = opts["max_shard_size"]
+
+    if name == "mistral":
+        # Does the eager path honour sliding_window? Compare against a full-causal copy.
+        nowin = load_fixture_model(name)
+        nowin.config.sliding_window = None
+        with torch.no_grad():
+            l2 = nowin(input_ids=input_ids).logits
+        diff = float((l2 - logits).abs().max())
+        first_diff_pos = int(((l2 - logits).abs().amax(dim=(0, 2)) > 0).nonzero()[0])
+        entry["sliding_window"] = ref.config.sliding_window
+        entry["sliding_window_applied"] = diff > 1e-4
+        entry["max_abs_logit_diff_vs_no_window"] = diff
+        entry["first_position_affected_by_window"] = first_diff_pos
+        entry["window_semantics"] = (
+            "query at position q attends to keys k with q - sliding_window < k <= q "
+            "(i.e. itself plus the previous sliding_window-1 tokens)"
+        )
+        assert diff > 1e-4, "mistral eager path ignored sliding_window"
+        assert first_diff_pos == ref.config.sliding_window, first_diff_pos
+    if name == "gemma2":
+        stats = gemma2_softcap_stats(ref, input_ids)
+        entry.update(stats)
+        entry["layer_types"] = list(ref.config.layer_types)
+        entry["sliding_window"] = ref.config.sliding_window
+        assert stats["max_abs_raw_final_logit"] > ref.config.final_logit_softcapping, stats
+        assert stats["attn_scores_above_cap"], stats
+    if name == "qwen3":
+        entry["rope_attention_factor"] = float(ref.model.rotary_emb.attention_scaling)
+        entry["notes"] = (
+            "yarn: cos/sin are multiplied by attention_factor = 0.1*ln(factor)+1 (so q.k scores scale by its "
+            "square); inv_freq blends interpolated/extrapolated frequencies with beta_fast=32, beta_slow=1, "
+            "truncate=True, original_max_position_embeddings=16"
+        )
+    if name == "llama_tied_bias":
+        entry["rope_inv_freq"] = [float(x) for x in ref.model.rotary_emb.inv_freq]
+    if name == "llama_linear_rope":
+        entry["rope_inv_freq"] = [float(x) for x in ref.model.rotary_emb.inv_freq]
+    return entry
+
+
+def stories260k_reference() -> dict:
+    tok = AutoTokenizer.from_pretrained(str(STORIES260K), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(STORIES260K), dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    )
+    model.eval()
+    rows = eval_texts_tokenized(tok)
+    ev = eval_loss(model, rows)
+    prompt = "Once upon a time"
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=40,
+            pad_token_id=model.config.eos_token_id,
+        )
+    full = gen[0].tolist()
+    prompt_ids = enc["input_ids"][0].tolist()
+    new_ids = full[len(prompt_ids):]
+    text = tok.decode(full, skip_special_tokens=True)
+    assert text.startswith("Once upon a time, there was a little girl named Lily."), text
+    return {
+        "path": "shared/models/stories260K (read from $TEMPER_SHARED or <repo>/../shared; not copied)",
+        "eval": ev,
+        "greedy": {
+            "prompt": prompt,
+            "prompt_ids": prompt_ids,
+            "max_new_tokens": 40,
+            "do_sample": False,
+            "generated_ids": new_ids,
+            "output_ids": full,
+            "text": text,
+            "new_text": tok.decode(new_ids, skip_special_tokens=True),
+            "stopped_on_eos": bool(new_ids and new_ids[-1] == model.config.eos_token_id),
+        },
+        "eval_token_ids": rows,
+    }
+
+
+def phase1() -> None:
+    setup_determinism()
+    for sub in ("models", "reference"):
+        d = FIXTURES / sub
+        if d.exists():
+            shutil.rmtree(d)
+    (FIXTURES / "eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in EVAL_TEXTS))
+    tok = AutoTokenizer.from_pretrained(str(STORIES260K), local_files_only=True)
+    rows = eval_texts_tokenized(tok)
+
+    models = {}
+    for name in SPECS:
+        print(f"[phase1] {name}", flush=True)
+        models[name] = build_fixture(name, rows)
+    print("[phase1] stories260K", flush=True)
+    stories = stories260k_reference()
+
+    update_manifest(
+        {
+            "description": (
+                "Reference fixtures for Temper, generated with HF transformers/PEFT on CPU in float32 with eager "
+                "attention. models/<name>: tiny random HF checkpoints (vocab 512, usable with the stories260K "
+                "tokenizer); reference/<name>.safetensors: input_ids [2,13] int64, logits [2,13,512] f32 and "
+                "hidden.* activations; eval.jsonl: eval texts; peft/: LoRA adapters with "
+                "logits/grads/merged weights; chat/: chat-template and tokenizer encodings."
+            ),
+            "tolerances": {
+                "logits_f32_abs": 1e-4,
+                "loss_abs": 1e-5,
+                "grad_f32_abs": 1e-5,
+                "train_loss_abs": 1e-4,
+            },
+            "conventions": {
+                "loss": "transformers ForCausalLMLoss: logits[:, :-1] vs labels[:, 1:], cross-entropy, mean over "
+                "labels != -100",
+                "eval": "each eval.jsonl row tokenised separately with the stories260K tokenizer (BOS prepended), "
+                "no padding/packing; loss = sum_rows(loss_row*(len_row-1))/sum_rows(len_row-1) accumulated in "
+                "float64; tokens = sum_rows(len_row-1); perplexity = exp(loss)",
+                "hidden": "reference/<name>.safetensors also holds [2,13,hidden] f32 activations for layer-by-layer "
+                "debugging: hidden.embed = embedding output fed to layer 0 (Gemma/Gemma2: already multiplied by "
+                "sqrt(hidden_size) in f32), hidden.layer.<i> = residual stream after decoder layer i, "
+                "hidden.final_norm = output of the final norm (input of lm_head)",
+                "tokenizer": "stories260K tokenizer (transformers AutoTokenizer, add_bos_token=true)",
+            },
+            "models": models,
+            "stories260K": stories,
+        }
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", type=int, action="append", choices=[1, 2, 3], help="run only these phases")
+    args = ap.parse_args()
+    phases = args.phase or [1, 2, 3]
+    if 1 in phases:
+        phase1()
+    if 2 in phases:
+        import make_peft_fixtures
+
+        make_peft_fixtures.main()
+    if 3 in phases:
+        import make_chat_fixtures
+
+        make_chat_fixtures.main()
+
+
+if __name__ == "__main__":
+    main()

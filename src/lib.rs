@@ -1,0 +1,15 @@
+//! Temper: LoRA fine-tuning of open-weight language models on Burn.
+//!
+//! - [`model`]: Hugging Face `config.json` + safetensors -> one parameterised decoder
+//!   (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3), generation with a KV cache.
+//! - [`lora`]: LoRA deltas on frozen projections, with PEFT's names and math.
+//! - [`data`]: tokenisation.
+//! - [`train`]: the causal-LM loss and evaluation.
+
+pub mod data;
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};

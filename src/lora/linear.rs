@@ -1,0 +1,66 @@
+//! `LoraLinear`: the one projection type of the decoder. A frozen base weight in the
+//! checkpoint's `[out, in]` layout, an optional bias, and an optional trainable low-rank delta:
+//! `y = W x (+ b) + scaling * B(A(dropout(x)))`. With no delta it is a plain linear layer, so the
+//! decoder has no separate "LoRA version".
+
+use burn::module::{Module, Param};
+use burn::nn::Dropout;
+use burn::tensor::{backend::Backend, DType, Tensor};
+
+/// Trainable low-rank delta of one projection (PEFT's `lora_A` / `lora_B`), always f32.
+#[derive(Module, Debug)]
+pub struct LoraDelta<B: Backend> {
+    /// `[r, in]`
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `[out, r]`
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scaling: f64,
+    pub dropout: Dropout,
+}
+
+/// A projection with a frozen base weight and an optional LoRA delta.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// `[out, in]`, never trained.
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<LoraDelta<B>>,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// A frozen projection from its weight `[out, in]` and optional bias `[out]`.
+    pub fn frozen(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight).set_require_grad(false),
+            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            lora: None,
+        }
+    }
+
+    /// `[out, in]`
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.shape().dims()
+    }
+
+    /// `x`: `[batch, seq, in]` -> `[batch, seq, out]`, in `x`'s dtype.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let [d_out, _] = self.dims();
+        let x2 = x.reshape([b * t, d_in]);
+        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        if let Some(bias) = &self.bias {
+            let dtype = y.dtype();
+            y = y + bias.val().cast(dtype).unsqueeze_dim(0);
+        }
+        if let Some(lora) = &self.lora {
+            let dtype = y.dtype();
+            let h = lora.dropout.forward(x2.cast(DType::F32));
+            let delta = h
+                .matmul(lora.lora_a.val().transpose())
+                .matmul(lora.lora_b.val().transpose())
+                .mul_scalar(lora.scaling);
+            y = y + delta.cast(dtype);
+        }
+        y.reshape([b, t, d_out])
+    }
+}

@@ -1,0 +1,388 @@
+//! `config.json` (Hugging Face) -> [`DecoderConfig`], the one set of switches the decoder reads.
+//!
+//! The supported families differ by a handful of switches; everything a family sets that this
+//! decoder does not implement is refused here, with the key and value named, so a model is never
+//! run wrongly.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::model::rope::{RopeConfig, RopeScaling};
+use crate::{Error, Result};
+
+/// The `model_type`s this decoder implements.
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"];
+
+/// `config.json` as Hugging Face writes it (only the keys this project reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    pub max_position_embeddings: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<Value>,
+    /// transformers >= 5 folds `rope_theta` and `rope_scaling` into this.
+    pub rope_parameters: Option<Value>,
+    pub partial_rotary_factor: Option<f64>,
+    pub tie_word_embeddings: Option<bool>,
+    pub hidden_act: Option<String>,
+    pub hidden_activation: Option<String>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub sliding_window: Option<usize>,
+    pub use_sliding_window: Option<bool>,
+    pub max_window_layers: Option<usize>,
+    pub layer_types: Option<Vec<String>>,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub bos_token_id: Option<Value>,
+    pub eos_token_id: Option<Value>,
+    pub pad_token_id: Option<Value>,
+    pub torch_dtype: Option<String>,
+    pub dtype: Option<String>,
+    pub quantization_config: Option<Value>,
+    pub architectures: Option<Vec<String>>,
+}
+
+/// MLP activation functions found in the supported families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` / `swish`
+    Silu,
+    /// `gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+}
+
+/// Everything the decoder needs, derived once from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    /// Gemma stores RMSNorm weights as `w - 1` and multiplies by `1 + w`.
+    pub norm_offset: f64,
+    pub activation: Activation,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3: RMSNorm over each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// Phi-3: `qkv_proj` and `gate_up_proj` instead of separate projections.
+    pub fused_projections: bool,
+    /// Gemma 2: norms after attention and around the MLP.
+    pub sandwich_norms: bool,
+    pub tie_word_embeddings: bool,
+    /// Gemma: embeddings are multiplied by sqrt(hidden_size).
+    pub embed_scale: Option<f64>,
+    /// Multiplier of q.k (1/sqrt(head_dim) unless `query_pre_attn_scalar` says otherwise).
+    pub attn_scale: f64,
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Per layer: `Some(w)` when that layer attends to the last `w` positions only.
+    pub layer_windows: Vec<Option<usize>>,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint declares (`torch_dtype` / `dtype`), e.g. "bfloat16".
+    pub torch_dtype: Option<String>,
+}
+
+impl HfConfig {
+    /// Read and parse a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Derive the decoder switches, refusing anything this decoder would compute wrongly.
+    /// `path` is only used to name the file in errors.
+    pub fn to_decoder_config(&self, path: &Path) -> Result<DecoderConfig> {
+        let mt = self.model_type.as_str();
+        let unsupported = |key: &str, value: String, reason: &str| Error::Unsupported {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            value,
+            reason: reason.to_string(),
+        };
+        if !SUPPORTED_MODEL_TYPES.contains(&mt) {
+            return Err(unsupported(
+                "model_type",
+                format!("{mt:?}"),
+                &format!("supported: {}", SUPPORTED_MODEL_TYPES.join(", ")),
+            ));
+        }
+        if let Some(q) = &self.quantization_config {
+            return Err(unsupported(
+                "quantization_config",
+                compact(q),
+                "quantized checkpoints are not supported; use the unquantized weights",
+            ));
+        }
+        let invalid = |key: &str, reason: String| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let heads = self.num_attention_heads;
+        let kv_heads = self.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(invalid(
+                "num_key_value_heads",
+                format!("{kv_heads} must be positive and divide num_attention_heads = {heads}"),
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None => {
+                return Err(invalid(
+                    "head_dim",
+                    format!("absent, and hidden_size {} is not a multiple of {heads} heads", self.hidden_size),
+                ))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(invalid("head_dim", format!("{head_dim} must be even for RoPE")));
+        }
+
+        let is_gemma = mt == "gemma" || mt == "gemma2";
+        let activation = self.activation(path)?;
+        let default_tie = is_gemma;
+        let (qkv_bias, o_bias) = match mt {
+            "qwen2" => (true, false),
+            "llama" | "qwen3" | "gemma" | "gemma2" => {
+                let b = self.attention_bias.unwrap_or(false);
+                (b, b)
+            }
+            _ => {
+                if self.attention_bias == Some(true) {
+                    return Err(unsupported("attention_bias", "true".into(), &format!("{mt} has no attention bias")));
+                }
+                (false, false)
+            }
+        };
+        let mlp_bias = match mt {
+            "llama" => self.mlp_bias.unwrap_or(false),
+            _ if self.mlp_bias == Some(true) => {
+                return Err(unsupported("mlp_bias", "true".into(), &format!("{mt} has no MLP bias")))
+            }
+            _ => false,
+        };
+        let attn_scale = match (mt, self.query_pre_attn_scalar) {
+            ("gemma2", Some(s)) => 1.0 / s.sqrt(),
+            _ => 1.0 / (head_dim as f64).sqrt(),
+        };
+        let (attn_softcap, final_softcap) = if mt == "gemma2" {
+            (self.attn_logit_softcapping, self.final_logit_softcapping)
+        } else {
+            (None, None)
+        };
+        let max_pos = self.max_position_embeddings.unwrap_or(4096);
+        let rope = self.rope_config(path, head_dim, max_pos)?;
+
+        Ok(DecoderConfig {
+            model_type: mt.to_string(),
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            norm_offset: if is_gemma { 1.0 } else { 0.0 },
+            activation,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            qk_norm: mt == "qwen3",
+            fused_projections: mt == "phi3",
+            sandwich_norms: mt == "gemma2",
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(default_tie),
+            embed_scale: is_gemma.then(|| (self.hidden_size as f64).sqrt()),
+            attn_scale,
+            attn_softcap,
+            final_softcap,
+            layer_windows: self.layer_windows(path)?,
+            rope,
+            max_position_embeddings: max_pos,
+            bos_token_id: first_id(&self.bos_token_id),
+            eos_token_ids: all_ids(&self.eos_token_id),
+            torch_dtype: self.torch_dtype.clone().or_else(|| self.dtype.clone()),
+        })
+    }
+
+    fn activation(&self, path: &Path) -> Result<Activation> {
+        // Gemma 2 reads `hidden_activation`; the others `hidden_act`.
+        let (key, name) = match (&self.hidden_activation, &self.hidden_act) {
+            (Some(a), _) if self.model_type == "gemma2" || self.hidden_act.is_none() => ("hidden_activation", a.as_str()),
+            (_, Some(a)) => ("hidden_act", a.as_str()),
+            (Some(a), None) => ("hidden_activation", a.as_str()),
+            (None, None) => ("hidden_act", if self.model_type.starts_with("gemma") { "gelu_pytorch_tanh" } else { "silu" }),
+        };
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                value: format!("{other:?}"),
+                reason: "supported: silu, gelu, gelu_pytorch_tanh".into(),
+            }),
+        }
+    }
+
+    fn rope_config(&self, path: &Path, head_dim: usize, max_pos: usize) -> Result<RopeConfig> {
+        let params = self.rope_parameters.as_ref().and_then(Value::as_object);
+        let theta = self
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10000.0);
+        let scaling_value = match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(v), _) if !v.is_null() => Some(("rope_scaling", v)),
+            (_, Some(v)) if !v.is_null() => Some(("rope_parameters", v)),
+            _ => None,
+        };
+        let scaling = match scaling_value {
+            None => RopeScaling::Default,
+            Some((key, v)) => RopeScaling::from_json(v, max_pos).map_err(|reason| Error::Unsupported {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                value: compact(v),
+                reason,
+            })?,
+        };
+        let factor = self.partial_rotary_factor.unwrap_or(1.0);
+        if !(factor > 0.0 && factor <= 1.0) {
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "partial_rotary_factor".into(),
+                reason: format!("{factor} is not in (0, 1]"),
+            });
+        }
+        let rotary_dim = ((head_dim as f64) * factor) as usize;
+        if rotary_dim % 2 != 0 || rotary_dim == 0 {
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "partial_rotary_factor".into(),
+                reason: format!("gives an odd or zero rotary dimension {rotary_dim} for head_dim {head_dim}"),
+            });
+        }
+        Ok(RopeConfig {
+            theta,
+            rotary_dim,
+            scaling,
+        })
+    }
+
+    /// Which layers use sliding-window attention, with transformers' per-family rules.
+    fn layer_windows(&self, path: &Path) -> Result<Vec<Option<usize>>> {
+        let n = self.num_hidden_layers;
+        let window = self.sliding_window;
+        if let Some(types) = &self.layer_types {
+            if types.len() != n {
+                return Err(Error::InvalidConfig {
+                    path: path.to_path_buf(),
+                    key: "layer_types".into(),
+                    reason: format!("has {} entries for {n} layers", types.len()),
+                });
+            }
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => Ok(window),
+                    other => Err(Error::Unsupported {
+                        path: path.to_path_buf(),
+                        key: "layer_types".into(),
+                        value: format!("{other:?}"),
+                        reason: "supported: full_attention, sliding_attention".into(),
+                    }),
+                })
+                .collect();
+        }
+        Ok(match self.model_type.as_str() {
+            // Gemma 2 alternates: even layers slide, odd layers are global.
+            "gemma2" => (0..n).map(|i| if i % 2 == 0 { window } else { None }).collect(),
+            "mistral" | "phi3" => vec![window; n],
+            "qwen2" | "qwen3" if self.use_sliding_window == Some(true) => {
+                let first_full = self.max_window_layers.unwrap_or(n);
+                (0..n).map(|i| if i >= first_full { window } else { None }).collect()
+            }
+            _ => vec![None; n],
+        })
+    }
+}
+
+impl DecoderConfig {
+    /// Read `config.json` from a model folder and derive the decoder switches.
+    pub fn from_model_dir(dir: &Path) -> Result<(HfConfig, DecoderConfig)> {
+        let path: PathBuf = dir.join("config.json");
+        let hf = HfConfig::from_file(&path)?;
+        let cfg = hf.to_decoder_config(&path)?;
+        Ok((hf, cfg))
+    }
+
+    /// Number of parameters of the base model (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let i = self.intermediate_size;
+        let mut attn = h * q + 2 * h * kv + q * h;
+        if self.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if self.o_bias {
+            attn += h;
+        }
+        let mut mlp = 3 * h * i;
+        if self.mlp_bias {
+            mlp += 2 * i + h;
+        }
+        let norms = h * if self.sandwich_norms { 4 } else { 2 } + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        self.num_layers * (attn + mlp + norms) + embed + head + h
+    }
+}
+
+fn compact(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "<unprintable>".into())
+}
+
+fn first_id(v: &Option<Value>) -> Option<u32> {
+    all_ids(v).into_iter().next()
+}
+
+fn all_ids(v: &Option<Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,282 @@
+//! The one parameterised decoder. Reads top to bottom like the checkpoint: `model.embed_tokens`,
+//! `model.layers.{i}.{self_attn,mlp,*_layernorm}`, `model.norm`, `lm_head`. Family differences
+//! are switches in [`DecoderConfig`].
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
+
+use crate::lora::LoraLinear;
+use crate::model::attention::{Attention, AttentionMask, LayerCache, MaskSpec};
+use crate::model::config::DecoderConfig;
+use crate::model::mlp::Mlp;
+use crate::model::norm::RmsNorm;
+use crate::model::rope::RopeTables;
+use crate::model::weights::WeightSource;
+use crate::Result;
+
+/// `embed_tokens.weight`: `[vocab, hidden]`, frozen.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    /// Llama-style: the norm before the MLP. Gemma 2: the norm after attention.
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// `[batch, seq, hidden]` -> same.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: &AttentionMask<B>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let x = x + self.post_attention_layernorm.forward(h);
+                let m = self.mlp.forward(pre.forward(x.clone()));
+                x + post.forward(m)
+            }
+            _ => {
+                let x = x + h;
+                let m = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+                x + m
+            }
+        }
+    }
+}
+
+/// `model.*` of a `*ForCausalLM` checkpoint.
+#[derive(Module, Debug)]
+pub struct DecoderModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// A causal language model: the decoder plus its output head.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: DecoderModel<B>,
+    /// `None` when the head is tied to `model.embed_tokens`.
+    pub lm_head: Option<LoraLinear<B>>,
+    #[module(skip)]
+    pub config: DecoderConfig,
+}
+
+/// Positions, masks and rotary tables for one forward call.
+pub struct ForwardContext<B: Backend> {
+    pub rope: RopeTables<B>,
+    pub mask: AttentionMask<B>,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<LayerCache<B>>>,
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Build the model from a weight source; matrices in `dtype`, norms in f32.
+    pub fn load(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [cfg.vocab_size, h], dtype, device)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            layers.push(load_layer(cfg, weights, i, dtype, device)?);
+        }
+        let norm = RmsNorm::new(weights.norm("model.norm.weight", h, device)?, cfg.rms_norm_eps, cfg.norm_offset);
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let w = weights.tensor::<B, 2>("lm_head.weight", [cfg.vocab_size, h], dtype, device)?;
+            Some(LoraLinear::frozen(w, None))
+        };
+        Ok(Self {
+            model: DecoderModel {
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(embed).set_require_grad(false),
+                },
+                layers,
+                norm,
+            },
+            lm_head,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The dtype activations flow in (that of the embedding matrix).
+    pub fn dtype(&self) -> DType {
+        self.model.embed_tokens.weight.val().dtype()
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// Rotary tables and masks for `positions` (one row per sequence), `past_len` cached
+    /// positions, and optional per-row segment ids (packing).
+    pub fn context(&self, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>) -> ForwardContext<B> {
+        let device = self.device();
+        let spec = MaskSpec {
+            batch: positions.len(),
+            q_len: positions.first().map_or(0, Vec::len),
+            past_len,
+            segments,
+        };
+        ForwardContext {
+            rope: self.config.rope.tables(positions, self.dtype(), &device),
+            mask: AttentionMask::new(&spec, &self.config.layer_windows, &device),
+        }
+    }
+
+    /// Plain causal context for a `[batch, seq]` call starting at position `past_len`.
+    pub fn causal_context(&self, batch: usize, seq: usize, past_len: usize) -> ForwardContext<B> {
+        let positions = vec![(past_len..past_len + seq).collect::<Vec<_>>(); batch];
+        self.context(&positions, past_len, None)
+    }
+
+    /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let h = self.config.hidden_size;
+        let emb = self.model.embed_tokens.weight.val();
+        let mut x = emb.select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        if let Some(scale) = self.config.embed_scale {
+            // transformers multiplies by sqrt(hidden) rounded to the activation dtype.
+            let s = burn::tensor::Tensor::<B, 1>::from_floats([scale as f32], &self.device()).cast(x.dtype());
+            x = x * s.unsqueeze::<3>();
+        }
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &ctx.rope, &ctx.mask, slot);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits in f32: `[batch, seq, hidden]` hidden states -> `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                let w = self.model.embed_tokens.weight.val();
+                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, self.config.vocab_size])
+            }
+        };
+        let logits = logits.cast(DType::F32);
+        match self.config.final_softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        }
+    }
+
+    /// `[batch, seq]` ids -> `[batch, seq, vocab]` f32 logits, plain causal attention.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let ctx = self.causal_context(b, t, 0);
+        self.logits(self.hidden_states(ids, &ctx, None))
+    }
+}
+
+fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, dtype: DType, device: &B::Device) -> Result<DecoderLayer<B>> {
+    let p = format!("model.layers.{i}");
+    let h = cfg.hidden_size;
+    let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let mut proj = |name: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear<B>> {
+        let weight = w.tensor::<B, 2>(&format!("{p}.{name}.weight"), [out, inp], dtype, device)?;
+        let b = if bias {
+            Some(w.tensor::<B, 1>(&format!("{p}.{name}.bias"), [out], dtype, device)?)
+        } else {
+            None
+        };
+        Ok(LoraLinear::frozen(weight, b))
+    };
+    let (q_proj, k_proj, v_proj, qkv_proj) = if cfg.fused_projections {
+        (None, None, None, Some(proj("self_attn.qkv_proj", q_dim + 2 * kv_dim, h, false)?))
+    } else {
+        (
+            Some(proj("self_attn.q_proj", q_dim, h, cfg.qkv_bias)?),
+            Some(proj("self_attn.k_proj", kv_dim, h, cfg.qkv_bias)?),
+            Some(proj("self_attn.v_proj", kv_dim, h, cfg.qkv_bias)?),
+            None,
+        )
+    };
+    let o_proj = proj("self_attn.o_proj", h, q_dim, cfg.o_bias)?;
+    let inter = cfg.intermediate_size;
+    let (gate_proj, up_proj, gate_up_proj) = if cfg.fused_projections {
+        (None, None, Some(proj("mlp.gate_up_proj", 2 * inter, h, false)?))
+    } else {
+        (
+            Some(proj("mlp.gate_proj", inter, h, cfg.mlp_bias)?),
+            Some(proj("mlp.up_proj", inter, h, cfg.mlp_bias)?),
+            None,
+        )
+    };
+    let down_proj = proj("mlp.down_proj", h, inter, cfg.mlp_bias)?;
+    let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
+    let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
+        Ok(RmsNorm::new(w.norm(&format!("{p}.{name}.weight"), dim, device)?, eps, off))
+    };
+    let (q_norm, k_norm) = if cfg.qk_norm {
+        (Some(norm("self_attn.q_norm", cfg.head_dim)?), Some(norm("self_attn.k_norm", cfg.head_dim)?))
+    } else {
+        (None, None)
+    };
+    let (pre_ff, post_ff) = if cfg.sandwich_norms {
+        (Some(norm("pre_feedforward_layernorm", h)?), Some(norm("post_feedforward_layernorm", h)?))
+    } else {
+        (None, None)
+    };
+    Ok(DecoderLayer {
+        input_layernorm: norm("input_layernorm", h)?,
+        self_attn: Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            scale: cfg.attn_scale,
+            softcap: cfg.attn_softcap,
+            window: cfg.layer_windows.get(i).copied().flatten(),
+        },
+        post_attention_layernorm: norm("post_attention_layernorm", h)?,
+        pre_feedforward_layernorm: pre_ff,
+        post_feedforward_layernorm: post_ff,
+        mlp: Mlp {
+            gate_proj,
+            up_proj,
+            gate_up_proj,
+            down_proj,
+            activation: cfg.activation,
+        },
+    })
+}

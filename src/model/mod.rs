@@ -1,0 +1,60 @@
+//! Hugging Face decoder models on Burn: config, weights, the decoder, generation.
+
+pub mod attention;
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, DType};
+use safetensors::Dtype;
+
+pub use config::{DecoderConfig, HfConfig};
+pub use decoder::{CausalLm, KvCache};
+pub use weights::{Checkpoint, WeightSource};
+
+use crate::Result;
+
+/// Which dtype the frozen base weights are held in on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightPrecision {
+    /// Upcast everything to f32 (CPU, and any backend without half support).
+    F32,
+    /// Keep bf16 / f16 checkpoints as they are (CUDA); f32 checkpoints stay f32.
+    Native,
+    /// Hold weights in f16 (wgpu has no bf16); f32 checkpoints stay f32.
+    F16,
+}
+
+impl WeightPrecision {
+    /// The dtype to hold a checkpoint stored as `stored` in.
+    pub fn resolve(self, stored: Option<Dtype>) -> DType {
+        match (self, stored) {
+            (WeightPrecision::Native, Some(Dtype::BF16)) => DType::BF16,
+            (WeightPrecision::Native, Some(Dtype::F16)) => DType::F16,
+            (WeightPrecision::F16, Some(Dtype::BF16 | Dtype::F16)) => DType::F16,
+            _ => DType::F32,
+        }
+    }
+}
+
+/// A loaded model folder: parsed config and the model on `device`.
+pub struct LoadedModel<B: Backend> {
+    pub hf_config: HfConfig,
+    pub model: CausalLm<B>,
+}
+
+/// Load the model in a Hugging Face folder (config.json + safetensors).
+pub fn load_model<B: Backend>(dir: &Path, precision: WeightPrecision, device: &B::Device) -> Result<LoadedModel<B>> {
+    let (hf_config, cfg) = DecoderConfig::from_model_dir(dir)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let dtype = precision.resolve(checkpoint.dominant_dtype());
+    let mut source = WeightSource::Checkpoint(checkpoint);
+    let model = CausalLm::load(&cfg, &mut source, dtype, device)?;
+    Ok(LoadedModel { hf_config, model })
+}

@@ -1,0 +1,241 @@
+//! Rotary position embeddings in the Hugging Face convention (`rotate_half`: the first half of
+//! the rotary dimensions pairs with the second half), with the `rope_scaling` types used by the
+//! supported families. Burn's own `RotaryEncoding` rotates adjacent pairs, which does not match
+//! HF checkpoints, hence this module.
+
+use std::f64::consts::PI;
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use serde_json::Value;
+
+/// How inverse frequencies are derived from `rope_theta`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1 / 3.2 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// YaRN (Qwen long-context checkpoints), with the cos/sin attention factor.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        truncate: bool,
+    },
+}
+
+/// RoPE parameters resolved from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// Dimensions of each head that rotate (head_dim * partial_rotary_factor).
+    pub rotary_dim: usize,
+    pub scaling: RopeScaling,
+}
+
+fn get_f64(obj: &serde_json::Map<String, Value>, key: &str) -> Result<Option<f64>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("`{key}` must be a number")),
+    }
+}
+
+fn require(obj: &serde_json::Map<String, Value>, key: &str) -> Result<f64, String> {
+    get_f64(obj, key)?.ok_or_else(|| format!("`{key}` is required"))
+}
+
+impl RopeScaling {
+    /// Parse a `rope_scaling` object; the error string says what is wrong or unsupported.
+    pub fn from_json(v: &Value, max_position_embeddings: usize) -> Result<Self, String> {
+        let obj = v.as_object().ok_or("expected an object")?;
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear { factor: require(obj, "factor")? }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: require(obj, "factor")?,
+                low_freq_factor: require(obj, "low_freq_factor")?,
+                high_freq_factor: require(obj, "high_freq_factor")?,
+                original_max_position_embeddings: require(obj, "original_max_position_embeddings")?,
+            }),
+            "yarn" => {
+                let factor = require(obj, "factor")?;
+                // As transformers 4.57: `factor` is used as given; the original context length
+                // (for the correction range) defaults to max_position_embeddings.
+                let original = get_f64(obj, "original_max_position_embeddings")?
+                    .unwrap_or(max_position_embeddings as f64);
+                let mscale = get_f64(obj, "mscale")?;
+                let mscale_all_dim = get_f64(obj, "mscale_all_dim")?;
+                let attention_factor = match (get_f64(obj, "attention_factor")?, mscale, mscale_all_dim) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => yarn_mscale(factor, m) / yarn_mscale(factor, ma),
+                    _ => yarn_mscale(factor, 1.0),
+                };
+                Ok(RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: get_f64(obj, "beta_fast")?.unwrap_or(32.0),
+                    beta_slow: get_f64(obj, "beta_slow")?.unwrap_or(1.0),
+                    attention_factor,
+                    truncate: obj.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                })
+            }
+            other => Err(format!(
+                "rope type {other:?} is not supported (supported: default, linear, llama3, yarn)"
+            )),
+        }
+    }
+}
+
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl RopeConfig {
+    /// Inverse frequencies (length rotary_dim / 2) and the factor cos and sin are scaled by.
+    pub fn inv_freq(&self) -> (Vec<f32>, f32) {
+        let dim = self.rotary_dim;
+        // As transformers: float32 exponent, float32 power.
+        let base: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / dim as f32))
+            .collect();
+        match &self.scaling {
+            RopeScaling::Default => (base, 1.0),
+            RopeScaling::Linear { factor } => (base.iter().map(|f| f / *factor as f32).collect(), 1.0),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                let out = base
+                    .iter()
+                    .map(|&f| {
+                        let f = f as f64;
+                        let wavelen = 2.0 * PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .map(|f| f as f32)
+                    .collect();
+                (out, 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            } => {
+                let d = dim as f64;
+                let theta = self.theta;
+                let correction = |rot: f64| (d * (original_max_position_embeddings / (rot * 2.0 * PI)).ln()) / (2.0 * theta.ln());
+                let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let high = high.min(d - 1.0);
+                let high = if low == high { high + 0.001 } else { high };
+                let out = base
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &extrapolation)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0) as f32;
+                        let extrapolation_factor = 1.0 - ramp;
+                        let interpolation = extrapolation / *factor as f32;
+                        interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                    })
+                    .collect();
+                (out, *attention_factor as f32)
+            }
+        }
+    }
+
+    /// cos and sin tables `[batch, 1, seq, rotary_dim]` for the given positions (one row per
+    /// sequence), in `dtype`.
+    pub fn tables<B: Backend>(
+        &self,
+        positions: &[Vec<usize>],
+        dtype: DType,
+        device: &B::Device,
+    ) -> RopeTables<B> {
+        let (inv_freq, scale) = self.inv_freq();
+        let half = inv_freq.len();
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        let mut cos = Vec::with_capacity(b * t * half * 2);
+        let mut sin = Vec::with_capacity(b * t * half * 2);
+        for row in positions {
+            for &p in row {
+                let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos() * scale));
+                    sin.extend(angles.iter().map(|a| a.sin() * scale));
+                }
+            }
+        }
+        let shape = [b, 1, t, half * 2];
+        let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, shape), (device, DType::F32)).cast(dtype);
+        RopeTables {
+            cos: make(cos),
+            sin: make(sin),
+        }
+    }
+}
+
+/// Precomputed cos/sin for one forward call.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> RopeTables<B> {
+    /// Rotate `x`: `[batch, heads, seq, head_dim]` -> same shape. Only the first `rotary_dim`
+    /// dimensions rotate (Phi-3's partial rotary factor); the rest pass through.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let rot = self.cos.dims()[3];
+        let (x_rot, x_pass) = if rot < d {
+            (x.clone().slice([0..b, 0..h, 0..t, 0..rot]), Some(x.slice([0..b, 0..h, 0..t, rot..d])))
+        } else {
+            (x, None)
+        };
+        let half = rot / 2;
+        let x1 = x_rot.clone().slice([0..b, 0..h, 0..t, 0..half]);
+        let x2 = x_rot.clone().slice([0..b, 0..h, 0..t, half..rot]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let out = x_rot * self.cos.clone() + rotated * self.sin.clone();
+        match x_pass {
+            Some(pass) => Tensor::cat(vec![out, pass], 3),
+            None => out,
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Reading Hugging Face checkpoints: `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Files are memory-mapped; each tensor is converted straight
+//! from the map into the device tensor, so a checkpoint never sits in memory twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use memmap2::Mmap;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use safetensors::tensor::{Metadata, SafeTensorError};
+use safetensors::Dtype;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+/// A safetensors checkpoint (one file or several shards), memory-mapped.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// tensor name -> index into `shards`
+    index: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// Where the weights of a model come from.
+pub enum WeightSource {
+    Checkpoint(Checkpoint),
+    /// Random normal weights (std 0.02, norms at their identity value): for benchmarks and
+    /// tests that need a model of a real shape but not its values.
+    Random { rng: StdRng, norm_offset: f64 },
+}
+
+impl Checkpoint {
+    /// Open the safetensors files of a model folder.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let idx: ShardIndex = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index_path.clone(),
+                source,
+            })?;
+            let mut names: Vec<&String> = idx.weight_map.values().collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            let has_bin = dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists();
+            return Err(Error::MissingTensor {
+                path: dir.to_path_buf(),
+                tensor: "model.safetensors".into(),
+                hint: if has_bin {
+                    " (only pickle .bin weights found: convert them to safetensors; .bin files can execute code when loaded and are never read)".into()
+                } else {
+                    " (no model.safetensors or model.safetensors.index.json in this folder)".into()
+                },
+            });
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let shard = open_shard(path)?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), i);
+            }
+            shards.push(shard);
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
+    }
+
+    /// Names of every tensor in the checkpoint.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Paths of the safetensors files.
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// dtype and shape of a tensor, without reading it.
+    pub fn info(&self, name: &str) -> Option<(Dtype, Vec<usize>)> {
+        let shard = &self.shards[*self.index.get(name)?];
+        shard.metadata.info(name).map(|i| (i.dtype, i.shape.clone()))
+    }
+
+    /// The dtype most tensors are stored in (what `inspect` reports).
+    pub fn dominant_dtype(&self) -> Option<Dtype> {
+        let mut counts: HashMap<String, (usize, Dtype)> = HashMap::new();
+        for s in &self.shards {
+            for info in s.metadata.tensors().values() {
+                let n: usize = info.shape.iter().product();
+                let e = counts.entry(format!("{:?}", info.dtype)).or_insert((0, info.dtype));
+                e.0 += n;
+            }
+        }
+        counts.into_values().max_by_key(|(n, _)| *n).map(|(_, d)| d)
+    }
+
+    /// Read one tensor as `TensorData` converted to `dtype`, checking its shape.
+    pub fn read(&self, name: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
+        let shard = self
+            .index
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.to_string(),
+                hint: String::new(),
+            })?;
+        let info = shard.metadata.info(name).ok_or_else(|| Error::MissingTensor {
+            path: shard.path.clone(),
+            tensor: name.to_string(),
+            hint: String::new(),
+        })?;
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let base = 8 + shard.header_len;
+        let bytes = &shard.mmap[base + start..base + end];
+        let src = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::TensorDtype {
+                    path: shard.path.clone(),
+                    tensor: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(convert(bytes, shape, src, dtype))
+    }
+}
+
+/// Bytes of one dtype -> `TensorData` of another, in one pass.
+fn convert(bytes: &[u8], shape: &[usize], src: DType, dst: DType) -> TensorData {
+    if src == dst {
+        return TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), src);
+    }
+    let as_f32: Vec<f32> = match src {
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    let data = TensorData::new(as_f32, shape.to_vec());
+    if dst == DType::F32 {
+        data
+    } else {
+        data.convert_dtype(dst)
+    }
+}
+
+fn open_shard(path: PathBuf) -> Result<Shard> {
+    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    // SAFETY: the map is read-only; a checkpoint changed on disk while loading is undefined for
+    // every framework that maps weights (transformers included) and is documented as such.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+    match safetensors::SafeTensors::read_metadata(&mmap) {
+        Ok((header_len, metadata)) => Ok(Shard {
+            path,
+            mmap,
+            header_len,
+            metadata,
+        }),
+        Err(SafeTensorError::MetadataIncompleteBuffer) => {
+            let reason = truncated_tensor(&mmap).map_or_else(
+                || "the file is shorter than its header says: truncated download?".to_string(),
+                |(name, need)| {
+                    format!(
+                        "tensor `{name}` ends at byte {need} but the file has {} bytes: truncated download?",
+                        mmap.len()
+                    )
+                },
+            );
+            Err(Error::Safetensors { path, reason })
+        }
+        Err(e) => Err(Error::Safetensors {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// For a file whose data is shorter than its header says, the first tensor cut off.
+fn truncated_tensor(buf: &[u8]) -> Option<(String, usize)> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(buf.get(8..8 + n)?).ok()?;
+    let data_len = buf.len().saturating_sub(8 + n);
+    header
+        .iter()
+        .filter_map(|(name, v)| {
+            let end = v.get("data_offsets")?.get(1)?.as_u64()? as usize;
+            (end > data_len).then(|| (name.clone(), end + 8 + n))
+        })
+        .min_by_key(|(_, end)| *end)
+}
+
+impl WeightSource {
+    pub fn random(seed: u64, norm_offset: f64) -> Self {
+        WeightSource::Random {
+            rng: StdRng::seed_from_u64(seed),
+            norm_offset,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            WeightSource::Checkpoint(c) => c.contains(name),
+            WeightSource::Random { .. } => true,
+        }
+    }
+
+    /// A weight matrix or bias, as `dtype`, on `device`.
+    pub fn tensor<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let data = match self {
+            WeightSource::Checkpoint(c) => c.read(name, &shape, dtype)?,
+            WeightSource::Random { rng, .. } => {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| normal(rng) * 0.02).collect();
+                TensorData::new(v, shape).convert_dtype(dtype)
+            }
+        };
+        Ok(Tensor::from_data(data, (device, dtype)))
+    }
+
+    /// A norm weight (always f32: tiny, and the norm is computed in f32).
+    pub fn norm<B: Backend>(&mut self, name: &str, dim: usize, device: &B::Device) -> Result<Tensor<B, 1>> {
+        match self {
+            WeightSource::Random { norm_offset, .. } => {
+                let identity = 1.0 - *norm_offset as f32;
+                Ok(Tensor::from_data(TensorData::new(vec![identity; dim], [dim]), (device, DType::F32)))
+            }
+            _ => self.tensor(name, [dim], DType::F32, device),
+        }
+    }
+}
+
+/// A standard normal sample (Box-Muller), so random weights need no extra crate.
+fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}

@@ -1,0 +1,72 @@
+//! Paths to fixtures and shared assets, and small readers for reference tensors.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+/// The CPU backend the tests run on (the one the binary uses for `--device cpu`).
+pub type Cpu = burn::backend::Flex;
+pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `../shared` beside the crate (or `$TEMPER_SHARED`). A missing asset fails the test: a
+/// skipped check would hide a regression.
+pub fn shared(rel: &str) -> PathBuf {
+    let root = std::env::var_os("TEMPER_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let p = root.join(rel);
+    assert!(p.exists(), "shared asset {} is missing: tests need ../shared beside the repository", p.display());
+    p
+}
+
+pub fn manifest() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json");
+    serde_json::from_str(&text).expect("manifest.json parses")
+}
+
+/// Reference tensors of one fixture file.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    pub fn open(path: &Path) -> Self {
+        Self {
+            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).expect("reference safetensors");
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name} missing"));
+        (t.dtype(), t.shape().to_vec(), t.data().to_vec())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let st = SafeTensors::deserialize(&self.bytes).expect("reference safetensors");
+        st.names().into_iter().map(str::to_string).collect()
+    }
+
+    pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let (dt, shape, data) = self.view(name);
+        assert_eq!(dt, Dtype::F32, "{name}");
+        (data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(), shape)
+    }
+
+    pub fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
+        let (dt, shape, data) = self.view(name);
+        assert_eq!(dt, Dtype::I64, "{name}");
+        (data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(), shape)
+    }
+}
+
+/// Largest absolute difference, asserting equal lengths.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

@@ -1,0 +1,4 @@
+//! One integration-test binary (one link step on small CI machines).
+
+mod common;
+mod parity;

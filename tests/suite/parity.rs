@@ -1,0 +1,65 @@
+//! Logits and losses of every supported architecture against transformers (tests/fixtures,
+//! made by scripts/reference/make_fixtures.py).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use temper::model::{load_model, WeightPrecision};
+use temper::train::loss::{nll_sum, shift_labels};
+
+use crate::common::{fixtures, manifest, max_abs_diff, Cpu, Reference};
+
+const LOGITS_TOL: f32 = 1e-4;
+
+fn check_fixture(name: &str) {
+    let m = manifest();
+    let entry = &m["models"][name];
+    let dir = fixtures().join(entry["path"].as_str().expect("path"));
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reference = Reference::open(&fixtures().join(entry["reference"].as_str().expect("reference")));
+    let (ids, shape) = reference.i64("input_ids");
+    let (want, _) = reference.f32("logits");
+    let input = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
+    let logits = loaded.model.forward(input);
+    let got: Vec<f32> = logits.clone().into_data().to_vec().expect("f32 logits");
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff <= LOGITS_TOL, "{name}: max |logit diff| = {diff:e} > {LOGITS_TOL:e}");
+
+    let rows: Vec<Vec<i64>> = ids.chunks(shape[1]).map(<[i64]>::to_vec).collect();
+    let (targets, count) = shift_labels(&rows);
+    let loss = nll_sum(logits, &targets).into_scalar() / count as f32;
+    let want_loss = entry["loss"].as_f64().expect("loss") as f32;
+    assert!((loss - want_loss).abs() <= 1e-4, "{name}: loss {loss} vs transformers {want_loss}");
+}
+
+macro_rules! parity_tests {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check_fixture($name);
+            }
+        )*
+    };
+}
+
+parity_tests! {
+    llama_logits_match_transformers => "llama",
+    llama_tied_bias_llama3_rope_logits_match_transformers => "llama_tied_bias",
+    llama_linear_rope_logits_match_transformers => "llama_linear_rope",
+    mistral_sliding_window_logits_match_transformers => "mistral",
+    qwen2_logits_match_transformers => "qwen2",
+    qwen3_yarn_logits_match_transformers => "qwen3",
+    gemma_logits_match_transformers => "gemma",
+    gemma2_softcap_logits_match_transformers => "gemma2",
+    phi3_fused_logits_match_transformers => "phi3",
+    bf16_checkpoint_logits_match_transformers => "llama_bf16",
+    f16_checkpoint_logits_match_transformers => "llama_f16",
+    sharded_checkpoint_logits_match_transformers => "llama_sharded",
+}
+
+#[test]
+fn every_fixture_model_has_a_parity_test() {
+    let m = manifest();
+    let names: Vec<&String> = m["models"].as_object().expect("models").keys().collect();
+    assert_eq!(names.len(), 12, "a fixture was added or removed: update parity_tests! ({names:?})");
+}
