@@ -1,5 +1,6 @@
-//! Data: tokenisation (and, as the data pipeline grows, records, templates, masking, packing).
+//! Data: JSON Lines records and tokenisation.
 
+pub mod jsonl;
 pub mod tokenizer;
 
 pub use tokenizer::TextTokenizer;

@@ -140,3 +140,22 @@ fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// End-of-sequence ids: config.json's, generation_config.json's and the tokenizer's.
+pub fn stop_tokens(dir: &std::path::Path, cfg: &crate::model::DecoderConfig, tokenizer_eos: Option<u32>) -> Result<Vec<u32>> {
+    let mut ids = cfg.eos_token_ids.clone();
+    let path = dir.join("generation_config.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+            Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+            _ => {}
+        }
+    }
+    ids.extend(tokenizer_eos);
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}

@@ -1,4 +1,5 @@
 //! One integration-test binary (one link step on small CI machines).
 
 mod common;
+mod cli;
 mod parity;

@@ -1,0 +1,171 @@
+//! The one place a backend and a device are chosen. `--device auto` tries CUDA, then a wgpu
+//! GPU (Vulkan / Metal / DX12), then the CPU, and says which it picked.
+
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use temper::model::WeightPrecision;
+
+/// The CPU backend. Flex measured faster than ndarray on the forward pass (see README).
+pub type Cpu = burn::backend::Flex;
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda<f32, i32>;
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu<f32, i32>;
+
+/// `--device` as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Wgpu,
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceArg::Auto),
+            "cpu" => Ok(DeviceArg::Cpu),
+            "wgpu" => Ok(DeviceArg::Wgpu),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceArg::Cuda(i)),
+                _ => Err(format!("unknown device {s:?}: expected auto, cpu, cuda, cuda:N or wgpu")),
+            },
+        }
+    }
+}
+
+/// Work that runs on whichever backend was picked (inference).
+pub trait Task {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device, precision: WeightPrecision) -> Result<Self::Output>;
+}
+
+/// Work that needs gradients (training).
+pub trait TrainTask {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: B::Device, precision: WeightPrecision) -> Result<Self::Output>;
+}
+
+/// The device actually used, after `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    Cpu,
+    Cuda(usize),
+    Wgpu,
+}
+
+impl std::fmt::Display for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resolved::Cpu => write!(f, "cpu"),
+            Resolved::Cuda(i) => write!(f, "cuda:{i}"),
+            Resolved::Wgpu => write!(f, "wgpu"),
+        }
+    }
+}
+
+/// Resolve `auto` by probing, and refuse a backend this build does not include.
+pub fn resolve(arg: &DeviceArg) -> Result<Resolved> {
+    let picked = match arg {
+        DeviceArg::Cpu => Resolved::Cpu,
+        DeviceArg::Cuda(i) => {
+            if !cfg!(feature = "cuda") {
+                bail!("--device cuda: this build has no CUDA backend (rebuild with `--features cuda`)");
+            }
+            Resolved::Cuda(*i)
+        }
+        DeviceArg::Wgpu => {
+            if !cfg!(feature = "wgpu") {
+                bail!("--device wgpu: this build has no wgpu backend (rebuild with `--features wgpu`)");
+            }
+            Resolved::Wgpu
+        }
+        DeviceArg::Auto => {
+            let picked = if probe_cuda() {
+                Resolved::Cuda(0)
+            } else if probe_wgpu() {
+                Resolved::Wgpu
+            } else {
+                Resolved::Cpu
+            };
+            eprintln!("device: auto picked {picked}");
+            picked
+        }
+    };
+    Ok(picked)
+}
+
+/// Run an inference task on the chosen device.
+pub fn dispatch<T: Task>(arg: &DeviceArg, task: T) -> Result<T::Output> {
+    match resolve(arg)? {
+        Resolved::Cpu => task.run::<Cpu>(Default::default(), WeightPrecision::F32),
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice::new(i), WeightPrecision::Native),
+        #[cfg(feature = "wgpu")]
+        Resolved::Wgpu => task.run::<Wgpu>(Default::default(), WeightPrecision::F32),
+        #[allow(unreachable_patterns)]
+        other => bail!("backend {other} is not compiled into this build"),
+    }
+}
+
+/// Run a training task on the chosen device (the backend wrapped in `Autodiff`).
+pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Output> {
+    use burn::backend::Autodiff;
+    match resolve(arg)? {
+        Resolved::Cpu => task.run::<Autodiff<Cpu>>(Default::default(), WeightPrecision::F32),
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(i), WeightPrecision::Native),
+        #[cfg(feature = "wgpu")]
+        Resolved::Wgpu => task.run::<Autodiff<Wgpu>>(Default::default(), WeightPrecision::F32),
+        #[allow(unreachable_patterns)]
+        other => bail!("backend {other} is not compiled into this build"),
+    }
+}
+
+/// Run `f` with panics caught and their message silenced: backends panic when no driver or
+/// adapter is present, which for a probe just means "not available".
+#[allow(dead_code)]
+fn quietly(f: impl FnOnce() -> bool + std::panic::UnwindSafe) -> bool {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(f).unwrap_or(false);
+    std::panic::set_hook(hook);
+    ok
+}
+
+#[cfg(feature = "cuda")]
+fn probe_cuda() -> bool {
+    quietly(|| {
+        let device = burn::backend::cuda::CudaDevice::new(0);
+        let t = burn::tensor::Tensor::<Cuda, 1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_scalar() == 3.0
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn probe_cuda() -> bool {
+    false
+}
+
+#[cfg(feature = "wgpu")]
+fn probe_wgpu() -> bool {
+    use burn::backend::wgpu::WgpuDevice;
+    // Only a real GPU: a software (CPU) adapter would be slower than the CPU backend.
+    [WgpuDevice::DiscreteGpu(0), WgpuDevice::IntegratedGpu(0)].into_iter().any(|device| {
+        quietly(move || {
+            let t = burn::tensor::Tensor::<Wgpu, 1>::from_floats([1.0, 2.0], &device);
+            t.sum().into_scalar() == 3.0
+        })
+    })
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn probe_wgpu() -> bool {
+    false
+}

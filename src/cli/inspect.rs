@@ -1,0 +1,86 @@
+//! `temper inspect MODEL`: what a checkpoint is, read from its headers only.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::json;
+use temper::data::TextTokenizer;
+use temper::model::{Checkpoint, DecoderConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// Model folder in the Hugging Face layout.
+    pub model: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let (hf, cfg) = DecoderConfig::from_model_dir(&args.model)?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let stored_params: usize = ckpt
+        .tensor_names()
+        .filter_map(|n| ckpt.info(n))
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum();
+    let dtype = ckpt.dominant_dtype().map(|d| format!("{d:?}")).unwrap_or_else(|| "unknown".into());
+    let tokenizer = TextTokenizer::from_dir(&args.model).ok();
+    let chat_template = tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
+    let info = json!({
+        "model_type": cfg.model_type,
+        "architecture": hf.architectures.as_ref().and_then(|a| a.first()).cloned(),
+        "parameters": stored_params,
+        "dtype": dtype,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope.theta,
+        "rope_scaling": format!("{:?}", cfg.rope.scaling),
+        "sliding_window": cfg.layer_windows.iter().flatten().next(),
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "tokenizer": tokenizer.is_some(),
+        "chat_template": chat_template,
+        "files": ckpt.files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    let gqa = if cfg.num_kv_heads == cfg.num_heads { String::new() } else { format!(" (GQA: {} KV heads)", cfg.num_kv_heads) };
+    println!("model        {}", args.model.display());
+    println!("architecture {} ({})", cfg.model_type, info["architecture"].as_str().unwrap_or("-"));
+    println!("parameters   {} ({})", stored_params, human(stored_params));
+    println!("dtype        {dtype}");
+    println!("layers       {}", cfg.num_layers);
+    println!("hidden       {} (MLP {})", cfg.hidden_size, cfg.intermediate_size);
+    println!("heads        {} x {}{gqa}", cfg.num_heads, cfg.head_dim);
+    println!("vocab        {}", cfg.vocab_size);
+    println!("context      {} (rope_theta {}, {:?})", cfg.max_position_embeddings, cfg.rope.theta, cfg.rope.scaling);
+    println!("tied head    {}", cfg.tie_word_embeddings);
+    println!(
+        "tokenizer    {}",
+        match (&tokenizer, chat_template) {
+            (None, _) => "none (no tokenizer.json)",
+            (Some(_), true) => "yes, with chat template",
+            (Some(_), false) => "yes, no chat template",
+        }
+    );
+    Ok(())
+}
+
+fn human(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else {
+        format!("{:.1}K", n / 1e3)
+    }
+}

@@ -1,0 +1,50 @@
+//! Command-line interface (compiled into the binary only; clap types never reach the library).
+
+pub mod device;
+mod eval;
+mod generate;
+mod inspect;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use device::DeviceArg;
+
+/// Temper: LoRA fine-tuning for open-weight language models.
+#[derive(Debug, Parser)]
+#[command(name = "temper", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a model's architecture, size, dtype and tokenizer without loading its weights.
+    Inspect(inspect::InspectArgs),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Mean next-token loss and perplexity of a model on a `{"text": ...}` JSONL file.
+    Eval(eval::EvalArgs),
+}
+
+/// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Model folder in the Hugging Face layout.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// auto | cpu | cuda[:N] | wgpu
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
+    }
+}
