@@ -8,6 +8,7 @@
 
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod lora;
 pub mod model;
 pub mod train;

@@ -1,0 +1,165 @@
+//! Which projections get adapters (PEFT's matching rules) and putting them there.
+
+use burn::module::Param;
+use burn::nn::DropoutConfig;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
+use crate::lora::linear::{LoraDelta, LoraLinear};
+use crate::model::CausalLm;
+use crate::{Error, Result};
+
+/// Every projection of the model with its module name as in the checkpoint
+/// (`model.layers.0.self_attn.q_proj`), lm_head last.
+pub fn projections_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut LoraLinear<B>)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.model.layers.iter_mut().enumerate() {
+        let a = &mut layer.self_attn;
+        for (name, p) in [
+            ("q_proj", a.q_proj.as_mut()),
+            ("k_proj", a.k_proj.as_mut()),
+            ("v_proj", a.v_proj.as_mut()),
+            ("qkv_proj", a.qkv_proj.as_mut()),
+            ("o_proj", Some(&mut a.o_proj)),
+        ] {
+            if let Some(p) = p {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), p));
+            }
+        }
+        let m = &mut layer.mlp;
+        for (name, p) in [
+            ("gate_proj", m.gate_proj.as_mut()),
+            ("up_proj", m.up_proj.as_mut()),
+            ("gate_up_proj", m.gate_up_proj.as_mut()),
+            ("down_proj", Some(&mut m.down_proj)),
+        ] {
+            if let Some(p) = p {
+                out.push((format!("model.layers.{i}.mlp.{name}"), p));
+            }
+        }
+    }
+    if let Some(head) = model.lm_head.as_mut() {
+        out.push(("lm_head".to_string(), head));
+    }
+    out
+}
+
+/// Read-only view of the projections, same order and names as [`projections_mut`].
+pub fn projection_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, layer) in model.model.layers.iter().enumerate() {
+        let a = &layer.self_attn;
+        for (n, present) in [
+            ("q_proj", a.q_proj.is_some()),
+            ("k_proj", a.k_proj.is_some()),
+            ("v_proj", a.v_proj.is_some()),
+            ("qkv_proj", a.qkv_proj.is_some()),
+            ("o_proj", true),
+        ] {
+            if present {
+                names.push(format!("model.layers.{i}.self_attn.{n}"));
+            }
+        }
+        let m = &layer.mlp;
+        for (n, present) in [
+            ("gate_proj", m.gate_proj.is_some()),
+            ("up_proj", m.up_proj.is_some()),
+            ("gate_up_proj", m.gate_up_proj.is_some()),
+            ("down_proj", true),
+        ] {
+            if present {
+                names.push(format!("model.layers.{i}.mlp.{n}"));
+            }
+        }
+    }
+    if model.lm_head.is_some() {
+        names.push("lm_head".into());
+    }
+    names
+}
+
+/// PEFT's `check_target_module_exists` for one module name.
+pub fn is_target(cfg: &LoraConfig, module: &str) -> bool {
+    match &cfg.target_modules {
+        TargetModules::Pattern(p) if p == "all-linear" => module != "lm_head" && layer_allowed(cfg, module),
+        // A regex ignores layers_to_transform in PEFT.
+        TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$")).is_ok_and(|re| re.is_match(module)),
+        TargetModules::List(names) => {
+            let hit = names.iter().any(|n| module == n || module.ends_with(&format!(".{n}")));
+            hit && layer_allowed(cfg, module)
+        }
+    }
+}
+
+fn layer_allowed(cfg: &LoraConfig, module: &str) -> bool {
+    match &cfg.layers_to_transform {
+        None => true,
+        Some(layers) if layers.is_empty() => true,
+        Some(layers) => layer_index(module).is_some_and(|i| layers.contains(&i)),
+    }
+}
+
+/// `model.layers.7.mlp.up_proj` -> 7
+pub fn layer_index(module: &str) -> Option<usize> {
+    let mut parts = module.split('.');
+    while let Some(p) = parts.next() {
+        if p == "layers" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Add fresh adapters to every targeted projection; returns the targeted module names.
+/// A configuration that targets nothing is an error.
+pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) -> Result<Vec<String>> {
+    cfg.validate().map_err(|reason| Error::InvalidArgument(format!("lora: {reason}")))?;
+    let device = model.device();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut targeted = Vec::new();
+    for (name, proj) in projections_mut(model) {
+        if !is_target(cfg, &name) {
+            continue;
+        }
+        let [d_out, d_in] = proj.dims();
+        let (r, _) = cfg.rank_alpha(&name);
+        let a = match &cfg.init_lora_weights {
+            LoraInit::Named(_) => gaussian(&mut rng, r * d_in, 1.0 / r as f64),
+            _ => uniform(&mut rng, r * d_in, 1.0 / (d_in as f64).sqrt()),
+        };
+        let b = match &cfg.init_lora_weights {
+            LoraInit::Flag(false) => uniform(&mut rng, d_out * r, 1.0 / (r as f64).sqrt()),
+            _ => vec![0.0; d_out * r],
+        };
+        proj.lora = Some(LoraDelta {
+            lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [r, d_in]), (&device, DType::F32))),
+            lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [d_out, r]), (&device, DType::F32))),
+            scaling: cfg.scaling(&name),
+            dropout: DropoutConfig::new(cfg.lora_dropout).init(),
+        });
+        targeted.push(name);
+    }
+    if targeted.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "lora.target_modules {:?} matches no projection of this model (its projections: {})",
+            cfg.target_modules,
+            projection_names(model).iter().map(|n| n.rsplit('.').next().unwrap_or(n)).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(targeted)
+}
+
+fn uniform(rng: &mut StdRng, n: usize, bound: f64) -> Vec<f32> {
+    (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
+}
+
+fn gaussian(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
