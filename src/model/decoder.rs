@@ -156,17 +156,25 @@ impl<B: Backend> CausalLm<B> {
         self.context(&positions, past_len, None)
     }
 
-    /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    /// Token embeddings (Gemma: scaled by sqrt(hidden), rounded to the activation dtype as
+    /// transformers does): `[batch, seq]` -> `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
         let h = self.config.hidden_size;
-        let emb = self.model.embed_tokens.weight.val();
-        let mut x = emb.select(0, ids.reshape([b * t])).reshape([b, t, h]);
-        if let Some(scale) = self.config.embed_scale {
-            // transformers multiplies by sqrt(hidden) rounded to the activation dtype.
-            let s = burn::tensor::Tensor::<B, 1>::from_floats([scale as f32], &self.device()).cast(x.dtype());
-            x = x * s.unsqueeze::<3>();
+        let x = self.model.embed_tokens.weight.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        match self.config.embed_scale {
+            Some(scale) => {
+                let s = Tensor::<B, 1>::from_floats([scale as f32], &self.device()).cast(x.dtype());
+                x * s.unsqueeze::<3>()
+            }
+            None => x,
         }
+    }
+
+    /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let mut x = self.embed(ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &ctx.rope, &ctx.mask, slot);

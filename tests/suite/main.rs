@@ -4,3 +4,4 @@ mod common;
 mod cli;
 mod lora_parity;
 mod parity;
+mod train_parity;
