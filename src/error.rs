@@ -77,9 +77,10 @@ pub enum Error {
     },
 
     /// A recipe key with a bad value (the key path is dotted, e.g. `train.learning_rate`).
-    #[error("{path}: recipe key `{key}`: {reason}")]
+    #[error("{path}{}: recipe key `{key}`: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Recipe {
         path: PathBuf,
+        line: Option<usize>,
         key: String,
         reason: String,
     },

@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod lora;
 pub mod model;
+pub mod recipe;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -46,10 +46,11 @@ pub trait Task {
     fn run<B: Backend>(self, device: B::Device, precision: WeightPrecision) -> Result<Self::Output>;
 }
 
-/// Work that needs gradients (training).
+/// Work that needs gradients (training); `kind` says which device was picked so the task can
+/// choose its precision.
 pub trait TrainTask {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device, precision: WeightPrecision) -> Result<Self::Output>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: Resolved) -> Result<Self::Output>;
 }
 
 /// The device actually used, after `auto` is resolved.
@@ -118,11 +119,11 @@ pub fn dispatch<T: Task>(arg: &DeviceArg, task: T) -> Result<T::Output> {
 pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Output> {
     use burn::backend::Autodiff;
     match resolve(arg)? {
-        Resolved::Cpu => task.run::<Autodiff<Cpu>>(Default::default(), WeightPrecision::F32),
+        Resolved::Cpu => task.run::<Autodiff<Cpu>>(Default::default(), Resolved::Cpu),
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(i), WeightPrecision::Native),
+        Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(i), Resolved::Cuda(i)),
         #[cfg(feature = "wgpu")]
-        Resolved::Wgpu => task.run::<Autodiff<Wgpu>>(Default::default(), WeightPrecision::F32),
+        Resolved::Wgpu => task.run::<Autodiff<Wgpu>>(Default::default(), Resolved::Wgpu),
         #[allow(unreachable_patterns)]
         other => bail!("backend {other} is not compiled into this build"),
     }

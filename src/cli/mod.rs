@@ -4,6 +4,7 @@ pub mod device;
 mod eval;
 mod generate;
 mod inspect;
+mod train;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Mean next-token loss and perplexity of a model on a `{"text": ...}` JSONL file.
     Eval(eval::EvalArgs),
+    /// Fine-tune a LoRA adapter from a YAML recipe.
+    Train(train::TrainArgs),
 }
 
 /// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
@@ -46,5 +49,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Train(a) => train::run(a),
     }
+}
+
+/// A model folder, or (once hub support lands) a Hugging Face Hub id.
+pub fn resolve_model(spec: &str, _revision: Option<&str>) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.is_dir() {
+        return Ok(p);
+    }
+    anyhow::bail!("base model `{spec}` is not a folder (config.json + safetensors + tokenizer.json)")
 }

@@ -29,6 +29,8 @@ pub enum WeightPrecision {
     Native,
     /// Hold weights in f16 (wgpu has no bf16); f32 checkpoints stay f32.
     F16,
+    /// Hold weights in bf16 whatever the checkpoint stores (CUDA training).
+    Bf16,
 }
 
 impl WeightPrecision {
@@ -38,6 +40,7 @@ impl WeightPrecision {
             (WeightPrecision::Native, Some(Dtype::BF16)) => DType::BF16,
             (WeightPrecision::Native, Some(Dtype::F16)) => DType::F16,
             (WeightPrecision::F16, Some(Dtype::BF16 | Dtype::F16)) => DType::F16,
+            (WeightPrecision::Bf16, _) => DType::BF16,
             _ => DType::F32,
         }
     }

@@ -1,0 +1,99 @@
+//! `temper train RECIPE.yaml [--set key=value ...] [--resume]`
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use temper::data::{prepare, TextTokenizer};
+use temper::model::{load_model, WeightPrecision};
+use temper::recipe::{LoadedRecipe, Recipe};
+use temper::train::{train, Precision, RunConfig};
+
+use super::device::{dispatch_train, DeviceArg, Resolved, TrainTask};
+use super::resolve_model;
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The recipe (YAML).
+    pub recipe: PathBuf,
+    /// Override a recipe key, e.g. `--set train.max_steps=20` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the last complete checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override the recipe's device: auto | cpu | cuda[:N] | wgpu
+    #[arg(long)]
+    pub device: Option<DeviceArg>,
+}
+
+struct TrainJob {
+    loaded: LoadedRecipe,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut loaded = Recipe::load(&args.recipe, &args.set)?;
+    if args.resume {
+        loaded.recipe.train.resume = true;
+    }
+    let device = match args.device {
+        Some(d) => d,
+        None => loaded.recipe.device.parse::<DeviceArg>().map_err(anyhow::Error::msg).with_context(|| format!("{}: recipe key `device`", args.recipe.display()))?,
+    };
+    dispatch_train(&device, TrainJob { loaded })
+}
+
+fn precision(requested: Precision, kind: Resolved) -> Result<WeightPrecision> {
+    Ok(match (requested, kind) {
+        (Precision::Auto, Resolved::Cuda(_)) => WeightPrecision::Bf16,
+        (Precision::Auto | Precision::F32, _) => WeightPrecision::F32,
+        (Precision::Bf16, Resolved::Cuda(_)) => WeightPrecision::Bf16,
+        (Precision::F16, Resolved::Cuda(_) | Resolved::Wgpu) => WeightPrecision::F16,
+        (p, k) => bail!("train.precision {p:?} is not available on {k} (CPU trains in f32; wgpu in f32 or f16)"),
+    })
+}
+
+impl TrainTask for TrainJob {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: Resolved) -> Result<()> {
+        let r = &self.loaded.recipe;
+        let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
+        let tokenizer = TextTokenizer::from_dir(&dir)?;
+        let loaded = load_model::<B>(&dir, precision(r.train.precision, kind)?, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let data = prepare(&r.data, &tokenizer, std::path::Path::new("."), r.train.seed)?;
+        let s = &data.stats;
+        eprintln!(
+            "data: {} rows, {} tokens, {} trained, {} truncated to {} tokens; eval: {} rows",
+            s.rows, s.tokens, s.trained_tokens, s.truncated_rows, r.data.seq_len, data.eval.as_ref().map_or(0, Vec::len)
+        );
+        let pad_id = tokenizer
+            .pad_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+            .or(tokenizer.eos_id())
+            .unwrap_or(0);
+        let run = RunConfig {
+            base_model: r.base_model.clone(),
+            lora: r.lora.clone(),
+            data: r.data.clone(),
+            train: r.train.clone(),
+            output_dir: r.output.dir.clone(),
+            recipe_text: Some(self.loaded.effective_yaml.clone()),
+            show_progress: true,
+            stop_after_steps: None,
+        };
+        eprintln!("training on {kind}: {} -> {}", dir.display(), r.output.dir.display());
+        let summary = train(loaded.model, &data, pad_id, &run)?;
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!("steps        {}", summary.steps);
+        println!("train loss   {}", fmt(summary.final_train_loss));
+        println!("eval loss    {} (before training: {})", fmt(summary.final_eval_loss), fmt(summary.initial_eval_loss));
+        println!("tokens/s     {:.0}", summary.tokens_per_s);
+        if let Some(a) = &summary.adapter_dir {
+            println!("adapter      {}", a.display());
+        }
+        println!("run folder   {} (metrics.jsonl, loss_curve.svg, summary.json)", r.output.dir.display());
+        Ok(())
+    }
+}

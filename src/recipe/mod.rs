@@ -1,0 +1,169 @@
+//! YAML recipes: typed and strict. An unknown or misspelt key, a wrong type or an impossible
+//! value is an error naming the key path and its line. `--set key.path=value` overrides apply
+//! on top; relative paths resolve against the recipe's folder (overrides: the working folder).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_norway::Value;
+
+use crate::data::DataConfig;
+use crate::lora::LoraConfig;
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+
+/// `output:` in a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Run folder: checkpoints, metrics, the loss curve, the summary and `adapter/`.
+    pub dir: PathBuf,
+}
+
+/// A training recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// A model folder or a Hugging Face Hub id (`owner/name`).
+    pub base_model: String,
+    /// Hub revision (branch, tag or commit) of `base_model`.
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    pub output: OutputConfig,
+    /// auto | cpu | cuda[:N] | wgpu
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// A recipe with paths resolved, and the YAML it came from (overrides applied).
+#[derive(Debug, Clone)]
+pub struct LoadedRecipe {
+    pub recipe: Recipe,
+    pub path: PathBuf,
+    /// The recipe as run: the file with overrides applied, for the run folder and model card.
+    pub effective_yaml: String,
+}
+
+impl Recipe {
+    /// Read, override, validate and resolve a recipe file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_yaml(&text, path, overrides)
+    }
+
+    /// As [`Recipe::load`], from text (`path` names the file in errors and anchors paths).
+    pub fn from_yaml(text: &str, path: &Path, overrides: &[String]) -> Result<LoadedRecipe> {
+        let err = |key: &str, line: Option<usize>, reason: String| Error::Recipe { path: path.to_path_buf(), line, key: key.to_string(), reason };
+        let mut value: Value = serde_norway::from_str(text).map_err(|e| err("(syntax)", e.location().map(|l| l.line()), e.to_string()))?;
+        let mut overridden = Vec::new();
+        for o in overrides {
+            let (key, raw) = o.split_once('=').ok_or_else(|| err(o, None, "--set expects key.path=value".into()))?;
+            let v: Value = serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+            set_path(&mut value, key, v).map_err(|reason| err(key, None, reason))?;
+            overridden.push(key.to_string());
+        }
+        let parsed: std::result::Result<Recipe, _> = if overrides.is_empty() {
+            serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text))
+        } else {
+            serde_path_to_error::deserialize(value.clone())
+        };
+        let mut recipe = parsed.map_err(|e| {
+            let inner = e.inner().to_string();
+            let mut key = e.path().to_string();
+            if let Some(field) = unknown_field(&inner) {
+                key = if key == "." || key.is_empty() { field } else { format!("{key}.{field}") };
+            }
+            let line = e.inner().location().map(|l| l.line()).or_else(|| find_key_line(text, &key));
+            err(&key, line, strip_location(&inner))
+        })?;
+        let invalid = |key: String, reason: String| {
+            let line = find_key_line(text, &key);
+            err(&key, line, reason)
+        };
+        recipe.lora.validate().map_err(|r| invalid(format!("lora.{}", first_key(&r)), r))?;
+        recipe.train.validate().map_err(|(k, r)| invalid(format!("train.{k}"), r))?;
+        if recipe.data.seq_len < 2 {
+            return Err(invalid("data.seq_len".into(), format!("must be at least 2, got {}", recipe.data.seq_len)));
+        }
+        if let Some(v) = recipe.data.val_split {
+            if !(0.0..1.0).contains(&v) {
+                return Err(invalid("data.val_split".into(), format!("must be in [0, 1), got {v}")));
+            }
+        }
+        let recipe_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let base_for = |key: &str| if overridden.iter().any(|k| k == key) { PathBuf::from(".") } else { recipe_dir.clone() };
+        recipe.data.train = base_for("data.train").join(&recipe.data.train);
+        if let Some(e) = &recipe.data.eval {
+            recipe.data.eval = Some(base_for("data.eval").join(e));
+        }
+        recipe.output.dir = base_for("output.dir").join(&recipe.output.dir);
+        let local = base_for("base_model").join(&recipe.base_model);
+        if local.is_dir() {
+            recipe.base_model = local.to_string_lossy().into_owned();
+        }
+        let effective_yaml = if overrides.is_empty() { text.to_string() } else { serde_norway::to_string(&value).unwrap_or_else(|_| text.to_string()) };
+        Ok(LoadedRecipe { recipe, path: path.to_path_buf(), effective_yaml })
+    }
+}
+
+/// Set `a.b.c` in a YAML mapping, creating intermediate mappings.
+fn set_path(root: &mut Value, key: &str, v: Value) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| format!("`{}` is not a section", parts[..i].join(".")))?;
+        let k = Value::String(part.to_string());
+        if i == parts.len() - 1 {
+            map.insert(k, v);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.split("unknown field `").nth(1)?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn first_key(reason: &str) -> String {
+    reason.split('`').nth(1).unwrap_or("").to_string()
+}
+
+/// Line (1-based) of a dotted key in block or flow YAML: each part is searched after the
+/// previous part's line.
+pub fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut found = None;
+    for part in key.split('.').filter(|p| !p.is_empty()) {
+        let pat = format!("{part}:");
+        let idx = (from..lines.len()).find(|&i| {
+            let l = lines[i].split('#').next().unwrap_or("");
+            l.trim_start().starts_with(&pat) || l.contains(&format!("{{{pat}")) || l.contains(&format!(", {pat}")) || l.contains(&format!("{{ {pat}"))
+        })?;
+        found = Some(idx + 1);
+        from = idx;
+    }
+    found
+}
