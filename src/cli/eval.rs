@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use temper::data::jsonl::read_text_rows;
 use temper::data::TextTokenizer;
-use temper::model::{load_model, WeightPrecision};
+use temper::model::WeightPrecision;
 use temper::train::eval::{row_nll, LossAccumulator};
 
 use super::device::{dispatch, Task};
@@ -37,7 +37,7 @@ impl Task for EvalArgs {
         let dir = &self.model.model;
         let rows = read_text_rows(&self.data)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let loaded = load_model::<B>(dir, precision, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let loaded = self.model.load::<B>(precision, &device)?;
         let max_len = loaded.model.config.max_position_embeddings;
         let bar = ProgressBar::new(rows.len() as u64).with_style(
             ProgressStyle::with_template("eval {bar:30} {pos}/{len} rows {elapsed}<{eta}")

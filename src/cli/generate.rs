@@ -2,11 +2,11 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use temper::data::TextTokenizer;
 use temper::model::generate::{generate, stop_tokens, SamplingConfig};
-use temper::model::{load_model, WeightPrecision};
+use temper::model::WeightPrecision;
 
 use super::device::{dispatch, Task};
 use super::ModelArgs;
@@ -44,7 +44,7 @@ impl Task for GenerateArgs {
     fn run<B: Backend>(self, device: B::Device, precision: WeightPrecision) -> Result<()> {
         let dir = &self.model.model;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let loaded = load_model::<B>(dir, precision, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let loaded = self.model.load::<B>(precision, &device)?;
         let prompt = tokenizer.encode(&self.prompt)?;
         let cfg = SamplingConfig {
             max_new_tokens: self.max_new_tokens,

@@ -42,6 +42,27 @@ pub struct ModelArgs {
     /// auto | cpu | cuda[:N] | wgpu
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
+    /// A LoRA adapter folder in the PEFT format (ours or one trained by PEFT).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Load the model (and the adapter, if one was given) on a backend.
+    pub fn load<B: burn::tensor::backend::Backend>(
+        &self,
+        precision: temper::model::WeightPrecision,
+        device: &B::Device,
+    ) -> Result<temper::model::LoadedModel<B>> {
+        use anyhow::Context;
+        let dir = resolve_model(&self.model.to_string_lossy(), None)?;
+        let mut loaded = temper::model::load_model::<B>(&dir, precision, device).with_context(|| format!("loading {}", dir.display()))?;
+        if let Some(a) = &self.adapter {
+            let adapter = temper::export::Adapter::read(a)?;
+            temper::lora::apply_adapter(&mut loaded.model, &adapter).with_context(|| format!("applying adapter {}", a.display()))?;
+        }
+        Ok(loaded)
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {

@@ -4,4 +4,5 @@ mod common;
 mod cli;
 mod lora_parity;
 mod parity;
+mod train_e2e;
 mod train_parity;

@@ -1,0 +1,202 @@
+//! Training end to end on the real model (stories260K): the quickstart recipe through the
+//! binary, exact resume, recipe errors, and a run that diverges.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use temper::data::{prepare, DataConfig, TextTokenizer};
+use temper::lora::LoraConfig;
+use temper::model::{load_model, WeightPrecision};
+use temper::recipe::Recipe;
+use temper::train::metrics::MetricLine;
+use temper::train::{train, RunConfig, TrainConfig};
+
+use crate::common::{shared, CpuAutodiff};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn temper(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_temper")).args(args).current_dir(repo()).output().expect("run temper")
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+#[test]
+fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let model = shared("models/stories260K");
+    let o = temper(&[
+        "train", "recipes/quickstart.yaml",
+        "--set", &format!("base_model={}", model.display()),
+        "--set", &format!("output.dir={}", out.display()),
+        "--set", "train.max_steps=24",
+        "--device", "cpu",
+    ]);
+    assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains(&out.join("adapter").display().to_string()), "prints where the adapter went: {stdout}");
+    let summary = read_json(&out.join("summary.json"));
+    let (before, after) = (summary["initial_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
+    assert!(after < before - 0.2, "eval loss should fall: {before} -> {after}");
+    assert_eq!(summary["steps"], 24);
+    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md", "loss_curve.svg", "recipe.yaml", "metrics.jsonl"] {
+        assert!(out.join(f).is_file(), "{f} written");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<MetricLine> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().filter(|m| matches!(m, MetricLine::Train { .. })).count(), 24);
+    assert!(lines.iter().any(|m| matches!(m, MetricLine::Eval { .. })));
+    // save_total_limit 2 with save_steps 20: checkpoints at 20 and 24.
+    let ckpts = temper::train::checkpoint::list(&out).unwrap();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 24]);
+    // The exported adapter reloads and lowers the loss on the eval rows.
+    let eval = |adapter: Option<&Path>| {
+        let mut args = vec!["eval".to_string(), "--model".into(), model.display().to_string(), "--data".into(), "datasets/stories/eval.jsonl".into(), "--json".into(), "--device".into(), "cpu".into()];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".to_string(), a.display().to_string()]);
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_temper")).args(&args).current_dir(repo()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+    };
+    let (base, tuned) = (eval(None), eval(Some(&out.join("adapter"))));
+    assert!(tuned < base - 0.2, "adapter should lower eval loss: base {base}, with adapter {tuned}");
+}
+
+fn small_run(out: &Path, resume: bool, stop: Option<usize>) -> Vec<(usize, f64)> {
+    let model_dir = shared("models/stories260K");
+    let tok = TextTokenizer::from_dir(&model_dir).unwrap();
+    let data_cfg = DataConfig {
+        train: repo().join("datasets/stories/train.jsonl"),
+        eval: Some(repo().join("datasets/stories/eval.jsonl")),
+        val_split: None,
+        format: Default::default(),
+        seq_len: 64,
+    };
+    let data = prepare(&data_cfg, &tok, Path::new("."), 1).unwrap();
+    let device = Default::default();
+    let model = load_model::<CpuAutodiff>(&model_dir, WeightPrecision::F32, &device).unwrap().model;
+    let run = RunConfig {
+        base_model: "stories260K".into(),
+        lora: LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, ..LoraConfig::default() },
+        data: data_cfg,
+        train: TrainConfig { max_steps: Some(8), micro_batch_size: 2, gradient_accumulation_steps: 2, learning_rate: 2e-3, warmup_steps: Some(2), save_steps: Some(2), eval_steps: Some(4), resume, ..TrainConfig::default() },
+        output_dir: out.to_path_buf(),
+        recipe_text: None,
+        show_progress: false,
+        stop_after_steps: stop,
+    };
+    train(model, &data, 2, &run).unwrap();
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| match serde_json::from_str::<MetricLine>(l).unwrap() {
+            MetricLine::Train { step, loss, .. } => Some((step, loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run_step_for_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = small_run(&tmp.path().join("full"), false, None);
+    // Killed after step 5: the last checkpoint is step 4, step 5 is logged but must be redone.
+    let part = tmp.path().join("part");
+    let first = small_run(&part, false, Some(5));
+    assert_eq!(first.len(), 5);
+    assert!(!part.join("adapter").exists(), "an interrupted run exports no adapter");
+    let resumed = small_run(&part, true, None);
+    assert_eq!(full.len(), 8);
+    assert_eq!(resumed.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    for ((s, a), (_, b)) in full.iter().zip(&resumed) {
+        assert!((a - b).abs() <= 1e-6, "step {s}: uninterrupted {a} vs resumed {b}");
+    }
+    let a = temper::export::Adapter::read(&tmp.path().join("full/adapter")).unwrap();
+    let b = temper::export::Adapter::read(&part.join("adapter")).unwrap();
+    for (m, p) in &a.modules {
+        assert_eq!(p, &b.modules[m], "final adapter {m} identical after resume");
+    }
+}
+
+#[test]
+fn diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = temper(&[
+        "train", "recipes/quickstart.yaml",
+        "--set", &format!("base_model={}", shared("models/stories260K").display()),
+        "--set", &format!("output.dir={}", out.display()),
+        "--set", "train.max_steps=6", "--set", "train.save_steps=1", "--set", "train.learning_rate=1.0e30",
+        "--set", "train.warmup_steps=0", "--set", "train.max_grad_norm=0",
+        "--device", "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("non-finite"), "{err}");
+    assert!(!out.join("adapter").exists(), "no adapter from a diverged run");
+    let ckpts = temper::train::checkpoint::list(&out).unwrap();
+    assert!(!ckpts.is_empty(), "checkpoints before the divergence stay");
+    let (_, adapter, _, _) = temper::train::checkpoint::load_latest(&out).unwrap().unwrap();
+    assert!(adapter.modules.values().all(|p| p.a.data.iter().chain(&p.b.data).all(|x| x.is_finite())));
+}
+
+#[test]
+fn recipe_typo_names_the_key_path_and_line() {
+    let text = std::fs::read_to_string(repo().join("recipes/quickstart.yaml")).unwrap().replace("  learning_rate:", "  lerning_rate:");
+    let err = Recipe::from_yaml(&text, Path::new("recipes/quickstart.yaml"), &[]).unwrap_err().to_string();
+    let line = text.lines().position(|l| l.contains("lerning_rate")).unwrap() + 1;
+    assert!(err.contains("train.lerning_rate") && err.contains(&format!("quickstart.yaml:{line}")), "{err}");
+}
+
+#[test]
+fn recipe_wrong_type_and_impossible_values_are_named() {
+    let base = std::fs::read_to_string(repo().join("recipes/quickstart.yaml")).unwrap();
+    let p = Path::new("r.yaml");
+    let err = Recipe::from_yaml(&base.replace("micro_batch_size: 4", "micro_batch_size: four"), p, &[]).unwrap_err().to_string();
+    assert!(err.contains("train.micro_batch_size"), "{err}");
+    let err = Recipe::from_yaml(&base.replace("learning_rate: 1.0e-3", "learning_rate: -1.0"), p, &[]).unwrap_err().to_string();
+    assert!(err.contains("train.learning_rate") && err.contains("positive"), "{err}");
+    let err = Recipe::from_yaml(&base, p, &["lora.r=0".into()]).unwrap_err().to_string();
+    assert!(err.contains("lora.r"), "{err}");
+    let err = Recipe::from_yaml(&base.replace("output:", "outptu:"), p, &[]).unwrap_err().to_string();
+    assert!(err.contains("outptu"), "{err}");
+}
+
+#[test]
+fn training_row_that_is_not_json_names_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(&data, "{\"text\": \"a\"}\n{\"text\": \"b\"}\nnot json\n").unwrap();
+    let o = temper(&[
+        "train", "recipes/quickstart.yaml",
+        "--set", &format!("base_model={}", shared("models/stories260K").display()),
+        "--set", &format!("data.train={}", data.display()),
+        "--set", &format!("output.dir={}", tmp.path().join("run").display()),
+        "--device", "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("train.jsonl:3"), "{err}");
+}
+
+#[test]
+fn every_recipe_parses() {
+    let mut found = Vec::new();
+    let mut stack = vec![repo().join("recipes")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+                found.push(p);
+            }
+        }
+    }
+    assert!(!found.is_empty(), "recipes/ has no recipe");
+}
