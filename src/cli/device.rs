@@ -9,6 +9,8 @@ use temper::model::WeightPrecision;
 
 /// The CPU backend. Flex measured faster than ndarray on the forward pass (see README).
 pub type Cpu = burn::backend::Flex;
+/// The other CPU backend, selectable as `--device ndarray` for comparison.
+pub type NdArray = burn::backend::NdArray<f32>;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
 #[cfg(feature = "wgpu")]
@@ -19,6 +21,8 @@ pub type Wgpu = burn::backend::Wgpu<f32, i32>;
 pub enum DeviceArg {
     Auto,
     Cpu,
+    /// The ndarray CPU backend (the alternative to Flex, kept for comparison).
+    NdArray,
     Cuda(usize),
     Wgpu,
 }
@@ -30,11 +34,12 @@ impl FromStr for DeviceArg {
         match s {
             "auto" => Ok(DeviceArg::Auto),
             "cpu" => Ok(DeviceArg::Cpu),
+            "ndarray" => Ok(DeviceArg::NdArray),
             "wgpu" => Ok(DeviceArg::Wgpu),
             "cuda" => Ok(DeviceArg::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(DeviceArg::Cuda(i)),
-                _ => Err(format!("unknown device {s:?}: expected auto, cpu, cuda, cuda:N or wgpu")),
+                _ => Err(format!("unknown device {s:?}: expected auto, cpu, cuda, cuda:N, wgpu or ndarray")),
             },
         }
     }
@@ -57,6 +62,7 @@ pub trait TrainTask {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolved {
     Cpu,
+    NdArray,
     Cuda(usize),
     Wgpu,
 }
@@ -65,6 +71,7 @@ impl std::fmt::Display for Resolved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Resolved::Cpu => write!(f, "cpu"),
+            Resolved::NdArray => write!(f, "cpu (ndarray)"),
             Resolved::Cuda(i) => write!(f, "cuda:{i}"),
             Resolved::Wgpu => write!(f, "wgpu"),
         }
@@ -75,6 +82,7 @@ impl std::fmt::Display for Resolved {
 pub fn resolve(arg: &DeviceArg) -> Result<Resolved> {
     let picked = match arg {
         DeviceArg::Cpu => Resolved::Cpu,
+        DeviceArg::NdArray => Resolved::NdArray,
         DeviceArg::Cuda(i) => {
             if !cfg!(feature = "cuda") {
                 bail!("--device cuda: this build has no CUDA backend (rebuild with `--features cuda`)");
@@ -106,6 +114,7 @@ pub fn resolve(arg: &DeviceArg) -> Result<Resolved> {
 pub fn dispatch<T: Task>(arg: &DeviceArg, task: T) -> Result<T::Output> {
     match resolve(arg)? {
         Resolved::Cpu => task.run::<Cpu>(Default::default(), WeightPrecision::F32),
+        Resolved::NdArray => task.run::<NdArray>(Default::default(), WeightPrecision::F32),
         #[cfg(feature = "cuda")]
         Resolved::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice::new(i), WeightPrecision::Native),
         #[cfg(feature = "wgpu")]
@@ -120,6 +129,7 @@ pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Outpu
     use burn::backend::Autodiff;
     match resolve(arg)? {
         Resolved::Cpu => task.run::<Autodiff<Cpu>>(Default::default(), Resolved::Cpu),
+        Resolved::NdArray => task.run::<Autodiff<NdArray>>(Default::default(), Resolved::NdArray),
         #[cfg(feature = "cuda")]
         Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(i), Resolved::Cuda(i)),
         #[cfg(feature = "wgpu")]

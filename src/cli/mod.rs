@@ -1,5 +1,6 @@
 //! Command-line interface (compiled into the binary only; clap types never reach the library).
 
+mod bench;
 pub mod device;
 mod eval;
 mod generate;
@@ -31,6 +32,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Fine-tune a LoRA adapter from a YAML recipe.
     Train(train::TrainArgs),
+    /// Time LoRA training steps on a model built from its config with random weights.
+    Bench(bench::BenchArgs),
 }
 
 /// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -1,0 +1,165 @@
+//! `temper bench`: LoRA training (or forward) steps on a model built from its config with
+//! random weights, reporting median step time, tokens/s, peak memory and the FLOP rate.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::Serialize;
+use temper::data::Batch;
+use temper::lora::{inject, LoraConfig};
+use temper::model::{CausalLm, DecoderConfig, HfConfig, WeightSource};
+use temper::train::metrics::peak_rss_bytes;
+use temper::train::{optimizer_step, Optimizer, TrainConfig};
+
+use super::device::{dispatch_train, DeviceArg, Resolved, TrainTask};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// A config.json, or a folder with one (no weights needed).
+    #[arg(long, value_name = "CONFIG")]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Time inference forward passes instead of training steps.
+    #[arg(long)]
+    pub forward_only: bool,
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// auto | cpu | cuda[:N] | wgpu | ndarray
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    device: String,
+    mode: &'static str,
+    parameters: usize,
+    seq_len: usize,
+    batch: usize,
+    steps: usize,
+    median_step_s: f64,
+    tokens_per_s: f64,
+    gflop_per_token: f64,
+    achieved_tflops: f64,
+    peak_host_rss_mib: Option<f64>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = args.device.clone();
+    dispatch_train(&device, args)
+}
+
+fn config_path(p: &Path) -> PathBuf {
+    if p.is_dir() { p.join("config.json") } else { p.to_path_buf() }
+}
+
+/// Matmul FLOPs per token: projections forward (2N) and, training, input gradients (2N) plus
+/// LoRA (forward, input and weight gradients) and causal attention (computed over the full
+/// square, as the kernels do).
+fn flops_per_token(cfg: &DecoderConfig, seq: usize, rank: usize, training: bool) -> f64 {
+    let (h, i, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
+    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
+    let per_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let linear = l * per_layer + cfg.vocab_size as f64 * h;
+    let attn = 4.0 * seq as f64 * q * l;
+    let r = rank as f64;
+    let lora = l * r * ((h + q) + 2.0 * (h + kv) + (q + h) + 2.0 * (h + i) + (i + h));
+    if training { 4.0 * linear + 3.0 * attn + 6.0 * lora } else { 2.0 * linear + attn }
+}
+
+impl TrainTask for BenchArgs {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: Resolved) -> Result<()> {
+        let path = config_path(&self.model);
+        let cfg = HfConfig::from_file(&path)?.to_decoder_config(&path)?;
+        let dtype = match kind {
+            Resolved::Cuda(_) => burn::tensor::DType::BF16,
+            _ => burn::tensor::DType::F32,
+        };
+        let mut weights = WeightSource::random(0, cfg.norm_offset);
+        let mut model = CausalLm::<B>::load(&cfg, &mut weights, dtype, &device)?;
+        let mut rng = StdRng::seed_from_u64(1);
+        let ids: Vec<Vec<u32>> = (0..self.batch).map(|_| (0..self.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();
+        let batch = Batch {
+            labels: ids.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect(),
+            positions: vec![(0..self.seq_len).collect(); self.batch],
+            input_ids: ids,
+            segments: None,
+        };
+        let mut times = Vec::with_capacity(self.steps);
+        if self.forward_only {
+            let inner = burn::module::AutodiffModule::valid(&model);
+            let flat: Vec<i64> = batch.input_ids.iter().flatten().map(|&x| x as i64).collect();
+            for s in 0..=self.steps {
+                let input = Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(flat.clone(), [self.batch, self.seq_len]), &device);
+                let t0 = Instant::now();
+                let logits = inner.forward(input);
+                let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
+                <B::InnerBackend as Backend>::sync(&device)?;
+                if s > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        } else {
+            let lora = LoraConfig { r: self.rank, lora_alpha: 2.0 * self.rank as f64, ..LoraConfig::default() };
+            inject(&mut model, &lora, 0)?;
+            let tc = TrainConfig::default();
+            let mut opt = Optimizer::new(&mut model, &tc);
+            for s in 0..=self.steps {
+                let t0 = Instant::now();
+                optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), 1e-4, self.gradient_checkpointing)?;
+                B::sync(&device)?;
+                if s > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        let tokens = (self.batch * self.seq_len) as f64;
+        let fpt = flops_per_token(&cfg, self.seq_len, self.rank, !self.forward_only);
+        let report = Report {
+            model: path.display().to_string(),
+            device: kind.to_string(),
+            mode: if self.forward_only { "forward" } else if self.gradient_checkpointing { "train+checkpointing" } else { "train" },
+            parameters: cfg.num_parameters(),
+            seq_len: self.seq_len,
+            batch: self.batch,
+            steps: times.len(),
+            median_step_s: median,
+            tokens_per_s: tokens / median,
+            gflop_per_token: fpt / 1e9,
+            achieved_tflops: fpt * tokens / median / 1e12,
+            peak_host_rss_mib: peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{} on {} ({}), {} params, batch {} x seq {}", report.model, report.device, report.mode, report.parameters, self.batch, self.seq_len);
+            println!("median step  {:.4} s", report.median_step_s);
+            println!("tokens/s     {:.1}", report.tokens_per_s);
+            println!("compute      {:.3} GFLOP/token, {:.4} TFLOP/s achieved", report.gflop_per_token, report.achieved_tflops);
+            if let Some(m) = report.peak_host_rss_mib {
+                println!("peak RSS     {m:.0} MiB (host)");
+            }
+        }
+        Ok(())
+    }
+}
