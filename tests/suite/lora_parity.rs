@@ -129,3 +129,24 @@ fn adapter_for_another_model_is_refused() {
     let err = apply_adapter(&mut model, &adapter).unwrap_err().to_string();
     assert!(err.contains("another base model"), "{err}");
 }
+
+#[test]
+fn adapters_exported_by_temper_give_peft_logits() {
+    // tests/fixtures/temper_export: adapters written by `temper train`, loaded by PEFT in
+    // scripts/reference/check_temper_export.py, which recorded PEFT's logits.
+    let root = fixtures().join("temper_export");
+    for name in ["llama", "phi3", "qwen3"] {
+        let device = Default::default();
+        let mut model = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
+        let r = Reference::open(&root.join(name).join("peft_logits.safetensors"));
+        let (ids, shape) = r.i64("input_ids");
+        let input = || Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
+        let base_logits: Vec<f32> = model.forward(input()).into_data().to_vec().unwrap();
+        apply_adapter(&mut model, &Adapter::read(&root.join(name).join("adapter")).unwrap()).unwrap();
+        let got: Vec<f32> = model.forward(input()).into_data().to_vec().unwrap();
+        let want = r.f32("logits").0;
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= LOGITS_TOL, "{name}: temper vs PEFT with temper's adapter: {diff:e}");
+        assert!(max_abs_diff(&base_logits, &want) > 1e-2, "{name}: the exported adapter must change the logits");
+    }
+}
