@@ -63,3 +63,31 @@ fn every_fixture_model_has_a_parity_test() {
     let names: Vec<&String> = m["models"].as_object().expect("models").keys().collect();
     assert_eq!(names.len(), 12, "a fixture was added or removed: update parity_tests! ({names:?})");
 }
+
+/// Decoding with the KV cache (a prompt, then one token at a time) gives the logits of one
+/// full forward pass, for every architecture (sliding windows and soft-capping included).
+#[test]
+fn kv_cache_decoding_matches_full_forward_for_every_fixture() {
+    use temper::model::KvCache;
+    let m = manifest();
+    for (name, entry) in m["models"].as_object().unwrap() {
+        let device = Default::default();
+        let model = load_model::<Cpu>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let reference = Reference::open(&fixtures().join(entry["reference"].as_str().unwrap()));
+        let (ids, shape) = reference.i64("input_ids");
+        let row: Vec<i64> = ids[..shape[1]].to_vec();
+        let t = row.len();
+        let full: Vec<f32> = model.forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(row.clone(), [1, t]), &device)).into_data().to_vec().unwrap();
+        let mut cache = KvCache::new(model.config.num_layers);
+        let mut got = Vec::new();
+        let prompt = 5;
+        for (start, len) in std::iter::once((0, prompt)).chain((prompt..t).map(|i| (i, 1))) {
+            let piece = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(row[start..start + len].to_vec(), [1, len]), &device);
+            let ctx = model.causal_context(1, len, cache.len);
+            let logits = model.logits(model.hidden_states(piece, &ctx, Some(&mut cache)));
+            got.extend(logits.into_data().to_vec::<f32>().unwrap());
+        }
+        let diff = max_abs_diff(&got, &full);
+        assert!(diff <= LOGITS_TOL, "{name}: cached decoding differs from the full pass by {diff:e}");
+    }
+}
