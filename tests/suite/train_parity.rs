@@ -86,3 +86,21 @@ fn gradient_checkpointing_gives_the_same_curve() {
     run("llama_train", true);
     run("gemma2_train", true);
 }
+
+/// Learning-rate multipliers of transformers' get_{cosine,linear,constant}_schedule_with_warmup
+/// (warmup 3, 17 steps), recorded with transformers 4.57.6.
+#[test]
+fn schedules_match_transformers() {
+    let cosine = [0.0, 0.3333333333333333, 0.6666666666666666, 1.0, 0.9874639560909118, 0.9504844339512095, 0.890915741234015, 0.8117449009293668, 0.716941869558779, 0.6112604669781572, 0.5, 0.38873953302184283, 0.28305813044122097, 0.18825509907063326, 0.1090842587659851, 0.04951556604879048, 0.01253604390908819];
+    let linear = [0.0, 0.3333333333333333, 0.6666666666666666, 1.0, 0.9285714285714286, 0.8571428571428571, 0.7857142857142857, 0.7142857142857143, 0.6428571428571429, 0.5714285714285714, 0.5, 0.42857142857142855, 0.35714285714285715, 0.2857142857142857, 0.21428571428571427, 0.14285714285714285, 0.07142857142857142];
+    for (schedule, want) in [(LrSchedule::Cosine, cosine), (LrSchedule::Linear, linear)] {
+        for (s, w) in want.iter().enumerate() {
+            let got = schedule.factor(s, 3, 17);
+            assert!((got - w).abs() < 1e-12, "{schedule:?} step {s}: {got} vs {w}");
+        }
+    }
+    for s in 0..17 {
+        let want = if s < 3 { s as f64 / 3.0 } else { 1.0 };
+        assert!((LrSchedule::Constant.factor(s, 3, 17) - want).abs() < 1e-12);
+    }
+}
