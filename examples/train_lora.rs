@@ -23,9 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = DataConfig {
         train: "datasets/stories/train.jsonl".into(),
         eval: Some("datasets/stories/eval.jsonl".into()),
-        val_split: None,
-        format: Default::default(),
         seq_len: 128,
+        ..DataConfig::new("datasets/stories/train.jsonl")
     };
     let prepared = prepare(&data, &tokenizer, Path::new("."), 42)?;
     let run = RunConfig {

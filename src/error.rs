@@ -85,6 +85,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// A Hugging Face Hub download or cache lookup failed (the repository and file are named).
+    #[error("hub {repo}: {file}: {reason}")]
+    Hub { repo: String, file: String, reason: String },
+
     /// A caller passed an argument outside what the operation accepts.
     #[error("{0}")]
     InvalidArgument(String),

@@ -3,12 +3,15 @@
 //! - [`model`]: Hugging Face `config.json` + safetensors -> one parameterised decoder
 //!   (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3), generation with a KV cache.
 //! - [`lora`]: LoRA deltas on frozen projections, with PEFT's names and math.
-//! - [`data`]: tokenisation.
+//! - [`data`]: rows (JSONL / JSON / Parquet / Hub), formats, chat templates, label masks,
+//!   packing and batching.
+//! - [`hub`]: models and datasets from the Hugging Face Hub (cache, offline use).
 //! - [`train`]: the causal-LM loss and evaluation.
 
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod recipe;

@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod train;
+mod preview;
 
 use std::path::PathBuf;
 
@@ -34,14 +35,19 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Time LoRA training steps on a model built from its config with random weights.
     Bench(bench::BenchArgs),
+    /// Show the first rows of a dataset as the model sees them, trained tokens highlighted.
+    Preview(preview::PreviewArgs),
 }
 
 /// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// Model folder in the Hugging Face layout.
+    /// Model folder in the Hugging Face layout, or a Hub id (`owner/name`).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
+    /// Hub revision (branch, tag or commit) when `--model` is a Hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
     /// auto | cpu | cuda[:N] | wgpu
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
@@ -70,19 +76,31 @@ impl ModelArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Inspect(a) => inspect::run(a),
-        Command::Generate(a) => generate::run(a),
-        Command::Eval(a) => eval::run(a),
+        Command::Inspect(mut a) => {
+            a.model = hub_model(&a.model, None)?;
+            inspect::run(a)
+        }
+        Command::Generate(mut a) => {
+            a.model.model = hub_model(&a.model.model, a.model.revision.as_deref())?;
+            generate::run(a)
+        }
+        Command::Eval(mut a) => {
+            a.model.model = hub_model(&a.model.model, a.model.revision.as_deref())?;
+            eval::run(a)
+        }
+        Command::Preview(a) => preview::run(a),
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
 
-/// A model folder, or (once hub support lands) a Hugging Face Hub id.
-pub fn resolve_model(spec: &str, _revision: Option<&str>) -> Result<PathBuf> {
-    let p = PathBuf::from(spec);
-    if p.is_dir() {
-        return Ok(p);
-    }
-    anyhow::bail!("base model `{spec}` is not a folder (config.json + safetensors + tokenizer.json)")
+/// A local model folder as is; a Hub id downloaded (or read from the cache) to its snapshot folder.
+fn hub_model(model: &std::path::Path, revision: Option<&str>) -> Result<PathBuf> {
+    let spec = model.to_str().ok_or_else(|| anyhow::anyhow!("model path is not UTF-8: {}", model.display()))?;
+    resolve_model(spec, revision)
+}
+
+/// A model folder, or a Hugging Face Hub id (downloaded to, or read from, the standard cache).
+pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+    Ok(temper::hub::resolve_model(spec, revision)?)
 }

@@ -1,5 +1,6 @@
 //! The recipe's `data:` section.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -8,20 +9,70 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
-    /// Detect from the first rows.
+    /// Detect from the first rows (the detected format is printed and kept in the stats).
     #[default]
     Auto,
     /// `{"text": ...}`: every token trained.
     Text,
+    /// `{"prompt": ..., "completion": ...}`: the completion trained.
+    Completion,
+    /// `{"instruction", "input"?, "output"}`: the output trained.
+    Alpaca,
+    /// `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`:
+    /// assistant turns trained.
+    Chat,
+}
+
+impl DataFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Text => "text",
+            DataFormat::Completion => "completion",
+            DataFormat::Alpaca => "alpaca",
+            DataFormat::Chat => "chat",
+        }
+    }
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => DataFormat::Auto,
+            "text" => DataFormat::Text,
+            "completion" => DataFormat::Completion,
+            "alpaca" => DataFormat::Alpaca,
+            "chat" => DataFormat::Chat,
+            other => return Err(format!("unknown format `{other}` (expected auto, text, completion, alpaca or chat)")),
+        })
+    }
+}
+
+/// A chat template given in the recipe: the template text itself, or `{file: path}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TemplateSource {
+    Inline(String),
+    File {
+        /// Template file (relative paths resolve against the recipe's folder).
+        file: PathBuf,
+    },
 }
 
 /// `data:` in a recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training file (relative paths resolve against the recipe's folder).
+    /// Training data: a `.jsonl`, `.json` (array) or `.parquet` file, a folder of them, or a Hub
+    /// dataset `hub:owner/name` (with `split`) or `hub:owner/name/path/in/repo.parquet`.
+    /// Relative paths resolve against the recipe's folder.
     pub train: PathBuf,
-    /// Evaluation file; otherwise `val_split` of the training rows, or none.
+    /// More training files, read after `train`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_files: Vec<PathBuf>,
+    /// Evaluation file (same forms as `train`); otherwise `val_split` of the training rows, or none.
     #[serde(default)]
     pub eval: Option<PathBuf>,
     /// Share of training rows held out for evaluation when `eval` is not given.
@@ -32,8 +83,75 @@ pub struct DataConfig {
     /// Longest sequence in tokens; longer rows are truncated (and counted).
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
+    /// Several rows per sequence, attention kept inside each row.
+    #[serde(default)]
+    pub packing: bool,
+    /// Without packing: batch rows of similar length together (less padding).
+    #[serde(default = "yes")]
+    pub group_by_length: bool,
+    /// Train prompt / user / template tokens too.
+    #[serde(default)]
+    pub train_on_inputs: bool,
+    /// Train the EOS / end-of-turn token, so the model learns to stop.
+    #[serde(default = "yes")]
+    pub train_on_eos: bool,
+    /// Skip (and count) unusable rows instead of stopping at the first.
+    #[serde(default)]
+    pub skip_invalid_rows: bool,
+    /// Field names of this dataset for the format's fields, e.g. `{prompt: question, completion: answer}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+    /// Replaces the tokenizer's chat template.
+    #[serde(default)]
+    pub chat_template: Option<TemplateSource>,
+    /// Extra variables for the chat template, e.g. `{enable_thinking: false}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub template_kwargs: BTreeMap<String, serde_json::Value>,
+    /// Hub split for `hub:` datasets (`train`, `test`, ...).
+    #[serde(default)]
+    pub split: Option<String>,
+    /// Hub revision (branch, tag or commit) for `hub:` datasets.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Read at most this many rows per file (quick experiments, preview).
+    #[serde(default)]
+    pub max_rows: Option<usize>,
+}
+
+impl DataConfig {
+    /// A configuration with every default and this training file.
+    pub fn new(train: impl Into<PathBuf>) -> Self {
+        Self {
+            train: train.into(),
+            train_files: Vec::new(),
+            eval: None,
+            val_split: None,
+            format: DataFormat::Auto,
+            seq_len: default_seq_len(),
+            packing: false,
+            group_by_length: true,
+            train_on_inputs: false,
+            train_on_eos: true,
+            skip_invalid_rows: false,
+            columns: BTreeMap::new(),
+            chat_template: None,
+            template_kwargs: BTreeMap::new(),
+            split: None,
+            revision: None,
+            max_rows: None,
+        }
+    }
+
+    /// The dataset column that holds the format's field `field`.
+    pub fn column<'a>(&'a self, field: &'a str) -> &'a str {
+        self.columns.get(field).map_or(field, String::as_str)
+    }
 }
 
 fn default_seq_len() -> usize {
     512
+}
+
+fn yes() -> bool {
+    true
 }

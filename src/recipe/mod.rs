@@ -101,9 +101,15 @@ impl Recipe {
         }
         let recipe_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let base_for = |key: &str| if overridden.iter().any(|k| k == key) { PathBuf::from(".") } else { recipe_dir.clone() };
-        recipe.data.train = base_for("data.train").join(&recipe.data.train);
+        // Hub sources (`hub:owner/name/...`) are not paths.
+        let join = |base: PathBuf, p: &Path| if p.to_string_lossy().starts_with("hub:") { p.to_path_buf() } else { base.join(p) };
+        recipe.data.train = join(base_for("data.train"), &recipe.data.train);
+        recipe.data.train_files = recipe.data.train_files.iter().map(|p| join(base_for("data.train_files"), p)).collect();
         if let Some(e) = &recipe.data.eval {
-            recipe.data.eval = Some(base_for("data.eval").join(e));
+            recipe.data.eval = Some(join(base_for("data.eval"), e));
+        }
+        if let Some(crate::data::config::TemplateSource::File { file }) = &mut recipe.data.chat_template {
+            *file = base_for("data.chat_template.file").join(&*file);
         }
         recipe.output.dir = base_for("output.dir").join(&recipe.output.dir);
         let local = base_for("base_model").join(&recipe.base_model);

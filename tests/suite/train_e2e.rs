@@ -74,9 +74,8 @@ fn small_run(out: &Path, resume: bool, stop: Option<usize>) -> Vec<(usize, f64)>
     let data_cfg = DataConfig {
         train: repo().join("datasets/stories/train.jsonl"),
         eval: Some(repo().join("datasets/stories/eval.jsonl")),
-        val_split: None,
-        format: Default::default(),
         seq_len: 64,
+        ..DataConfig::new(repo().join("datasets/stories/train.jsonl"))
     };
     let data = prepare(&data_cfg, &tok, Path::new("."), 1).unwrap();
     let device = Default::default();
