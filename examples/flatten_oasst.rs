@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(input: &Path, output: &Path) -> temper::Result<(usize, usize)> {
+pub fn run(input: &Path, output: &Path) -> temper::Result<(usize, usize)> {
     let rows = read_rows(input, None)?;
     let mut out = Vec::new();
     for row in &rows {

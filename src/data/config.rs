@@ -89,6 +89,10 @@ pub struct DataConfig {
     /// Without packing: batch rows of similar length together (less padding).
     #[serde(default = "yes")]
     pub group_by_length: bool,
+    /// `completion` format: text put between the prompt and the completion (not trained),
+    /// e.g. `"\n"` for datasets whose prompts do not end with one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub separator: String,
     /// Train prompt / user / template tokens too.
     #[serde(default)]
     pub train_on_inputs: bool,
@@ -130,6 +134,7 @@ impl DataConfig {
             seq_len: default_seq_len(),
             packing: false,
             group_by_length: true,
+            separator: String::new(),
             train_on_inputs: false,
             train_on_eos: true,
             skip_invalid_rows: false,

@@ -49,15 +49,19 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    /// The prompt as `tokenizer(prompt)` (BOS as the model adds it), then the completion without
-    /// special tokens, then EOS.
+    /// `tokenizer(prompt + separator + completion)` (BOS as the model adds it), then EOS. The
+    /// tokens shared with `tokenizer(prompt + separator)` are the prompt (not trained unless
+    /// `train_on_inputs`); tokenising the text once keeps the ids the model will see at inference.
     fn completion(&self, prompt: &str, completion: &str) -> Result<Example, RowError> {
-        let mut input_ids = self.tok.encode(prompt).map_err(tok_err)?;
-        let prompt_label = |x: u32| if self.cfg.train_on_inputs { x as i64 } else { IGNORE_INDEX };
-        let mut labels: Vec<i64> = input_ids.iter().map(|&x| prompt_label(x)).collect();
-        let c = self.tok.encode_plain(completion).map_err(tok_err)?;
-        labels.extend(c.iter().map(|&x| x as i64));
-        input_ids.extend(c);
+        let prompt = format!("{prompt}{}", self.cfg.separator);
+        let input_ids = self.tok.encode(&format!("{prompt}{completion}")).map_err(tok_err)?;
+        let p = self.tok.encode(&prompt).map_err(tok_err)?;
+        let boundary = input_ids.iter().zip(&p).take_while(|(a, b)| a == b).count();
+        let labels = input_ids
+            .iter()
+            .enumerate()
+            .map(|(k, &x)| if k < boundary && !self.cfg.train_on_inputs { IGNORE_INDEX } else { x as i64 })
+            .collect();
         Ok(self.with_eos(Example { input_ids, labels }))
     }
 
