@@ -116,7 +116,7 @@ pub fn dispatch<T: Task>(arg: &DeviceArg, task: T) -> Result<T::Output> {
         Resolved::Cpu => task.run::<Cpu>(Default::default(), WeightPrecision::F32),
         Resolved::NdArray => task.run::<NdArray>(Default::default(), WeightPrecision::F32),
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice::new(i), WeightPrecision::Native),
+        Resolved::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice { index: i }, WeightPrecision::Native),
         #[cfg(feature = "wgpu")]
         Resolved::Wgpu => task.run::<Wgpu>(Default::default(), WeightPrecision::F32),
         #[allow(unreachable_patterns)]
@@ -131,7 +131,7 @@ pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Outpu
         Resolved::Cpu => task.run::<Autodiff<Cpu>>(Default::default(), Resolved::Cpu),
         Resolved::NdArray => task.run::<Autodiff<NdArray>>(Default::default(), Resolved::NdArray),
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(i), Resolved::Cuda(i)),
+        Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice { index: i }, Resolved::Cuda(i)),
         #[cfg(feature = "wgpu")]
         Resolved::Wgpu => task.run::<Autodiff<Wgpu>>(Default::default(), Resolved::Wgpu),
         #[allow(unreachable_patterns)]
@@ -153,7 +153,7 @@ fn quietly(f: impl FnOnce() -> bool + std::panic::UnwindSafe) -> bool {
 #[cfg(feature = "cuda")]
 fn probe_cuda() -> bool {
     quietly(|| {
-        let device = burn::backend::cuda::CudaDevice::new(0);
+        let device = burn::backend::cuda::CudaDevice { index: 0 };
         let t = burn::tensor::Tensor::<Cuda, 1>::from_floats([1.0, 2.0], &device);
         t.sum().into_scalar() == 3.0
     })
