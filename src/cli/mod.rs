@@ -2,8 +2,10 @@
 
 pub mod device;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
+mod merge;
 
 use std::path::PathBuf;
 
@@ -28,6 +30,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Mean next-token loss and perplexity of a model on a `{"text": ...}` JSONL file.
     Eval(eval::EvalArgs),
+    /// Merge PEFT adapters into the base weights; writes a complete Hugging Face model folder.
+    Merge(merge::MergeArgs),
+    /// Export an adapter for serving: a clean PEFT folder or a llama.cpp LoRA GGUF.
+    Export(export::ExportArgs),
 }
 
 /// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
@@ -46,5 +52,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
