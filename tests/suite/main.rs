@@ -3,4 +3,6 @@
 mod common;
 mod cli;
 mod lora_parity;
+mod export_serving;
+mod merge;
 mod parity;
