@@ -3,10 +3,12 @@
 mod bench;
 pub mod device;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod train;
 mod preview;
+mod merge;
 
 use std::path::PathBuf;
 
@@ -37,6 +39,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Show the first rows of a dataset as the model sees them, trained tokens highlighted.
     Preview(preview::PreviewArgs),
+    /// Merge PEFT adapters into the base weights; writes a complete Hugging Face model folder.
+    Merge(merge::MergeArgs),
+    /// Export an adapter for serving: a clean PEFT folder or a llama.cpp LoRA GGUF.
+    Export(export::ExportArgs),
 }
 
 /// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
@@ -91,6 +97,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Preview(a) => preview::run(a),
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

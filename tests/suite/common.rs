@@ -47,6 +47,11 @@ impl Reference {
         (t.dtype(), t.shape().to_vec(), t.data().to_vec())
     }
 
+    pub fn names(&self) -> Vec<String> {
+        let st = SafeTensors::deserialize(&self.bytes).expect("reference safetensors");
+        st.names().into_iter().map(str::to_string).collect()
+    }
+
     pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
         let (dt, shape, data) = self.view(name);
         assert_eq!(dt, Dtype::F32, "{name}");

@@ -9,6 +9,8 @@ mod data_packing;
 mod data_preview;
 mod hub;
 mod lora_parity;
+mod export_serving;
+mod merge;
 mod parity;
 mod train_e2e;
 mod train_parity;

@@ -1,0 +1,333 @@
+//! Merging adapters into a base model: W' = W + Σ_j weight_j · scaling_j · (B_j @ A_j), computed
+//! in f32 and cast to the output dtype, written as a complete Hugging Face folder with the base's
+//! sharding. Streams one shard and one tensor at a time: peak memory is about one tensor in f32
+//! plus its bytes, never the model. Everything that can be refused is checked before anything is
+//! written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use serde_json::Value;
+
+use crate::export::atomic::{write_dir_atomically, WriteMode};
+use crate::export::model_card;
+use crate::export::peft::{Adapter, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
+use crate::export::shard::{all_finite, bytes_to_f32, f32_to_bytes, ShardReader, ShardWriter};
+use crate::model::Checkpoint;
+use crate::{Error, Result};
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const LM_HEAD: &str = "lm_head.weight";
+const EMBED: &str = "model.embed_tokens.weight";
+
+/// Output dtype of the merged weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeDtype {
+    /// Each tensor keeps the dtype it has in the base.
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+impl MergeDtype {
+    fn resolve(self, stored: Dtype) -> Dtype {
+        let float = matches!(stored, Dtype::F32 | Dtype::BF16 | Dtype::F16);
+        match self {
+            MergeDtype::Bf16 if float => Dtype::BF16,
+            MergeDtype::F16 if float => Dtype::F16,
+            MergeDtype::F32 if float => Dtype::F32,
+            _ => stored,
+        }
+    }
+
+    /// The name transformers uses in config.json (`torch_dtype`), if the dtype is forced.
+    fn torch_name(self) -> Option<&'static str> {
+        match self {
+            MergeDtype::Auto => None,
+            MergeDtype::Bf16 => Some("bfloat16"),
+            MergeDtype::F16 => Some("float16"),
+            MergeDtype::F32 => Some("float32"),
+        }
+    }
+}
+
+/// One adapter to merge, where it was read from, and its weight in the sum.
+#[derive(Debug, Clone)]
+pub struct MergeInput {
+    pub adapter: Adapter,
+    pub dir: PathBuf,
+    pub weight: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MergeOptions {
+    pub dtype: MergeDtype,
+    /// Write a separate `lm_head.weight` when an adapter targets lm_head of a model that ties it
+    /// to the embeddings (otherwise refused).
+    pub untie: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MergeSummary {
+    pub shards: usize,
+    pub tensors: usize,
+    /// Base tensors that received a delta.
+    pub merged: usize,
+    pub bytes: u64,
+    pub untied: bool,
+}
+
+/// One LoRA term of a base tensor: `scale · B @ A`.
+struct Term<'a> {
+    pair: &'a LoraPair,
+    scale: f32,
+}
+
+/// Everything validated: which base tensors get which terms.
+struct Plan<'a> {
+    terms: HashMap<String, Vec<Term<'a>>>,
+    untie: bool,
+    /// `lm_head.weight` is created from the embeddings (tied base without its own lm_head).
+    new_lm_head: bool,
+}
+
+/// Merge into `out` atomically: a failure leaves no partial folder, and an existing `out` is
+/// only replaced with [`WriteMode::Replace`].
+pub fn merge_model(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out: &Path, mode: WriteMode, progress: &mut dyn FnMut(&str)) -> Result<MergeSummary> {
+    if same_dir(model, out) {
+        return Err(Error::InvalidArgument(format!("--out {} is the base model folder: write the merged model elsewhere", out.display())));
+    }
+    let mut summary = None;
+    write_dir_atomically(out, mode, |tmp| {
+        summary = Some(write_merged(model, inputs, opts, tmp, progress)?);
+        Ok(())
+    })?;
+    summary.ok_or_else(|| Error::InvalidArgument("merge wrote nothing".into()))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Write the merged model into the existing, empty folder `out` (not atomic; see [`merge_model`]).
+pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out: &Path, progress: &mut dyn FnMut(&str)) -> Result<MergeSummary> {
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument("no adapter to merge".into()));
+    }
+    let config_path = model.join("config.json");
+    let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let mut config: Value = serde_json::from_str(&config_text).map_err(|source| Error::Json { path: config_path.clone(), source })?;
+    let checkpoint = Checkpoint::open(model)?;
+    let plan = plan(model, &config, &checkpoint, inputs, opts)?;
+    let files: Vec<PathBuf> = checkpoint.files().iter().map(|p| p.to_path_buf()).collect();
+    drop(checkpoint);
+
+    let mut summary = MergeSummary { shards: files.len(), tensors: 0, merged: 0, bytes: 0, untied: plan.untie };
+    let mut weight_map = BTreeMap::new();
+    for src in &files {
+        let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        progress(&name);
+        let written = merge_shard(src, &out.join(&name), &plan, opts.dtype, &mut summary)?;
+        for t in written {
+            weight_map.insert(t, name.clone());
+        }
+    }
+    if model.join(INDEX_FILE).is_file() {
+        write_index(&model.join(INDEX_FILE), &out.join(INDEX_FILE), weight_map, summary.bytes)?;
+    }
+    let mut config_changed = false;
+    if let Some(name) = opts.dtype.torch_name() {
+        let key = if config.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+        config[key] = Value::from(name);
+        config_changed = true;
+    }
+    if plan.untie {
+        config["tie_word_embeddings"] = Value::Bool(false);
+        config_changed = true;
+    }
+    let config_bytes = if config_changed { pretty(&config)? } else { config_text.into_bytes() };
+    write(&out.join("config.json"), &config_bytes)?;
+    copy_side_files(model, out)?;
+    let card = model_card::merged_model_card(model, inputs, opts, &summary);
+    write(&out.join("README.md"), card.as_bytes())?;
+    Ok(summary)
+}
+
+fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeInput], opts: MergeOptions) -> Result<Plan<'a>> {
+    // transformers omits the key when it equals the class default (true for Gemma, false for
+    // Llama); a checkpoint without lm_head.weight is tied either way.
+    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(!ckpt.contains(LM_HEAD));
+    let mut terms: HashMap<String, Vec<Term<'a>>> = HashMap::new();
+    let mut untie = false;
+    let mut new_lm_head = false;
+    for input in inputs {
+        if !input.weight.is_finite() {
+            return Err(Error::InvalidArgument(format!("--weights: {} is not a finite number (adapter {})", input.weight, input.dir.display())));
+        }
+        let cfg_path = input.dir.join(CONFIG_FILE);
+        for (module, pair) in &input.adapter.modules {
+            let mut key = format!("{module}.weight");
+            let mut base_key = key.clone();
+            if module == "lm_head" && tied {
+                if !opts.untie {
+                    return Err(Error::Unsupported {
+                        path: cfg_path.clone(),
+                        key: "target_modules".into(),
+                        value: "lm_head".into(),
+                        reason: format!("{} ties lm_head to embed_tokens, so a merged lm_head would also change the input embeddings; pass --untie to write a separate lm_head.weight", model.display()),
+                    });
+                }
+                untie = true;
+                if !ckpt.contains(LM_HEAD) {
+                    new_lm_head = true;
+                    base_key = EMBED.into();
+                    key = LM_HEAD.into();
+                }
+            }
+            let (dtype, shape) = ckpt.info(&base_key).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "adapter {} has weights for `{module}`, but {} has no tensor `{base_key}`: was the adapter trained on another base model?",
+                    input.dir.display(),
+                    model.display()
+                ))
+            })?;
+            if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                return Err(Error::TensorDtype { path: model.to_path_buf(), tensor: base_key, dtype: format!("{dtype:?} (quantized or integer weights cannot be merged exactly)") });
+            }
+            let (r, in_f, out_f) = (pair.a.shape[0], pair.a.shape[1], pair.b.shape[0]);
+            if shape != [out_f, in_f] {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter {}: `{module}` has lora_A {:?} and lora_B {:?}, i.e. a [{out_f}, {in_f}] update, but `{base_key}` in {} is {shape:?}: was the adapter trained on another base model?",
+                    input.dir.join(WEIGHTS_FILE).display(),
+                    pair.a.shape,
+                    pair.b.shape,
+                    model.display()
+                )));
+            }
+            let (cfg_r, _) = input.adapter.config.rank_alpha(module);
+            if cfg_r != r {
+                return Err(Error::InvalidConfig {
+                    path: cfg_path.clone(),
+                    key: "r / rank_pattern".into(),
+                    reason: format!("gives rank {cfg_r} for `{module}`, but its lora_A has {r} rows"),
+                });
+            }
+            let scale = (input.weight * input.adapter.config.scaling(module)) as f32;
+            terms.entry(key).or_default().push(Term { pair, scale });
+        }
+    }
+    Ok(Plan { terms, untie, new_lm_head })
+}
+
+/// Stream one shard: header first, then each tensor read, merged, cast, checked and written.
+/// Returns the tensor names written.
+fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: &mut MergeSummary) -> Result<Vec<String>> {
+    let mut reader = ShardReader::open(src)?;
+    // (name in the output, index of the source tensor in `reader`)
+    let mut order: Vec<(String, usize)> = Vec::with_capacity(reader.tensors.len() + 1);
+    for (i, (name, _)) in reader.tensors.iter().enumerate() {
+        order.push((name.clone(), i));
+        if name == EMBED && plan.new_lm_head {
+            order.push((LM_HEAD.into(), i));
+        }
+    }
+    let header: Vec<(String, Dtype, Vec<usize>)> = order
+        .iter()
+        .map(|(name, i)| {
+            let e = &reader.tensors[*i].1;
+            (name.clone(), dtype.resolve(e.dtype), e.shape.clone())
+        })
+        .collect();
+    let mut metadata = reader.metadata.clone().unwrap_or_default();
+    metadata.insert("format".into(), "pt".into());
+    let mut writer = ShardWriter::create(dst, &header, &metadata)?;
+    for ((name, i), (_, out_dtype, shape)) in order.iter().zip(&header) {
+        let (src_dtype, raw) = (reader.tensors[*i].1.dtype, reader.read_bytes(*i)?);
+        let terms = plan.terms.get(name);
+        let bytes = if terms.is_none() && src_dtype == *out_dtype {
+            raw
+        } else {
+            let mut w = bytes_to_f32(src_dtype, &raw).ok_or_else(|| Error::TensorDtype { path: src.to_path_buf(), tensor: name.clone(), dtype: format!("{src_dtype:?}") })?;
+            drop(raw);
+            if let Some(terms) = terms {
+                for t in terms {
+                    add_lora(&mut w, shape[1], t);
+                }
+                summary.merged += 1;
+            }
+            f32_to_bytes(*out_dtype, &w)
+        };
+        if !all_finite(*out_dtype, &bytes) {
+            return Err(Error::NonFinite(format!(
+                "tensor `{name}` would contain NaN or infinity as {out_dtype:?} (base {}): nothing was written",
+                src.display()
+            )));
+        }
+        writer.write(name, &bytes)?;
+        summary.tensors += 1;
+    }
+    summary.bytes += writer.finish()?;
+    Ok(order.into_iter().map(|(n, _)| n).collect())
+}
+
+/// `w[o][i] += scale · Σ_k B[o][k] · A[k][i]` for a row-major `[out, in]` f32 matrix: the row of
+/// B @ A is accumulated first and scaled once, as PEFT's `get_delta_weight` does.
+fn add_lora(w: &mut [f32], d_in: usize, t: &Term) {
+    let (a, b) = (&t.pair.a.data, &t.pair.b.data);
+    let r = t.pair.a.shape[0];
+    let mut row = vec![0f32; d_in];
+    for (o, w_row) in w.chunks_exact_mut(d_in).enumerate() {
+        row.iter_mut().for_each(|x| *x = 0.0);
+        for k in 0..r {
+            let bk = b[o * r + k];
+            for (x, &ak) in row.iter_mut().zip(&a[k * d_in..(k + 1) * d_in]) {
+                *x += bk * ak;
+            }
+        }
+        for (wv, &x) in w_row.iter_mut().zip(&row) {
+            *wv += t.scale * x;
+        }
+    }
+}
+
+fn write_index(src: &Path, dst: &Path, weight_map: BTreeMap<String, String>, total: u64) -> Result<()> {
+    let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
+    let mut index: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: src.to_path_buf(), source })?;
+    if !index.get("metadata").is_some_and(Value::is_object) {
+        index["metadata"] = Value::Object(Default::default());
+    }
+    index["metadata"]["total_size"] = Value::from(total);
+    index["weight_map"] = serde_json::to_value(weight_map).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    write(dst, &pretty(&index)?)
+}
+
+/// Tokenizer files, generation_config.json and other small side files: every top-level file
+/// except weights (safetensors, pickles, GGUF), the shard index, config.json and README.md.
+fn copy_side_files(model: &Path, out: &Path) -> Result<()> {
+    let skip_ext = ["safetensors", "bin", "pt", "pth", "ckpt", "gguf", "h5", "msgpack", "onnx"];
+    let entries = std::fs::read_dir(model).map_err(|e| Error::io(model, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(model, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ext = Path::new(&name).extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let is_file = entry.file_type().map_err(|e| Error::io(entry.path(), e))?.is_file();
+        if !is_file || name.starts_with('.') || skip_ext.contains(&ext.as_str()) || [INDEX_FILE, "config.json", "README.md"].contains(&name.as_str()) {
+            continue;
+        }
+        std::fs::copy(entry.path(), out.join(&name)).map_err(|e| Error::io(entry.path(), e))?;
+    }
+    Ok(())
+}
+
+fn pretty(v: &Value) -> Result<Vec<u8>> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    s.push('\n');
+    Ok(s.into_bytes())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
