@@ -3,6 +3,7 @@
 mod common;
 mod cli;
 mod lora_parity;
+mod export_gguf;
 mod export_serving;
 mod merge;
 mod parity;
