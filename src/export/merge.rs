@@ -254,7 +254,7 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
             drop(raw);
             if let Some(terms) = terms {
                 for t in terms {
-                    add_lora(&mut w, shape[1], t);
+                    add_lora(&mut w, shape[1], t)?;
                 }
                 summary.merged += 1;
             }
@@ -273,24 +273,27 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
     Ok(order.into_iter().map(|(n, _)| n).collect())
 }
 
-/// `w[o][i] += scale · Σ_k B[o][k] · A[k][i]` for a row-major `[out, in]` f32 matrix: the row of
-/// B @ A is accumulated first and scaled once, as PEFT's `get_delta_weight` does.
-fn add_lora(w: &mut [f32], d_in: usize, t: &Term) {
-    let (a, b) = (&t.pair.a.data, &t.pair.b.data);
-    let r = t.pair.a.shape[0];
-    let mut row = vec![0f32; d_in];
-    for (o, w_row) in w.chunks_exact_mut(d_in).enumerate() {
-        row.iter_mut().for_each(|x| *x = 0.0);
-        for k in 0..r {
-            let bk = b[o * r + k];
-            for (x, &ak) in row.iter_mut().zip(&a[k * d_in..(k + 1) * d_in]) {
-                *x += bk * ak;
-            }
-        }
-        for (wv, &x) in w_row.iter_mut().zip(&row) {
-            *wv += t.scale * x;
-        }
+/// `W += scale · (B @ A)` for a row-major `[out, in]` f32 matrix, in one sgemm call
+/// (C <- alpha·A·B + beta·C: the product is accumulated, then scaled once, then added, as
+/// PEFT's `get_delta_weight` followed by `weight += delta`).
+fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
+    let (a, b) = (&t.pair.a, &t.pair.b);
+    let (r, d_out) = (a.shape[0], w.len() / d_in.max(1));
+    if a.shape != [r, d_in] || b.shape != [d_out, r] || a.data.len() != r * d_in || b.data.len() != d_out * r || w.len() != d_out * d_in {
+        return Err(Error::InvalidArgument(format!("LoRA shapes A {:?}, B {:?} do not fit a [{d_out}, {d_in}] weight", a.shape, b.shape)));
     }
+    // SAFETY: the three buffers are distinct allocations whose lengths were just checked
+    // against the row-major strides given (B [d_out, r], A [r, d_in], W [d_out, d_in]).
+    unsafe {
+        matrixmultiply::sgemm(
+            d_out, r, d_in, t.scale,
+            b.data.as_ptr(), r as isize, 1,
+            a.data.as_ptr(), d_in as isize, 1,
+            1.0,
+            w.as_mut_ptr(), d_in as isize, 1,
+        );
+    }
+    Ok(())
 }
 
 fn write_index(src: &Path, dst: &Path, weight_map: BTreeMap<String, String>, total: u64) -> Result<()> {

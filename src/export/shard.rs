@@ -100,8 +100,38 @@ pub fn nbytes(dtype: Dtype, shape: &[usize]) -> usize {
     (shape.iter().product::<usize>() * dtype.bitsize()).div_ceil(8)
 }
 
-/// Little-endian bytes of a float dtype -> f32; `None` for other dtypes.
+/// Little-endian bytes of a float dtype -> f32; `None` for other dtypes. The bulk work is a
+/// memcpy and `half`'s slice conversion (vectorised), so it is fast even in a debug build.
 pub fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    use half::slice::HalfFloatSliceExt;
+    if cfg!(target_endian = "big") {
+        return bytes_to_f32_portable(dtype, bytes);
+    }
+    Some(match dtype {
+        Dtype::F32 => {
+            let mut v = vec![0f32; bytes.len() / 4];
+            bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(&bytes[..bytes.len() / 4 * 4]);
+            v
+        }
+        Dtype::BF16 => {
+            let mut h = bytemuck::zeroed_vec::<half::bf16>(bytes.len() / 2);
+            bytemuck::cast_slice_mut::<half::bf16, u8>(&mut h).copy_from_slice(&bytes[..bytes.len() / 2 * 2]);
+            let mut v = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut v);
+            v
+        }
+        Dtype::F16 => {
+            let mut h = bytemuck::zeroed_vec::<half::f16>(bytes.len() / 2);
+            bytemuck::cast_slice_mut::<half::f16, u8>(&mut h).copy_from_slice(&bytes[..bytes.len() / 2 * 2]);
+            let mut v = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut v);
+            v
+        }
+        _ => return None,
+    })
+}
+
+fn bytes_to_f32_portable(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
@@ -112,21 +142,65 @@ pub fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 /// f32 -> little-endian bytes of `dtype` (round to nearest even for bf16 / f16).
 pub fn f32_to_bytes(dtype: Dtype, data: &[f32]) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    if cfg!(target_endian = "big") {
+        return match dtype {
+            Dtype::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+            Dtype::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+    }
     match dtype {
-        Dtype::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-        _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::BF16 => {
+            let mut h = bytemuck::zeroed_vec::<half::bf16>(data.len());
+            h.convert_from_f32_slice(data);
+            bytemuck::cast_slice::<half::bf16, u8>(&h).to_vec()
+        }
+        Dtype::F16 => {
+            let mut h = bytemuck::zeroed_vec::<half::f16>(data.len());
+            h.convert_from_f32_slice(data);
+            bytemuck::cast_slice::<half::f16, u8>(&h).to_vec()
+        }
+        _ => bytemuck::cast_slice::<f32, u8>(data).to_vec(),
     }
 }
 
-/// Whether every value of a float tensor is finite (other dtypes: true).
+/// Whether every value of a float tensor is finite (other dtypes: true). A value is NaN or
+/// infinite iff its exponent bits are all ones; the bulk is tested 64 bits at a time (SWAR), so
+/// the check costs little even in a debug build.
 pub fn all_finite(dtype: Dtype, bytes: &[u8]) -> bool {
-    match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-        Dtype::BF16 => bytes.chunks_exact(2).all(|c| half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
-        Dtype::F16 => bytes.chunks_exact(2).all(|c| half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
-        _ => true,
+    // (exponent mask of one element replicated over a u64, element width in bytes)
+    let (mask, width): (u64, usize) = match dtype {
+        Dtype::F32 => (0x7F80_0000_7F80_0000, 4),
+        Dtype::BF16 => (0x7F80_7F80_7F80_7F80, 2),
+        Dtype::F16 => (0x7C00_7C00_7C00_7C00, 2),
+        _ => return true,
+    };
+    let lane_mask = mask & ((1u64 << (8 * width)) - 1);
+    let scalar_ok = |chunk: &[u8]| {
+        chunk.chunks_exact(width).all(|c| {
+            let v = c.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64);
+            v & lane_mask != lane_mask
+        })
+    };
+    let (head, words, tail) = bytemuck::pod_align_to::<u8, u64>(bytes);
+    if head.len() % width != 0 {
+        // Element boundaries do not line up with the words: check element by element.
+        return scalar_ok(bytes);
     }
+    // Per lane, t = (x & mask) ^ mask is zero iff the exponent is all ones; the high bit of every
+    // lane of t is clear, so the classic "has a zero lane" test applies.
+    let ones = match width {
+        4 => 0x0000_0001_0000_0001u64,
+        _ => 0x0001_0001_0001_0001u64,
+    };
+    let highs = ones << (8 * width - 1);
+    let mut bad = 0u64;
+    for &x in words {
+        let t = (x & mask) ^ mask;
+        bad |= t.wrapping_sub(ones) & !t & highs;
+    }
+    bad == 0 && scalar_ok(head) && scalar_ok(tail)
 }
 
 /// A safetensors file written tensor by tensor, in the order given to [`ShardWriter::create`].

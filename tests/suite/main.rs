@@ -9,6 +9,7 @@ mod data_packing;
 mod data_preview;
 mod hub;
 mod lora_parity;
+mod export_gguf;
 mod export_serving;
 mod merge;
 mod parity;

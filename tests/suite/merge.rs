@@ -251,3 +251,32 @@ fn lm_head_adapter_on_tied_embeddings_needs_untie() {
     let names: Vec<String> = tensors(&out).into_iter().map(|t| t.0).collect();
     assert!(names.contains(&"lm_head.weight".to_string()));
 }
+
+#[test]
+fn finiteness_check_finds_nan_and_inf_at_any_position_and_alignment() {
+    use temper::export::shard::{all_finite, f32_to_bytes};
+    for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+        for n in [1usize, 3, 4, 5, 8, 9, 17] {
+            let ok = f32_to_bytes(dtype, &vec![1.5; n]);
+            for shift in 0..3 {
+                let mut buf = vec![0u8; shift];
+                buf.extend_from_slice(&ok);
+                assert!(all_finite(dtype, &buf[shift..]), "{dtype:?} n={n} shift={shift}");
+            }
+            for pos in 0..n {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut v = vec![-2.25f32; n];
+                    v[pos] = bad;
+                    let bytes = f32_to_bytes(dtype, &v);
+                    for shift in 0..3 {
+                        let mut buf = vec![0u8; shift];
+                        buf.extend_from_slice(&bytes);
+                        assert!(!all_finite(dtype, &buf[shift..]), "{dtype:?} n={n} pos={pos} {bad} shift={shift}");
+                    }
+                }
+            }
+        }
+    }
+    // f16 overflows to infinity on the cast: caught after it.
+    assert!(!all_finite(Dtype::F16, &f32_to_bytes(Dtype::F16, &[1.0, 70000.0])));
+}
