@@ -165,21 +165,24 @@ impl Adapter {
             entries.push((format!("{KEY_PREFIX}{module}.lora_A.weight"), &pair.a));
             entries.push((format!("{KEY_PREFIX}{module}.lora_B.weight"), &pair.b));
         }
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = entries
-            .into_iter()
-            .map(|(k, t)| (k, t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(k, s, d)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| Error::InvalidArgument(format!("tensor {k}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::serialize(views, metadata).map_err(|e| Error::InvalidArgument(format!("serialising adapter: {e}")))
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        f32_safetensors(&entries, metadata)
     }
+}
+
+/// Serialise f32 host tensors (name, tensor) into safetensors bytes with `metadata`.
+pub fn f32_safetensors(entries: &[(String, &HostTensor)], metadata: std::collections::HashMap<String, String>) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = entries.iter().map(|(_, t)| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views = entries
+        .iter()
+        .zip(&bytes)
+        .map(|((k, t), d)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), d)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::InvalidArgument(format!("tensor {k}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::InvalidArgument(format!("serialising safetensors: {e}")))
 }
 
 impl PeftConfigFile {

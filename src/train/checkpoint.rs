@@ -103,22 +103,11 @@ pub fn load_latest(output: &Path) -> Result<Option<(TrainerState, Adapter, Optim
 }
 
 fn moments_bytes(m: &OptimizerMoments) -> Result<Vec<u8>> {
-    let mut raw: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (prefix, list) in [("m.", &m.m), ("v.", &m.v)] {
-        for (key, t) in list {
-            raw.push((format!("{prefix}{key}"), t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect()));
-        }
-    }
-    let views = raw
-        .iter()
-        .map(|(k, s, d)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| Error::InvalidArgument(format!("optimizer tensor {k}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("step".to_string(), m.step.to_string())]);
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::InvalidArgument(format!("serialising optimizer state: {e}")))
+    let entries: Vec<(String, &HostTensor)> = [("m.", &m.m), ("v.", &m.v)]
+        .into_iter()
+        .flat_map(|(prefix, list)| list.iter().map(move |(key, t)| (format!("{prefix}{key}"), t)))
+        .collect();
+    crate::export::peft::f32_safetensors(&entries, HashMap::from([("step".to_string(), m.step.to_string())]))
 }
 
 fn read_moments(path: &Path) -> Result<OptimizerMoments> {
