@@ -6,6 +6,8 @@
 //! - [`data`]: rows (JSONL / JSON / Parquet / Hub), formats, chat templates, label masks,
 //!   packing and batching.
 //! - [`hub`]: models and datasets from the Hugging Face Hub (cache, offline use).
+//! - [`ops`]: custom operations with their own backward pass (blockwise attention, chunked
+//!   cross-entropy) and [`ops::TemperBackend`], the backend trait that carries them.
 //! - [`train`]: the causal-LM loss and evaluation.
 
 pub mod data;
@@ -14,6 +16,7 @@ pub mod export;
 pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod recipe;
 pub mod train;
 

@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 use temper::data::Batch;
 use temper::lora::{inject, LoraConfig};
 use temper::model::{CausalLm, DecoderConfig, HfConfig, WeightSource};
+use temper::ops::TemperAutodiff;
 use temper::train::metrics::peak_rss_bytes;
 use temper::train::{optimizer_step, Optimizer, TrainConfig};
 
@@ -86,7 +87,7 @@ fn flops_per_token(cfg: &DecoderConfig, seq: usize, rank: usize, training: bool)
 impl TrainTask for BenchArgs {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, kind: Resolved) -> Result<()> {
+    fn run<B: TemperAutodiff>(self, device: B::Device, kind: Resolved) -> Result<()> {
         let path = config_path(&self.model);
         let cfg = HfConfig::from_file(&path)?.to_decoder_config(&path)?;
         let dtype = match kind {

@@ -4,8 +4,8 @@
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use temper::model::WeightPrecision;
+use temper::ops::{TemperAutodiff, TemperBackend};
 
 /// The CPU backend. Flex measured faster than ndarray on the forward pass (see README).
 pub type Cpu = burn::backend::Flex;
@@ -48,14 +48,14 @@ impl FromStr for DeviceArg {
 /// Work that runs on whichever backend was picked (inference).
 pub trait Task {
     type Output;
-    fn run<B: Backend>(self, device: B::Device, precision: WeightPrecision) -> Result<Self::Output>;
+    fn run<B: TemperBackend>(self, device: B::Device, precision: WeightPrecision) -> Result<Self::Output>;
 }
 
 /// Work that needs gradients (training); `kind` says which device was picked so the task can
 /// choose its precision.
 pub trait TrainTask {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device, kind: Resolved) -> Result<Self::Output>;
+    fn run<B: TemperAutodiff>(self, device: B::Device, kind: Resolved) -> Result<Self::Output>;
 }
 
 /// The device actually used, after `auto` is resolved.

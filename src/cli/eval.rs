@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use temper::data::jsonl::read_text_rows;
 use temper::data::TextTokenizer;
 use temper::model::WeightPrecision;
+use temper::ops::TemperBackend;
 use temper::train::eval::{row_nll, LossAccumulator};
 
 use super::device::{dispatch, Task};
@@ -33,7 +33,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 impl Task for EvalArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device, precision: WeightPrecision) -> Result<()> {
+    fn run<B: TemperBackend>(self, device: B::Device, precision: WeightPrecision) -> Result<()> {
         let dir = &self.model.model;
         let rows = read_text_rows(&self.data)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;

@@ -3,10 +3,10 @@
 use std::io::Write;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use temper::data::TextTokenizer;
 use temper::model::generate::{generate, stop_tokens, SamplingConfig};
 use temper::model::WeightPrecision;
+use temper::ops::TemperBackend;
 
 use super::device::{dispatch, Task};
 use super::ModelArgs;
@@ -41,7 +41,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 impl Task for GenerateArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device, precision: WeightPrecision) -> Result<()> {
+    fn run<B: TemperBackend>(self, device: B::Device, precision: WeightPrecision) -> Result<()> {
         let dir = &self.model.model;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let loaded = self.model.load::<B>(precision, &device)?;

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use temper::export::{merge_model, verify_merge, Adapter, MergeDtype, MergeInput, MergeOptions, WriteMode};
 use temper::model::WeightPrecision;
+use temper::ops::TemperBackend;
 
 use super::device::{dispatch, DeviceArg, Task};
 
@@ -117,7 +117,7 @@ struct VerifyTask {
 impl Task for VerifyTask {
     type Output = temper::export::VerifyReport;
 
-    fn run<B: Backend>(self, device: B::Device, _precision: WeightPrecision) -> Result<Self::Output> {
+    fn run<B: TemperBackend>(self, device: B::Device, _precision: WeightPrecision) -> Result<Self::Output> {
         // A few ordinary token ids (BOS 1, then a spread of ids; reduced modulo the vocabulary).
         let tokens = [1, 15, 307, 42, 1000, 2718, 99, 5];
         Ok(verify_merge::<B>(&self.model, &self.inputs, &self.out, &tokens, &device).context("--verify")?)

@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use temper::data::{prepare, TextTokenizer};
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::TemperAutodiff;
 use temper::recipe::{LoadedRecipe, Recipe};
 use temper::train::{train, Precision, RunConfig};
 
@@ -56,7 +56,7 @@ fn precision(requested: Precision, kind: Resolved) -> Result<WeightPrecision> {
 impl TrainTask for TrainJob {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, kind: Resolved) -> Result<()> {
+    fn run<B: TemperAutodiff>(self, device: B::Device, kind: Resolved) -> Result<()> {
         let r = &self.loaded.recipe;
         let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
         let tokenizer = TextTokenizer::from_dir(&dir)?;

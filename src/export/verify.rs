@@ -10,6 +10,7 @@ use crate::export::merge::MergeInput;
 use crate::export::peft::{Adapter, HostTensor, LoraPair};
 use crate::lora::{apply_adapter, LoraConfig, TargetModules};
 use crate::model::{load_model, WeightPrecision};
+use crate::ops::TemperBackend;
 use crate::{Error, Result};
 
 /// How far the merged model's logits are from base + adapters.
@@ -23,7 +24,7 @@ pub struct VerifyReport {
 
 /// Compare logits of `base` + `inputs` (unmerged) with `merged` on `tokens` token ids, both
 /// held in f32 on `device`.
-pub fn verify_merge<B: Backend>(base: &Path, inputs: &[MergeInput], merged: &Path, tokens: &[u32], device: &B::Device) -> Result<VerifyReport> {
+pub fn verify_merge<B: TemperBackend>(base: &Path, inputs: &[MergeInput], merged: &Path, tokens: &[u32], device: &B::Device) -> Result<VerifyReport> {
     let combined = combine(inputs)?;
     let mut model = load_model::<B>(base, WeightPrecision::F32, device)?.model;
     apply_adapter(&mut model, &combined).map_err(|e| Error::InvalidArgument(format!("--verify: {e}")))?;

@@ -1,74 +1,27 @@
 //! Multi-head attention with grouped-query heads, the causal / sliding-window / segment masks,
-//! and the KV cache used by generation.
+//! and the KV cache used by generation. The attention itself is [`ops::attention`].
+
+use std::sync::Arc;
 
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::lora::LoraLinear;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::RopeTables;
+use crate::ops::{self, AttentionSpec, TemperBackend};
 
-/// What each query may attend to, for one forward call.
-#[derive(Debug, Clone)]
-pub struct MaskSpec {
-    pub batch: usize,
-    /// Query positions in this call.
-    pub q_len: usize,
+/// What each query may attend to, for one forward call: causal over the row (keys after the
+/// query are blocked), within the layer's sliding window, and within its packing segment.
+/// Blocks are formed on the device inside [`ops::attention`]; nothing `[q_len, k_len]` is
+/// built on the host.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMask {
     /// Positions already in the KV cache before this call.
     pub past_len: usize,
     /// Per row, a segment id per key position (past + new): a query attends only to keys of its
     /// own segment. Used by packing, where several documents share one row.
-    pub segments: Option<Vec<Vec<u32>>>,
-}
-
-/// Blocked positions (`true` = may not attend), `[batch or 1, 1, q_len, k_len]`, for full
-/// attention and for each distinct sliding window.
-#[derive(Debug, Clone)]
-pub struct AttentionMask<B: Backend> {
-    full: Tensor<B, 4, Bool>,
-    windowed: Vec<(usize, Tensor<B, 4, Bool>)>,
-}
-
-impl<B: Backend> AttentionMask<B> {
-    pub fn new(spec: &MaskSpec, windows: &[Option<usize>], device: &B::Device) -> Self {
-        let mut distinct: Vec<usize> = windows.iter().flatten().copied().collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        Self {
-            full: build_mask(spec, None, device),
-            windowed: distinct.into_iter().map(|w| (w, build_mask(spec, Some(w), device))).collect(),
-        }
-    }
-
-    pub fn for_window(&self, window: Option<usize>) -> &Tensor<B, 4, Bool> {
-        match window {
-            None => &self.full,
-            Some(w) => self.windowed.iter().find(|(x, _)| *x == w).map_or(&self.full, |(_, m)| m),
-        }
-    }
-}
-
-fn build_mask<B: Backend>(spec: &MaskSpec, window: Option<usize>, device: &B::Device) -> Tensor<B, 4, Bool> {
-    let k_len = spec.past_len + spec.q_len;
-    let rows = if spec.segments.is_some() { spec.batch } else { 1 };
-    let mut blocked = Vec::with_capacity(rows * spec.q_len * k_len);
-    for r in 0..rows {
-        let seg = spec.segments.as_ref().map(|s| &s[r]);
-        for qi in 0..spec.q_len {
-            let q = spec.past_len + qi;
-            for k in 0..k_len {
-                let mut no = k > q;
-                if let Some(w) = window {
-                    no |= q - k.min(q) >= w;
-                }
-                if let Some(seg) = seg {
-                    no |= seg.get(k) != seg.get(q);
-                }
-                blocked.push(no);
-            }
-        }
-    }
-    Tensor::from_data(TensorData::new(blocked, [rows, 1, spec.q_len, k_len]), device)
+    pub segments: Option<Arc<Vec<Vec<u32>>>>,
 }
 
 /// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]`.
@@ -97,14 +50,14 @@ pub struct Attention<B: Backend> {
     pub window: Option<usize>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: TemperBackend> Attention<B> {
     /// `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`. With `cache`, the new keys and
     /// values are appended to it and attention covers the cached positions too.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: &AttentionMask<B>,
+        mask: &AttentionMask,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -126,19 +79,15 @@ impl<B: Backend> Attention<B> {
             }
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
-        let g = h / kv;
-        // Grouped-query attention without repeating K/V: the g query heads that share a KV
-        // head are stacked along the sequence axis (head i uses KV head i / g, as HF's repeat_kv).
-        let q = q.reshape([b, kv, g * t, hd]);
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale).cast(DType::F32);
-        if let Some(cap) = self.softcap {
-            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
-        }
-        let m = mask.for_window(self.window).clone();
-        let m = if g > 1 { m.repeat_dim(2, g) } else { m };
-        let scores = scores.mask_fill(m, f32::MIN);
-        let probs = softmax(scores, 3).cast(v.dtype());
-        let out = probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2).reshape([b, t, h * hd]);
+        let spec = AttentionSpec {
+            scale: self.scale,
+            softcap: self.softcap,
+            window: self.window,
+            past_len: mask.past_len,
+            segments: mask.segments.clone(),
+            block_rows: None,
+        };
+        let out = ops::attention(q, k, v, &spec).swap_dims(1, 2).reshape([b, t, h * hd]);
         self.o_proj.forward(out)
     }
 

@@ -6,12 +6,16 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Int, Tensor};
 
 use crate::lora::LoraLinear;
-use crate::model::attention::{Attention, AttentionMask, LayerCache, MaskSpec};
+use std::sync::Arc;
+
+use crate::model::attention::{Attention, AttentionMask, LayerCache};
 use crate::model::config::DecoderConfig;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::RopeTables;
 use crate::model::weights::WeightSource;
+use crate::ops::{self, CrossEntropySpec, TemperBackend};
+use crate::train::loss;
 use crate::Result;
 
 /// `embed_tokens.weight`: `[vocab, hidden]`, frozen.
@@ -31,13 +35,13 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: TemperBackend> DecoderLayer<B> {
     /// `[batch, seq, hidden]` -> same.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: &AttentionMask<B>,
+        mask: &AttentionMask,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
@@ -77,7 +81,7 @@ pub struct CausalLm<B: Backend> {
 /// Positions, masks and rotary tables for one forward call.
 pub struct ForwardContext<B: Backend> {
     pub rope: RopeTables<B>,
-    pub mask: AttentionMask<B>,
+    pub mask: AttentionMask,
 }
 
 /// Per-layer key/value cache for incremental decoding.
@@ -138,15 +142,12 @@ impl<B: Backend> CausalLm<B> {
     /// positions, and optional per-row segment ids (packing).
     pub fn context(&self, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>) -> ForwardContext<B> {
         let device = self.device();
-        let spec = MaskSpec {
-            batch: positions.len(),
-            q_len: positions.first().map_or(0, Vec::len),
-            past_len,
-            segments,
-        };
         ForwardContext {
             rope: self.config.rope.tables(positions, self.dtype(), &device),
-            mask: AttentionMask::new(&spec, &self.config.layer_windows, &device),
+            mask: AttentionMask {
+                past_len,
+                segments: segments.map(Arc::new),
+            },
         }
     }
 
@@ -171,20 +172,6 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let t = ids.dims()[1];
-        let mut x = self.embed(ids);
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ctx.rope, &ctx.mask, slot);
-        }
-        if let Some(c) = cache {
-            c.len += t;
-        }
-        self.model.norm.forward(x)
-    }
-
     /// Logits in f32: `[batch, seq, hidden]` hidden states -> `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let logits = match &self.lm_head {
@@ -201,12 +188,43 @@ impl<B: Backend> CausalLm<B> {
             None => logits,
         }
     }
+}
+
+impl<B: TemperBackend> CausalLm<B> {
+    /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let mut x = self.embed(ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &ctx.rope, &ctx.mask, slot);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.model.norm.forward(x)
+    }
 
     /// `[batch, seq]` ids -> `[batch, seq, vocab]` f32 logits, plain causal attention.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
         let ctx = self.causal_context(b, t, 0);
         self.logits(self.hidden_states(ids, &ctx, None))
+    }
+
+    /// Summed next-token NLL of final hidden states `[batch, seq, hidden]` against already
+    /// shifted `targets` (`batch * seq` values, `IGNORE_INDEX` excluded) -> `[1]` f32. The head
+    /// and the loss run chunked ([`ops::cross_entropy_sum`]), never holding `[tokens, vocab]`
+    /// logits; a head with its own LoRA delta takes the plain path.
+    pub fn nll_sum(&self, hidden: Tensor<B, 3>, targets: &[i64]) -> Tensor<B, 1> {
+        let weight = match &self.lm_head {
+            Some(head) if head.lora.is_some() => return loss::nll_sum(self.logits(hidden), targets),
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val(),
+        };
+        let [b, t, h] = hidden.dims();
+        let spec = CrossEntropySpec::new(targets.to_vec(), self.config.final_softcap);
+        ops::cross_entropy_sum(hidden.reshape([b * t, h]), weight, &spec)
     }
 }
 

@@ -1,10 +1,11 @@
 //! Autoregressive generation with a KV cache: greedy or sampled (temperature, top-k, top-p,
 //! seeded), stopping at an end-of-sequence token or a token budget.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::model::{CausalLm, KvCache};
+use crate::ops::TemperBackend;
 use crate::{Error, Result};
 
 /// How the next token is chosen.
@@ -49,7 +50,7 @@ impl SamplingConfig {
 
 /// Generate after `prompt` (token ids); `on_token` sees each new id as it is chosen.
 /// Returns the new ids (the stop token included when one ended generation).
-pub fn generate<B: Backend>(
+pub fn generate<B: TemperBackend>(
     model: &CausalLm<B>,
     prompt: &[u32],
     cfg: &SamplingConfig,

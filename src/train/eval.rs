@@ -1,11 +1,12 @@
 //! Evaluation: token-weighted mean next-token NLL over rows, as transformers computes it with
 //! `labels = input_ids`, accumulated over every row.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::model::CausalLm;
-use crate::train::loss::{nll_sum, shift_labels};
+use crate::ops::TemperBackend;
+use crate::train::loss::shift_labels;
 use crate::{Error, Result};
 
 /// Loss over a set of rows.
@@ -42,7 +43,7 @@ impl LossAccumulator {
 }
 
 /// Sum of NLL and trained-token count for one row of ids and its labels (no padding).
-pub fn row_nll<B: Backend>(model: &CausalLm<B>, ids: &[u32], labels: &[i64]) -> Result<(f64, usize)> {
+pub fn row_nll<B: TemperBackend>(model: &CausalLm<B>, ids: &[u32], labels: &[i64]) -> Result<(f64, usize)> {
     let t = ids.len();
     let (targets, count) = shift_labels(&[labels.to_vec()]);
     if count == 0 {
@@ -50,10 +51,8 @@ pub fn row_nll<B: Backend>(model: &CausalLm<B>, ids: &[u32], labels: &[i64]) -> 
     }
     let data: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, t]), &model.device());
-    let logits = model.forward(input);
-    let sum: f32 = nll_sum(logits, &targets)
-        .into_scalar()
-        .to_f32();
+    let ctx = model.causal_context(1, t, 0);
+    let sum: f32 = model.nll_sum(model.hidden_states(input, &ctx, None), &targets).into_scalar().to_f32();
     if !sum.is_finite() {
         return Err(Error::NonFinite(format!("loss of a {t}-token row is {sum}")));
     }

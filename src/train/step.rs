@@ -8,7 +8,8 @@ use burn::tensor::{backend::AutodiffBackend, Int, Tensor, TensorData};
 use crate::data::Batch;
 use crate::lora::projections_mut;
 use crate::model::CausalLm;
-use crate::train::loss::{nll_sum, shift_labels};
+use crate::ops::{TemperAutodiff, TemperBackend};
+use crate::train::loss::shift_labels;
 use crate::{Error, Result};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
@@ -37,24 +38,23 @@ fn inputs<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, batch: &Batch)
 }
 
 /// Summed NLL of a batch without building a graph (evaluation).
-pub fn eval_nll<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, batch: &Batch) -> f64 {
+pub fn eval_nll<B: TemperBackend>(model: &CausalLm<B>, batch: &Batch) -> f64 {
     let (ids, ctx, targets) = inputs(model, batch);
-    let logits = model.logits(model.hidden_states(ids, &ctx, None));
-    nll_sum(logits, &targets).into_scalar().elem::<f64>()
+    model.nll_sum(model.hidden_states(ids, &ctx, None), &targets).into_scalar().elem::<f64>()
 }
 
 use burn::tensor::ElementConversion;
 
 /// Gradients of `nll_sum(batch) / denom` for every LoRA tensor (order of [`lora_params`]),
-/// and the batch's summed NLL.
-pub fn micro_batch_grads<B: AutodiffBackend>(model: &mut CausalLm<B>, batch: &Batch, denom: f64, checkpointing: bool) -> Result<(f64, Vec<Tensor<Inner<B>, 2>>)> {
+/// and the batch's summed NLL as a `[1]` tensor (read by the caller once per optimizer step,
+/// so the device is not synchronised per micro-batch).
+pub fn micro_batch_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch, denom: f64, checkpointing: bool) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
     if checkpointing {
         return checkpointed_grads(model, batch, denom);
     }
     let (ids, ctx, targets) = inputs(model, batch);
-    let logits = model.logits(model.hidden_states(ids, &ctx, None));
-    let nll = nll_sum(logits, &targets);
-    let nll_value = nll.clone().into_scalar().elem::<f64>();
+    let nll = model.nll_sum(model.hidden_states(ids, &ctx, None), &targets);
+    let nll_value = nll.clone().inner();
     let grads = nll.div_scalar(denom).backward();
     let out = lora_params(model)
         .into_iter()
@@ -66,7 +66,7 @@ pub fn micro_batch_grads<B: AutodiffBackend>(model: &mut CausalLm<B>, batch: &Ba
 /// Block-level recomputation: forward every block without a graph keeping only its input,
 /// then walk the blocks backwards, recomputing one block with a graph and back-propagating the
 /// gradient of its output through it (surrogate loss `sum(output * upstream)`).
-fn checkpointed_grads<B: AutodiffBackend>(model: &mut CausalLm<B>, batch: &Batch, denom: f64) -> Result<(f64, Vec<Tensor<Inner<B>, 2>>)> {
+fn checkpointed_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch, denom: f64) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
     let keys: Vec<String> = lora_params(model).into_iter().map(|(k, _)| k).collect();
     let mut acc: Vec<Option<Tensor<Inner<B>, 2>>> = vec![None; keys.len()];
     let inner = model.valid();
@@ -81,9 +81,8 @@ fn checkpointed_grads<B: AutodiffBackend>(model: &mut CausalLm<B>, batch: &Batch
     let ctx = model.context(&batch.positions, 0, batch.segments.clone());
     // Head: norm, logits, loss; gradient with respect to the last block's output.
     let top = Tensor::<B, 3>::from_inner(x).require_grad();
-    let logits = model.logits(model.model.norm.forward(top.clone()));
-    let nll = nll_sum(logits, &targets);
-    let nll_value = nll.clone().into_scalar().elem::<f64>();
+    let nll = model.nll_sum(model.model.norm.forward(top.clone()), &targets);
+    let nll_value = nll.clone().inner();
     let grads = nll.div_scalar(denom).backward();
     collect(model, &grads, &mut acc);
     let mut upstream = top.grad(&grads).ok_or_else(|| Error::InvalidArgument("no gradient reached the last hidden state".into()))?;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Param};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -14,6 +14,7 @@ use crate::data::{batches, Batch, DataConfig, DataStats, Example, Prepared};
 use crate::export::{Adapter, HostTensor, WriteMode};
 use crate::lora::{apply_adapter, extract_adapter, inject, LoraConfig};
 use crate::model::CausalLm;
+use crate::ops::{TemperAutodiff, TemperBackend};
 use crate::train::checkpoint::{self, OptimizerMoments, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::{peak_rss_bytes, MetricLine, MetricsLog};
@@ -117,21 +118,26 @@ impl<B: AutodiffBackend> Optimizer<B> {
 
 /// One optimizer step over `micro_batches`: the loss is the mean NLL over all their trained
 /// tokens (not a mean of per-batch means); gradients are clipped by global norm, then AdamW.
-pub fn optimizer_step<B: AutodiffBackend>(model: &mut CausalLm<B>, opt: &mut Optimizer<B>, micro_batches: &[Batch], lr: f64, checkpointing: bool) -> Result<StepStats> {
+pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Optimizer<B>, micro_batches: &[Batch], lr: f64, checkpointing: bool) -> Result<StepStats> {
     let tokens: usize = micro_batches.iter().map(Batch::trained_tokens).sum();
     if tokens == 0 {
         return Err(Error::InvalidArgument("an optimizer step has no trained token (every label is masked)".into()));
     }
-    let mut nll = 0.0;
+    let mut nll: Option<Tensor<Inner<B>, 1>> = None;
     let mut acc: Option<Vec<Tensor<Inner<B>, 2>>> = None;
     for mb in micro_batches {
         let (n, grads) = micro_batch_grads(model, mb, tokens as f64, checkpointing)?;
-        nll += n;
+        nll = Some(match nll {
+            None => n,
+            Some(prev) => prev + n,
+        });
         acc = Some(match acc {
             None => grads,
             Some(prev) => prev.into_iter().zip(grads).map(|(a, b)| a + b).collect(),
         });
     }
+    // One host read per optimizer step.
+    let nll: f64 = nll.map_or(f64::NAN, |t| t.into_scalar().elem());
     let loss = nll / tokens as f64;
     if !loss.is_finite() {
         return Err(Error::NonFinite(format!("training loss is {loss}")));
@@ -150,7 +156,7 @@ pub fn optimizer_step<B: AutodiffBackend>(model: &mut CausalLm<B>, opt: &mut Opt
 }
 
 /// Mean NLL per trained token over `examples`, without gradients.
-pub fn evaluate<B: Backend>(model: &CausalLm<B>, examples: &[Example], micro_batch_size: usize, cfg: &DataConfig, pad_id: u32) -> (f64, usize) {
+pub fn evaluate<B: TemperBackend>(model: &CausalLm<B>, examples: &[Example], micro_batch_size: usize, cfg: &DataConfig, pad_id: u32) -> (f64, usize) {
     let mut nll = 0.0;
     let mut tokens = 0;
     for batch in batches(examples, micro_batch_size, cfg, pad_id, 0, 0) {
@@ -191,7 +197,7 @@ impl<'a> DataCursor<'a> {
 
 /// Train `model` (base weights loaded) on `data` as `run` says; writes checkpoints, metrics,
 /// the loss curve, `summary.json` and `<output>/adapter/`.
-pub fn train<B: AutodiffBackend>(mut model: CausalLm<B>, data: &Prepared, pad_id: u32, run: &RunConfig) -> Result<Summary> {
+pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id: u32, run: &RunConfig) -> Result<Summary> {
     let cfg = &run.train;
     cfg.validate().map_err(|(key, reason)| Error::InvalidArgument(format!("train.{key}: {reason}")))?;
     let started = Instant::now();

@@ -12,6 +12,7 @@ mod lora_parity;
 mod export_gguf;
 mod export_serving;
 mod merge;
+mod ops;
 mod parity;
 mod train_e2e;
 mod train_parity;

@@ -1,0 +1,143 @@
+//! Custom operations with hand-written backward passes: blockwise attention and chunked
+//! cross-entropy. Each holds its forward, its backward and the plain reference it is tested
+//! against; the model only calls them.
+//!
+//! Burn dispatches a custom backward through the backend type, so the operations are methods
+//! of [`TemperBackend`], a `Backend` extension. The base backends (Flex, ndarray, CUDA, wgpu)
+//! use the default methods, which compute the forward pass block by block from Burn's tensor
+//! ops; `Autodiff<B>` overrides them to record one graph node whose backward recomputes the
+//! blocks instead of keeping them (the memory win over autodiff's per-op graph).
+
+pub mod attention;
+pub mod cross_entropy;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+pub use attention::AttentionSpec;
+pub use cross_entropy::CrossEntropySpec;
+
+/// A backend Temper can run on: Burn's `Backend` plus the custom operations.
+pub trait TemperBackend: Backend {
+    /// Attention of `q` `[batch, heads, q_len, head_dim]` over `k`, `v`
+    /// `[batch, kv_heads, k_len, head_dim]` -> `[batch, heads, q_len, head_dim]`.
+    fn temper_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, spec: &AttentionSpec) -> FloatTensor<Self> {
+        let (out, _) = attention::forward::<Self>(wrap(q), wrap(k), wrap(v), spec);
+        out.into_primitive().tensor()
+    }
+
+    /// Summed next-token NLL of `hidden` `[tokens, hidden]` under the head `weight`
+    /// `[vocab, hidden]`, without holding `[tokens, vocab]` logits -> `[1]` (f32).
+    fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
+        let (loss, _) = cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec);
+        loss.into_primitive().tensor()
+    }
+}
+
+/// A training backend: autodiff over a [`TemperBackend`].
+pub trait TemperAutodiff: AutodiffBackend<InnerBackend: TemperBackend> + TemperBackend {}
+
+impl<B: AutodiffBackend<InnerBackend: TemperBackend> + TemperBackend> TemperAutodiff for B {}
+
+impl TemperBackend for burn::backend::Flex {}
+impl TemperBackend for burn::backend::NdArray<f32> {}
+#[cfg(feature = "cuda")]
+impl TemperBackend for burn::backend::Cuda<f32, i32> {}
+#[cfg(feature = "wgpu")]
+impl TemperBackend for burn::backend::Wgpu<f32, i32> {}
+
+pub(crate) fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn unwrap<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: TemperBackend> Backward<B, 3> for AttentionBackward {
+    /// q, k, v, the output, its log-sum-exp per query row, and the spec.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, AttentionSpec);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, out, lse, spec) = ops.state;
+        let (dq, dk, dv) = attention::backward::<B>(wrap(q), wrap(k), wrap(v), wrap(out), wrap(lse), wrap(grad), &spec);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, unwrap(g));
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: TemperBackend> Backward<B, 2> for CrossEntropyBackward {
+    /// hidden, weight, the log-sum-exp per row, and the spec.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, CrossEntropySpec);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_h, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (hidden, weight, lse, spec) = ops.state;
+        let (dh, dw) = cross_entropy::backward::<B>(wrap(hidden), wrap(weight), wrap(lse), wrap(grad), &spec, node_w.is_some());
+        if let Some(node) = node_h {
+            grads.register::<B>(node.id, unwrap(dh));
+        }
+        if let (Some(node), Some(dw)) = (node_w, dw) {
+            grads.register::<B>(node.id, unwrap(dw));
+        }
+    }
+}
+
+impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
+    fn temper_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, spec: &AttentionSpec) -> FloatTensor<Self> {
+        let prep = AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = attention::forward::<B>(wrap(q.primitive.clone()), wrap(k.primitive.clone()), wrap(v.primitive.clone()), spec);
+                let out = unwrap(out);
+                prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), unwrap(lse), spec.clone()), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::temper_attention(q.primitive, k.primitive, v.primitive, spec)),
+        }
+    }
+
+    fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
+        let prep = CrossEntropyBackward
+            .prepare::<C>([hidden.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (loss, lse) = cross_entropy::forward::<B>(wrap(hidden.primitive.clone()), wrap(weight.primitive.clone()), spec);
+                prep.finish((hidden.primitive, weight.primitive, unwrap(lse), spec.clone()), unwrap(loss))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::temper_cross_entropy(hidden.primitive, weight.primitive, spec)),
+        }
+    }
+}
+
+/// [`TemperBackend::temper_attention`] on tensors.
+pub fn attention<B: TemperBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, spec: &AttentionSpec) -> Tensor<B, 4> {
+    wrap(B::temper_attention(unwrap(q), unwrap(k), unwrap(v), spec))
+}
+
+/// [`TemperBackend::temper_cross_entropy`] on tensors.
+pub fn cross_entropy_sum<B: TemperBackend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec) -> Tensor<B, 1> {
+    wrap(B::temper_cross_entropy(unwrap(hidden), unwrap(weight), spec))
+}
