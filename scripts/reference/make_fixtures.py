@@ -4,6 +4,7 @@
     pip install -r scripts/reference/requirements.txt
     python scripts/reference/make_fixtures.py            # everything
     python scripts/reference/make_fixtures.py --phase 1  # decoder parity only
+    python scripts/reference/make_fixtures.py --only llama_deep  # one phase-1 fixture, nothing else
 
 Phase 1 (this file): tiny randomly initialised decoder models saved in HF
 layout + reference logits/losses, eval-set losses, and the real stories260K
@@ -16,6 +17,7 @@ Phase 3 (make_chat_fixtures.py): chat-template and tokenizer encodings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -31,6 +33,7 @@ from common import (  # noqa: E402
     STORIES260K,
     VOCAB,
     load_fixture_model,
+    load_manifest,
     rel,
     setup_determinism,
     update_manifest,
@@ -38,6 +41,7 @@ from common import (  # noqa: E402
 )
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -205,6 +209,27 @@ SPECS = {
     "llama_bf16": (LlamaConfig, dict(LLAMA_BASE), 1010, {"save_dtype": torch.bfloat16}),
     "llama_f16": (LlamaConfig, dict(LLAMA_BASE), 1011, {"save_dtype": torch.float16}),
     "llama_sharded": (LlamaConfig, dict(LLAMA_BASE), 1012, {"max_shard_size": "100KB"}),
+    # Numerical-accuracy fixture: deep (30 layers) and a large vocabulary, f16 weights, tied
+    # embeddings, like a real small Llama checkpoint. Built by build_deep_fixture (own inputs
+    # [2,128] and a different reference layout, see DEEP_* below).
+    "llama_deep": (
+        LlamaConfig,
+        dict(
+            vocab_size=32768,
+            num_hidden_layers=30,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            rope_scaling=None,
+        ),
+        1013,
+        {"save_dtype": torch.float16, "deep": True},
+    ),
 }
 
 WEIGHT_STD = 0.15
@@ -445,6 +470,248 @@ def build_fixture(name: str, tok_rows) -> dict:
     return entry
 
 
+# llama_deep: inputs, init and reference layout.
+DEEP_BATCH = 2
+DEEP_SEQ = 128
+DEEP_LAST = 4  # reference logits are stored for the last DEEP_LAST positions of each row only
+DEEP_EMBED_STD = 0.4
+DEEP_EMBED_BOOST = 2.0  # embedding row v is scaled by 1 + DEEP_EMBED_BOOST * exp(-v / DEEP_EMBED_DECAY)
+DEEP_EMBED_DECAY = 2048.0
+DEEP_QK_STD = 0.2
+DEEP_WEIGHT_STD = 0.1
+DEEP_NORM_STD = 0.1
+
+
+def reinit_deep(model) -> None:
+    """Seeded init that keeps a 30-layer, hidden-32 residual stream O(1) and lets every layer matter.
+
+    Embedding rows get larger norms at low ids (like frequent tokens of a real vocabulary), so the
+    largest logits sit early in the vocabulary: a naive left-to-right f32 sum over the vocab then
+    adds many small terms to an already large partial sum, which is where it loses precision.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied params are yielded once
+            if p.dim() == 1:  # RMSNorm weights
+                p.copy_(1.0 + torch.randn_like(p) * DEEP_NORM_STD)
+            elif "embed_tokens" in name:
+                v = torch.arange(p.shape[0], dtype=torch.float32)
+                scale = 1.0 + DEEP_EMBED_BOOST * torch.exp(-v / DEEP_EMBED_DECAY)
+                p.copy_(torch.randn_like(p) * DEEP_EMBED_STD * scale[:, None])
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(torch.randn_like(p) * DEEP_QK_STD)
+            else:
+                p.copy_(torch.randn_like(p) * DEEP_WEIGHT_STD)
+
+
+def sequential_f32_sum(x: torch.Tensor) -> torch.Tensor:
+    """Left-to-right float32 sum over the last dim (one rounding per element, no pairwise tree)."""
+    acc = torch.zeros(x.shape[:-1], dtype=torch.float32)
+    for i in range(x.shape[-1]):
+        acc = acc + x[..., i]
+    return acc
+
+
+def float64_llama(model):
+    """model.double(), with RMSNorm and RoPE also in float64 (transformers computes both in f32).
+
+    The attention softmax, also f32 in transformers, needs f64_attention() around the forward.
+    """
+    import types
+
+    def norm64(self, h):
+        var = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
+
+    def rope64(self, x, position_ids):
+        dim = self.inv_freq.shape[0] * 2
+        base = self.config.rope_theta
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = (inv[None, :, None] @ position_ids[:, None, :].double()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+    model = model.double()
+    for mod in model.modules():
+        if type(mod).__name__ == "LlamaRMSNorm":
+            mod.forward = types.MethodType(norm64, mod)
+    model.model.rotary_emb.forward = types.MethodType(rope64, model.model.rotary_emb)
+    return model
+
+
+@contextlib.contextmanager
+def f64_attention():
+    """Llama eager attention with the softmax in the query dtype (f64) instead of f32."""
+    import transformers.models.llama.modeling_llama as ml
+
+    orig = ml.eager_attention_forward
+
+    def eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k = ml.repeat_kv(key, module.num_key_value_groups)
+        v = ml.repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask[:, :, :, : k.shape[-2]]
+        w = torch.softmax(w, dim=-1)
+        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+    ml.eager_attention_forward = eager64
+    try:
+        yield
+    finally:
+        ml.eager_attention_forward = orig
+
+
+def build_deep_fixture(name: str, tok_rows) -> dict:
+    cls, kwargs, seed, opts = SPECS[name]
+    cfg_kwargs = dict(COMMON)
+    cfg_kwargs.update(kwargs)
+    config = cls(**cfg_kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    reinit_deep(model)
+    model.eval()
+
+    save_dtype = opts["save_dtype"]
+    out_dir = FIXTURES / "models" / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.to(save_dtype).save_pretrained(str(out_dir), safe_serialization=True)
+    gen_cfg = out_dir / "generation_config.json"
+    if gen_cfg.exists():
+        gen_cfg.unlink()
+    # Real f16 checkpoints (saved by transformers < 4.56) spell the dtype key "torch_dtype";
+    # transformers 4.57 writes "dtype". Use the older spelling here (4.57 reads both).
+    cfg_path = out_dir / "config.json"
+    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json = {("torch_dtype" if k == "dtype" else k): v for k, v in cfg_json.items()}
+    cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+
+    # Reference outputs come from the f16 files on disk, upcast to f32 (as Temper loads them).
+    from transformers import AutoConfig
+
+    declared = AutoConfig.from_pretrained(str(out_dir), local_files_only=True).dtype
+    assert declared == torch.float16, declared
+    ref = load_fixture_model(name)
+    for (n1, p1), (n2, p2) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+        assert n1 == n2 and p2.dtype == torch.float32 and torch.equal(p1.float(), p2), n1
+
+    vocab = ref.config.vocab_size
+    g = torch.Generator().manual_seed(seed + 5000)
+    input_ids = torch.randint(3, vocab, (DEEP_BATCH, DEEP_SEQ), generator=g, dtype=torch.int64)
+    labels = input_ids[:, 1:]
+    tokens = DEEP_BATCH * (DEEP_SEQ - 1)
+    with torch.no_grad():
+        out = ref(input_ids=input_ids, labels=input_ids, output_hidden_states=True)
+    logits = out.logits.float()
+    loss_f32 = float(out.loss)
+    assert math.isfinite(loss_f32) and loss_f32 > 1.0, loss_f32
+    flat_logits = logits[:, :-1].reshape(-1, vocab)
+    nll = F.cross_entropy(flat_logits, labels.reshape(-1), reduction="none").view(DEEP_BATCH, DEEP_SEQ - 1)
+    rows_f32 = [float(F.cross_entropy(logits[r, :-1], labels[r])) for r in range(DEEP_BATCH)]
+    assert abs(float(nll.double().mean()) - loss_f32) < 1e-5, (float(nll.mean()), loss_f32)
+
+    # What a naive backend would get: the same f32 logits, but log-sum-exp with a sequential
+    # f32 sum of exp(x - max) over the vocabulary.
+    mx = flat_logits.max(-1).values
+    lse_seq = mx + torch.log(sequential_f32_sum(torch.exp(flat_logits - mx[:, None])))
+    nll_seq = lse_seq - flat_logits.gather(1, labels.reshape(-1, 1))[:, 0]
+    loss_seq = float(nll_seq.double().mean())
+    loss_f32_logits_f64_ce = float(F.cross_entropy(flat_logits.double(), labels.reshape(-1)))
+
+    # transformers' own model.double(): matmuls etc. in f64, but RMSNorm, RoPE cos/sin and the
+    # attention softmax are computed in f32 inside, and its labels= loss upcasts logits to f32
+    # (so the cross-entropy here is taken by hand, in f64).
+    plain64 = load_fixture_model(name).double()
+    with torch.no_grad():
+        lg = plain64(input_ids=input_ids).logits
+    loss_plain64 = float(F.cross_entropy(lg[:, :-1].reshape(-1, vocab), labels.reshape(-1)))
+    del plain64, lg
+    # Everything in f64 (RMSNorm, RoPE, attention softmax and the cross-entropy included).
+    m64 = float64_llama(load_fixture_model(name))
+    with torch.no_grad(), f64_attention():
+        lg64 = m64(input_ids=input_ids).logits
+    assert lg64.dtype == torch.float64
+    loss_f64 = float(F.cross_entropy(lg64[:, :-1].reshape(-1, vocab), labels.reshape(-1)))
+    rows_f64 = [float(F.cross_entropy(lg64[r, :-1], labels[r])) for r in range(DEEP_BATCH)]
+    max_logit_diff_f32_f64 = float((logits.double() - lg64).abs().max())
+    del m64, lg64
+
+    last = logits[:, -DEEP_LAST:, :].contiguous()
+    hidden_last = out.hidden_states[-1][:, -DEEP_LAST:, :].float().contiguous()
+    tensors = {
+        "input_ids": input_ids.contiguous(),
+        "logits": last,
+        "hidden.final_norm": hidden_last,
+        "nll": nll.float().contiguous(),
+    }
+    ref_dir = FIXTURES / "reference"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(ref_dir / f"{name}.safetensors"), metadata={"fixture": name})
+
+    resid_rms = [float(h.double().pow(2).mean().sqrt()) for h in out.hidden_states[:-1]]
+    logit_std = float(logits.double().std())
+    assert logit_std > 0.5, logit_std
+
+    saved_files = sorted(p.name for p in out_dir.iterdir())
+    from safetensors import safe_open
+
+    keys = set()
+    for f in out_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            keys.update(fh.keys())
+    assert "lm_head.weight" not in keys
+
+    return {
+        "model_type": ref.config.model_type,
+        "dtype": DTYPE_NAMES[save_dtype],
+        "path": rel(out_dir),
+        "reference": rel(ref_dir / f"{name}.safetensors"),
+        "files": saved_files,
+        "num_tensors": len(keys),
+        "num_parameters": int(sum(p.numel() for p in ref.parameters())),
+        "tie_word_embeddings": True,
+        "num_hidden_layers": ref.config.num_hidden_layers,
+        "vocab_size": vocab,
+        "seed": seed,
+        "input_ids_seed": seed + 5000,
+        "input_ids_shape": [DEEP_BATCH, DEEP_SEQ],
+        "input_ids_range": [3, vocab],
+        "loss": loss_f32,
+        "loss_tokens": tokens,
+        "loss_rows": rows_f32,
+        "loss_f64": loss_f64,
+        "loss_rows_f64": rows_f64,
+        "loss_f32_minus_f64": loss_f32 - loss_f64,
+        "loss_transformers_double": loss_plain64,
+        "loss_f32_logits_f64_cross_entropy": loss_f32_logits_f64_ce,
+        "loss_f32_cross_entropy_f64_mean": float(nll.double().mean()),
+        "loss_sequential_f32_vocab_sum": loss_seq,
+        "max_abs_logit_diff_f32_vs_f64": max_logit_diff_f32_f64,
+        "logits_std": logit_std,
+        "logits_max_abs": float(logits.abs().max()),
+        "residual_rms_per_layer_input": resid_rms,
+        "reference_tensors": sorted(tensors),
+        "eval": eval_loss(ref, tok_rows),
+        "notes": (
+            "numerical-accuracy fixture (30 layers, vocab 32768, f16 weights, tied; config.json spells the dtype "
+            "'torch_dtype'). loss / loss_rows / eval: transformers in float32 on the f16 weights upcast to f32 "
+            "(labels=input_ids, mean over the 254 shifted tokens; loss_rows: the same per row). loss_f64 / "
+            "loss_rows_f64: the same weights with everything in float64 (model.double() plus RMSNorm, RoPE, the "
+            "attention softmax and the cross-entropy in f64). loss_transformers_double: plain model.double() "
+            "(transformers keeps RMSNorm, RoPE cos/sin and the attention softmax in f32), cross-entropy in f64. "
+            "loss_f32_logits_f64_cross_entropy: the f32 logits with an f64 cross-entropy. "
+            "loss_f32_cross_entropy_f64_mean: torch's f32 per-token cross-entropy (its f32 log_softmax) averaged in "
+            "f64. loss_sequential_f32_vocab_sum: the f32 logits with log-sum-exp taken by a left-to-right f32 sum of "
+            "exp(x - max) over the vocabulary (what a naive backend gets). reference: input_ids i64 [2,128] (uniform "
+            "in [3,32768)), logits f32 [2,4,32768] = positions 124..127 of each row only, hidden.final_norm f32 "
+            "[2,4,32] (same positions), nll f32 [2,127] (torch's f32 per-token cross-entropy of the shifted labels). "
+            "Init: embeddings N(0,0.4) times 1+2*exp(-id/2048) per row (large logits early in the vocab, like "
+            "frequent tokens), q/k N(0,0.2), other matrices N(0,0.1), RMSNorm 1+N(0,0.1)."
+        ),
+    }
+
+
 def stories260k_reference() -> dict:
     tok = AutoTokenizer.from_pretrained(str(STORIES260K), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
@@ -485,6 +752,24 @@ def stories260k_reference() -> dict:
     }
 
 
+def build_one(name: str, tok_rows) -> dict:
+    builder = build_deep_fixture if SPECS[name][3].get("deep") else build_fixture
+    return builder(name, tok_rows)
+
+
+def phase1_only(names) -> None:
+    """Rebuild only the named phase-1 fixtures; every other file and manifest entry is kept."""
+    setup_determinism()
+    tok = AutoTokenizer.from_pretrained(str(STORIES260K), local_files_only=True)
+    rows = eval_texts_tokenized(tok)
+    models = dict(load_manifest().get("models", {}))
+    for name in names:
+        print(f"[phase1] {name}", flush=True)
+        models[name] = build_one(name, rows)
+    models = {k: models[k] for k in [*SPECS, *models] if k in models}  # SPECS order, extras last
+    update_manifest({"models": models})
+
+
 def phase1() -> None:
     setup_determinism()
     for sub in ("models", "reference"):
@@ -498,7 +783,7 @@ def phase1() -> None:
     models = {}
     for name in SPECS:
         print(f"[phase1] {name}", flush=True)
-        models[name] = build_fixture(name, rows)
+        models[name] = build_one(name, rows)
     print("[phase1] stories260K", flush=True)
     stories = stories260k_reference()
 
@@ -538,7 +823,18 @@ def phase1() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", type=int, action="append", choices=[1, 2, 3], help="run only these phases")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=list(SPECS),
+        help="rebuild only this phase-1 fixture (repeatable); other fixtures and phases are left untouched",
+    )
     args = ap.parse_args()
+    if args.only:
+        if args.phase:
+            ap.error("--only and --phase are exclusive")
+        phase1_only(args.only)
+        return
     phases = args.phase or [1, 2, 3]
     if 1 in phases:
         phase1()

@@ -151,3 +151,30 @@ fn custom_operations_run_on_the_base_backend() {
     check::<Cpu>(&Default::default());
     check::<burn::backend::NdArray<f32>>(&Default::default());
 }
+
+/// The softmax normaliser over a Qwen-size vocabulary sums 151,936 terms. burn-flex without its
+/// `simd` feature sums a row with one sequential f32 accumulator (`iter().sum()` in
+/// `reduce_last_dim_f32`), which is 1e-5 to 4e-5 off in the log here; its SIMD kernel (8
+/// vector accumulators) and a correct f32 path stay near the f32 resolution of a ~12 loss
+/// (1e-6). Both loss paths are checked against f64 on the host.
+#[test]
+fn loss_over_a_large_vocabulary_keeps_f32_precision() {
+    const TOL: f64 = 4e-6;
+    let (rows, h, vocab) = (4, 16, 151_936);
+    let hidden = random([rows, h], 21);
+    let weight = random([vocab, h], 22).mul_scalar(0.5);
+    let (hv, wv) = (values(hidden.clone()), values(weight.clone()));
+    for r in 0..rows {
+        let target = (r * 37_813 % vocab) as i64;
+        let z: Vec<f64> = (0..vocab).map(|v| (0..h).map(|j| hv[r * h + j] as f64 * wv[v * h + j] as f64).sum()).collect();
+        let max = z.iter().copied().fold(f64::MIN, f64::max);
+        let want = max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln() - z[target as usize];
+        let row = hidden.clone().slice([r..r + 1, 0..h]);
+        let chunked = values(tops::cross_entropy_sum(row.clone(), weight.clone(), &CrossEntropySpec::new(vec![target], None)))[0] as f64;
+        let logits = row.matmul(weight.clone().transpose()).reshape([1, 1, vocab]);
+        let plain = values(temper::train::loss::nll_sum(logits, &[target]))[0] as f64;
+        for (what, got) in [("chunked", chunked), ("log_softmax", plain)] {
+            assert!((got - want).abs() <= TOL, "row {r}, {what}: NLL {got} vs f64 {want} (diff {:e})", (got - want).abs());
+        }
+    }
+}
