@@ -69,8 +69,8 @@ impl<B: TemperBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = rope.apply(q.swap_dims(1, 2));
-        let mut k = rope.apply(k.swap_dims(1, 2));
+        let q = rope.apply(q).swap_dims(1, 2);
+        let mut k = rope.apply(k).swap_dims(1, 2);
         let mut v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some(prev) = slot.take() {

@@ -143,7 +143,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn context(&self, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>) -> ForwardContext<B> {
         let device = self.device();
         ForwardContext {
-            rope: self.config.rope.tables(positions, self.dtype(), &device),
+            rope: self.config.rope.tables(positions, &[self.config.num_heads, self.config.num_kv_heads], self.config.head_dim, self.dtype(), &device),
             mask: AttentionMask {
                 past_len,
                 segments: segments.map(Arc::new),

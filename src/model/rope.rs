@@ -178,20 +178,17 @@ impl RopeConfig {
         }
     }
 
-    /// cos and sin tables `[batch, 1, seq, rotary_dim]` for the given positions (one row per
-    /// sequence), in `dtype`.
-    pub fn tables<B: Backend>(
-        &self,
-        positions: &[Vec<usize>],
-        dtype: DType,
-        device: &B::Device,
-    ) -> RopeTables<B> {
+    /// cos and sin tables for the given positions (one row per sequence), in `dtype`, laid
+    /// out `[batch, seq, heads, head_dim]` for each head count in `heads` (queries and keys),
+    /// so that rotating a projection's output is element-wise on contiguous tensors.
+    pub fn tables<B: Backend>(&self, positions: &[Vec<usize>], heads: &[usize], head_dim: usize, dtype: DType, device: &B::Device) -> RopeTables<B> {
         let (inv_freq, scale) = self.inv_freq();
         let half = inv_freq.len();
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
-        let mut cos = Vec::with_capacity(b * t * half * 2);
-        let mut sin = Vec::with_capacity(b * t * half * 2);
+        // One head's row: rotary dims scaled cos / sin, pass-through dims 1 / 0.
+        let mut cos = Vec::with_capacity(b * t * head_dim);
+        let mut sin = Vec::with_capacity(b * t * head_dim);
         for row in positions {
             for &p in row {
                 let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
@@ -199,13 +196,27 @@ impl RopeConfig {
                     cos.extend(angles.iter().map(|a| a.cos() * scale));
                     sin.extend(angles.iter().map(|a| a.sin() * scale));
                 }
+                cos.extend(std::iter::repeat_n(1.0, head_dim - 2 * half));
+                sin.extend(std::iter::repeat_n(0.0, head_dim - 2 * half));
             }
         }
-        let shape = [b, 1, t, half * 2];
-        let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, shape), (device, DType::F32)).cast(dtype);
+        let make = |v: &[f32], h: usize| {
+            let full: Vec<f32> = v.chunks(head_dim).flat_map(|r| std::iter::repeat_n(r, h).flatten().copied()).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(full, [b, t, h, head_dim]), (device, DType::F32)).cast(dtype)
+        };
+        let mut distinct = heads.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        // rotate_half as a signed permutation: (x R)[j] = -x[j + half] (j < half),
+        // x[j - half] (half <= j < rotary_dim), 0 on pass-through dims. Exact in any dtype.
+        let mut r = vec![0.0f32; head_dim * head_dim];
+        for j in 0..half {
+            r[(j + half) * head_dim + j] = -1.0;
+            r[j * head_dim + j + half] = 1.0;
+        }
         RopeTables {
-            cos: make(cos),
-            sin: make(sin),
+            by_heads: distinct.into_iter().map(|h| (h, make(&cos, h), make(&sin, h))).collect(),
+            rotate_half: Tensor::<B, 2>::from_data(TensorData::new(r, [head_dim, head_dim]), (device, DType::F32)).cast(dtype),
         }
     }
 }
@@ -213,29 +224,22 @@ impl RopeConfig {
 /// Precomputed cos/sin for one forward call.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+    /// Per head count: cos and sin `[batch, seq, heads, head_dim]`.
+    pub by_heads: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
+    /// `[head_dim, head_dim]`
+    pub rotate_half: Tensor<B, 2>,
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Rotate `x`: `[batch, heads, seq, head_dim]` -> same shape. Only the first `rotary_dim`
-    /// dimensions rotate (Phi-3's partial rotary factor); the rest pass through.
+    /// Rotate `x`: `[batch, seq, heads, head_dim]` -> same shape, as
+    /// `x * cos + rotate_half(x) * sin`. Only the first `rotary_dim` dimensions rotate (Phi-3's
+    /// partial rotary factor); the tables leave the rest unchanged.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
-        let rot = self.cos.dims()[3];
-        let (x_rot, x_pass) = if rot < d {
-            (x.clone().slice([0..b, 0..h, 0..t, 0..rot]), Some(x.slice([0..b, 0..h, 0..t, rot..d])))
-        } else {
-            (x, None)
+        let [b, t, h, d] = x.dims();
+        let Some((_, cos, sin)) = self.by_heads.iter().find(|(n, _, _)| *n == h) else {
+            unreachable!("rotary tables are built for every head count of the model");
         };
-        let half = rot / 2;
-        let x1 = x_rot.clone().slice([0..b, 0..h, 0..t, 0..half]);
-        let x2 = x_rot.clone().slice([0..b, 0..h, 0..t, half..rot]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let out = x_rot * self.cos.clone() + rotated * self.sin.clone();
-        match x_pass {
-            Some(pass) => Tensor::cat(vec![out, pass], 3),
-            None => out,
-        }
+        let rotated = x.clone().reshape([b * t * h, d]).matmul(self.rotate_half.clone()).reshape([b, t, h, d]);
+        x * cos.clone() + rotated * sin.clone()
     }
 }

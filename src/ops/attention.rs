@@ -110,6 +110,15 @@ fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, dims: [usize; 5], spec: 
     }
 }
 
+/// `scores` `[b, kv, g, bq, bk]` plus a mask `[rows or 1, 1, 1, bq, bk]`, added as one
+/// `[bq * bk]` row shared by every head (the backends' fast broadcast shape).
+fn add_bias<B: Backend>(scores: Tensor<B, 5>, bias: Tensor<B, 5>) -> Tensor<B, 5> {
+    let dims = scores.dims();
+    let [b, kv, g, bq, bk] = dims;
+    let rows = bias.dims()[0];
+    (scores.reshape([b, kv * g, bq * bk]) + bias.reshape([rows, 1, bq * bk])).reshape(dims)
+}
+
 /// Slices of one row block: `q` as `[b, kv, g * bq, hd]`, `k` / `v` spans `[b, kv, bk, hd]`.
 fn block_inputs<B: Backend>(q: &Tensor<B, 5>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, (q0, q1, k0, k1): (usize, usize, usize, usize)) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, kv, g, _, hd] = q.dims();
@@ -134,7 +143,7 @@ pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, sp
         let (bq, bk) = (q1 - q0, k1 - k0);
         let (qb, kb, vb) = block_inputs(&q, &k, &v, blk);
         let (sc, _) = scores(qb, kb, [b, kv, g, bq, bk], spec);
-        let sc = sc + spec.bias::<B>(blk, &device);
+        let sc = add_bias(sc, spec.bias::<B>(blk, &device));
         let max = sc.clone().max_dim(4);
         let e = (sc - max.clone()).exp();
         let sum = e.clone().sum_dim(4);
@@ -167,9 +176,11 @@ pub fn backward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, o
         let (q0, q1, k0, k1) = blk;
         let (bq, bk) = (q1 - q0, k1 - k0);
         let (qb, kb, vb) = block_inputs(&q, &k, &v, blk);
-        let rows = |x: &Tensor<B, 5>, d: usize| x.clone().slice([0..b, 0..kv, 0..g, q0..q1, 0..d]);
+        // The block's rows of a per-row tensor, made contiguous (a strided right-hand side
+        // takes the backends' slow broadcast path).
+        let rows = |x: &Tensor<B, 5>, d: usize| x.clone().slice([0..b, 0..kv, 0..g, q0..q1, 0..d]).reshape([b * kv * g * bq * d]).reshape([b, kv, g, bq, d]);
         let (sc, tanh) = scores(qb.clone(), kb.clone(), [b, kv, g, bq, bk], spec);
-        let p = (sc + spec.bias::<B>(blk, &device) - rows(&lse, 1)).exp();
+        let p = (add_bias(sc, spec.bias::<B>(blk, &device)) - rows(&lse, 1)).exp();
         let dob = rows(&dout, hd).reshape([b, kv, g * bq, hd]);
         // dV += P^T dO
         let pm = p.clone().reshape([b, kv, g * bq, bk]);

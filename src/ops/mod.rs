@@ -38,6 +38,13 @@ pub trait TemperBackend: Backend {
         let (loss, _) = cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec);
         loss.into_primitive().tensor()
     }
+
+    /// Bytes the device's allocator holds in reserve (its pool only grows within a run, so
+    /// read after the work it is that work's peak). `None` for the CPU backends, whose memory
+    /// is the process's (peak RSS).
+    fn temper_reserved_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
 }
 
 /// A training backend: autodiff over a [`TemperBackend`].
@@ -48,9 +55,19 @@ impl<B: AutodiffBackend<InnerBackend: TemperBackend> + TemperBackend> TemperAuto
 impl TemperBackend for burn::backend::Flex {}
 impl TemperBackend for burn::backend::NdArray<f32> {}
 #[cfg(feature = "cuda")]
-impl TemperBackend for burn::backend::Cuda<f32, i32> {}
+impl TemperBackend for burn::backend::Cuda<f32, i32> {
+    fn temper_reserved_bytes(device: &Self::Device) -> Option<u64> {
+        use burn::cubecl::Runtime;
+        burn::cubecl::cuda::CudaRuntime::client(device).memory_usage().ok().map(|m| m.bytes_reserved)
+    }
+}
 #[cfg(feature = "wgpu")]
-impl TemperBackend for burn::backend::Wgpu<f32, i32> {}
+impl TemperBackend for burn::backend::Wgpu<f32, i32> {
+    fn temper_reserved_bytes(device: &Self::Device) -> Option<u64> {
+        use burn::cubecl::Runtime;
+        burn::backend::wgpu::WgpuRuntime::client(device).memory_usage().ok().map(|m| m.bytes_reserved)
+    }
+}
 
 pub(crate) fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
@@ -129,6 +146,10 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::temper_cross_entropy(hidden.primitive, weight.primitive, spec)),
         }
+    }
+
+    fn temper_reserved_bytes(device: &Self::Device) -> Option<u64> {
+        B::temper_reserved_bytes(device)
     }
 }
 
