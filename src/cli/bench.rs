@@ -59,6 +59,8 @@ struct Report {
     gflop_per_token: f64,
     achieved_tflops: f64,
     peak_host_rss_mib: Option<f64>,
+    /// CUDA / wgpu: the allocator's reserved pool after the timed steps (its peak).
+    peak_device_mib: Option<f64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -149,6 +151,7 @@ impl TrainTask for BenchArgs {
             gflop_per_token: fpt / 1e9,
             achieved_tflops: fpt * tokens / median / 1e12,
             peak_host_rss_mib: peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+            peak_device_mib: B::temper_reserved_bytes(&device).map(|b| b as f64 / 1048576.0),
         };
         if self.json {
             println!("{}", serde_json::to_string(&report)?);
@@ -159,6 +162,9 @@ impl TrainTask for BenchArgs {
             println!("compute      {:.3} GFLOP/token, {:.4} TFLOP/s achieved", report.gflop_per_token, report.achieved_tflops);
             if let Some(m) = report.peak_host_rss_mib {
                 println!("peak RSS     {m:.0} MiB (host)");
+            }
+            if let Some(m) = report.peak_device_mib {
+                println!("peak device  {m:.0} MiB (allocator pool)");
             }
         }
         Ok(())
