@@ -1,9 +1,10 @@
 //! Chunked cross-entropy: the output head's matmul and the next-token loss computed over row
 //! chunks, so neither the `[tokens, vocab]` f32 logits nor their gradient exist at once.
 //!
-//! The forward keeps the log-sum-exp of every row; the backward recomputes each chunk's
-//! logits, forms `softmax - one_hot(target)` in place of the logits' gradient and multiplies
-//! it back through the head (Gemma 2's final soft-capping is inside both).
+//! Under autodiff the forward also forms each chunk's `softmax - one_hot(target)` while its
+//! logits exist and multiplies it back through the head, keeping only the `[tokens, hidden]`
+//! gradient for the backward to scale (as Liger-Kernel's fused linear cross-entropy does):
+//! no logits are kept and none recomputed. Gemma 2's final soft-capping is inside both.
 
 use std::sync::Arc;
 
@@ -65,42 +66,45 @@ fn logits<B: Backend>(hidden: &Tensor<B, 2>, weight: &Tensor<B, 2>, (r0, r1): (u
     }
 }
 
-/// `hidden` `[n, h]`, `weight` `[vocab, h]` -> (summed NLL `[1]`, log-sum-exp per row `[n]`).
-pub fn forward<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec) -> (Tensor<B, 1>, Tensor<B, 1>) {
+/// `hidden` `[n, h]`, `weight` `[vocab, h]` -> summed NLL `[1]` (f32), without gradients.
+pub fn forward<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec) -> Tensor<B, 1> {
     let [n, _] = hidden.dims();
     let vocab = weight.dims()[0];
     let device = hidden.device();
     let mut total = Tensor::<B, 1>::zeros([1], (&device, DType::F32));
-    let mut lses = Vec::new();
     for chunk in spec.chunks(n, vocab) {
         let (z, _) = logits(&hidden, &weight, chunk, spec);
         let (idx, keep) = spec.chunk_targets::<B>(chunk, &device);
         let max = z.clone().max_dim(1);
         let lse = (z.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let picked = z.gather(1, idx);
-        total = total + ((lse.clone() - picked) * keep).sum();
-        lses.push(lse.reshape([chunk.1 - chunk.0]));
+        total = total + ((lse - z.gather(1, idx)) * keep).sum();
     }
-    (total, Tensor::cat(lses, 0))
+    total
 }
 
-/// Gradient of the summed NLL times the upstream `grad` `[1]` with respect to `hidden`, and to
-/// `weight` when `want_weight` (a trainable head).
-pub fn backward<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, lse: Tensor<B, 1>, grad: Tensor<B, 1>, spec: &CrossEntropySpec, want_weight: bool) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+/// The forward pass plus the gradient of the summed NLL with respect to `hidden` `[n, h]` (and
+/// `weight` `[vocab, h]` when `want_weight`, a trainable head), for an upstream gradient of 1.
+/// The loss is a scalar, so the backward only scales these: computing them here, while each
+/// chunk's logits exist, spares the backward a second pass of the head's matmul.
+pub fn forward_with_grad<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec, want_weight: bool) -> (Tensor<B, 1>, Tensor<B, 2>, Option<Tensor<B, 2>>) {
     let [n, h] = hidden.dims();
     let vocab = weight.dims()[0];
     let device = hidden.device();
     let dtype = hidden.dtype();
-    let grad = grad.cast(DType::F32).reshape([1, 1]);
+    let mut total = Tensor::<B, 1>::zeros([1], (&device, DType::F32));
     let mut dhs = Vec::new();
     let mut dw = want_weight.then(|| Tensor::<B, 2>::zeros([vocab, h], (&device, DType::F32)));
     for chunk in spec.chunks(n, vocab) {
         let (r0, r1) = chunk;
         let (z, tanh) = logits(&hidden, &weight, chunk, spec);
         let (idx, keep) = spec.chunk_targets::<B>(chunk, &device);
-        let scale = keep * grad.clone();
-        let p = (z - lse.clone().slice([r0..r1]).reshape([r1 - r0, 1])).exp();
-        let mut dz = (p * scale.clone()).scatter(1, idx, scale.neg(), IndexingUpdateOp::Add);
+        let max = z.clone().max_dim(1);
+        let e = (z.clone() - max.clone()).exp();
+        let sum = e.clone().sum_dim(1);
+        let lse = sum.clone().log() + max;
+        total = total + ((lse - z.gather(1, idx.clone())) * keep.clone()).sum();
+        // d(sum of NLL) / d logits = (softmax - one_hot(target)) * keep
+        let mut dz = (e / sum * keep.clone()).scatter(1, idx, keep.neg(), IndexingUpdateOp::Add);
         if let Some(t) = tanh {
             dz = dz * t.powi_scalar(2).neg().add_scalar(1.0);
         }
@@ -111,7 +115,7 @@ pub fn backward<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, lse: Ten
         }
         dhs.push(dz.matmul(weight.clone()));
     }
-    (Tensor::cat(dhs, 0), dw.map(|w| w.cast(weight.dtype())))
+    (total, Tensor::cat(dhs, 0), dw.map(|w| w.cast(weight.dtype())))
 }
 
 /// The plain formula, for tests: full logits, `log_softmax`, gather.

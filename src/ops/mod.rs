@@ -35,8 +35,7 @@ pub trait TemperBackend: Backend {
     /// Summed next-token NLL of `hidden` `[tokens, hidden]` under the head `weight`
     /// `[vocab, hidden]`, without holding `[tokens, vocab]` logits -> `[1]` (f32).
     fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
-        let (loss, _) = cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec);
-        loss.into_primitive().tensor()
+        unwrap(cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec))
     }
 
     /// Bytes the device's allocator holds in reserve (its pool only grows within a run, so
@@ -101,19 +100,24 @@ impl<B: TemperBackend> Backward<B, 3> for AttentionBackward {
 struct CrossEntropyBackward;
 
 impl<B: TemperBackend> Backward<B, 2> for CrossEntropyBackward {
-    /// hidden, weight, the log-sum-exp per row, and the spec.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, CrossEntropySpec);
+    /// The loss's gradients with respect to hidden and (a trainable) weight for an upstream
+    /// gradient of 1, formed in the forward pass.
+    type State = (FloatTensor<B>, Option<FloatTensor<B>>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_h, node_w] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (hidden, weight, lse, spec) = ops.state;
-        let (dh, dw) = cross_entropy::backward::<B>(wrap(hidden), wrap(weight), wrap(lse), wrap(grad), &spec, node_w.is_some());
+        let grad: Tensor<B, 1> = wrap(grads.consume::<B>(&ops.node));
+        let (dh, dw) = ops.state;
+        let scale = |g: FloatTensor<B>| {
+            let g: Tensor<B, 2> = wrap(g);
+            let s = grad.clone().cast(g.dtype()).reshape([1, 1]);
+            unwrap(g * s)
+        };
         if let Some(node) = node_h {
-            grads.register::<B>(node.id, unwrap(dh));
+            grads.register::<B>(node.id, scale(dh));
         }
         if let (Some(node), Some(dw)) = (node_w, dw) {
-            grads.register::<B>(node.id, unwrap(dw));
+            grads.register::<B>(node.id, scale(dw));
         }
     }
 }
@@ -141,8 +145,10 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
             .stateful();
         match prep {
             OpsKind::Tracked(prep) => {
-                let (loss, lse) = cross_entropy::forward::<B>(wrap(hidden.primitive.clone()), wrap(weight.primitive.clone()), spec);
-                prep.finish((hidden.primitive, weight.primitive, unwrap(lse), spec.clone()), unwrap(loss))
+                // A trainable head (tracked weight) needs its gradient too.
+                let want_weight = !weight.node.requirement.is_none();
+                let (loss, dh, dw) = cross_entropy::forward_with_grad::<B>(wrap(hidden.primitive), wrap(weight.primitive), spec, want_weight);
+                prep.finish((unwrap(dh), dw.map(unwrap)), unwrap(loss))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::temper_cross_entropy(hidden.primitive, weight.primitive, spec)),
         }
