@@ -1,10 +1,11 @@
 //! LoRA against PEFT: logits with an adapter, LoRA gradients, frozen base weights, and the
 //! adapter format round trip (tests/fixtures/peft, made by make_peft_fixtures.py).
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use temper::export::Adapter;
 use temper::lora::{apply_adapter, projections_mut};
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::{TemperAutodiff, TemperBackend};
 use temper::train::loss::{nll_sum, shift_labels};
 
 use crate::common::{fixtures, manifest, max_abs_diff, Cpu, CpuAutodiff, Reference};
@@ -25,25 +26,30 @@ fn batch<B: burn::tensor::backend::Backend>(r: &Reference, device: &B::Device) -
 
 #[test]
 fn logits_with_peft_adapters_match_peft() {
+    check_peft_logits_on::<Cpu>(&Default::default());
+}
+
+/// Logits and loss of every PEFT fixture adapter on its base model, on backend `B`.
+pub fn check_peft_logits_on<B: TemperBackend>(device: &B::Device) {
     let m = manifest();
     let names = peft_names();
     assert!(names.len() >= 10, "expected the PEFT fixtures, found {names:?}");
     for name in names {
         let e = &m["peft"][&name];
-        let device = Default::default();
-        let mut model = load_model::<Cpu>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
+        let device = device.clone();
+        let mut model = load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
             .unwrap()
             .model;
         let adapter = Adapter::read(&fixtures().join(e["adapter"].as_str().unwrap())).unwrap();
         apply_adapter(&mut model, &adapter).unwrap();
         let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
-        let (input, labels) = batch::<Cpu>(&r, &device);
+        let (input, labels) = batch::<B>(&r, &device);
         let logits = model.forward(input);
         let got: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
         let diff = max_abs_diff(&got, &r.f32("logits").0);
         assert!(diff <= LOGITS_TOL, "{name}: max |logit diff| with adapter {diff:e}");
         let (targets, count) = shift_labels(&labels);
-        let loss = nll_sum(logits, &targets).into_scalar() / count as f32;
+        let loss = nll_sum(logits, &targets).into_scalar().elem::<f32>() / count as f32;
         let want = e["loss"].as_f64().unwrap() as f32;
         assert!((loss - want).abs() <= 1e-4, "{name}: loss {loss} vs PEFT {want}");
     }
@@ -51,17 +57,22 @@ fn logits_with_peft_adapters_match_peft() {
 
 #[test]
 fn lora_gradients_match_peft_and_frozen_weights_get_none() {
+    check_peft_grads_on::<CpuAutodiff>(&Default::default());
+}
+
+/// LoRA gradients of every PEFT fixture adapter for one batch, on backend `B`.
+pub fn check_peft_grads_on<B: TemperAutodiff>(device: &B::Device) {
     let m = manifest();
     for name in peft_names() {
         let e = &m["peft"][&name];
-        let device = Default::default();
-        let mut model = load_model::<CpuAutodiff>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
+        let device = device.clone();
+        let mut model = load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
             .unwrap()
             .model;
         let adapter = Adapter::read(&fixtures().join(e["adapter"].as_str().unwrap())).unwrap();
         apply_adapter(&mut model, &adapter).unwrap();
         let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
-        let (input, labels) = batch::<CpuAutodiff>(&r, &device);
+        let (input, labels) = batch::<B>(&r, &device);
         let (targets, count) = shift_labels(&labels);
         let loss = nll_sum(model.forward(input), &targets).div_scalar(count as f32);
         let grads = loss.backward();

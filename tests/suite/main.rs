@@ -16,3 +16,5 @@ mod ops;
 mod parity;
 mod train_e2e;
 mod train_parity;
+#[cfg(feature = "wgpu")]
+mod wgpu;

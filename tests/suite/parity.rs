@@ -1,8 +1,9 @@
 //! Logits and losses of every supported architecture against transformers (tests/fixtures,
 //! made by scripts/reference/make_fixtures.py).
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::TemperBackend;
 use temper::train::loss::{nll_sum, shift_labels};
 
 use crate::common::{fixtures, manifest, max_abs_diff, Cpu, Reference};
@@ -10,15 +11,19 @@ use crate::common::{fixtures, manifest, max_abs_diff, Cpu, Reference};
 const LOGITS_TOL: f32 = 1e-4;
 
 fn check_fixture(name: &str) {
+    check_fixture_on::<Cpu>(name, &Default::default());
+}
+
+/// Logits and loss of fixture `name` on backend `B` against transformers.
+pub fn check_fixture_on<B: TemperBackend>(name: &str, device: &B::Device) {
     let m = manifest();
     let entry = &m["models"][name];
     let dir = fixtures().join(entry["path"].as_str().expect("path"));
-    let device = Default::default();
-    let loaded = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let loaded = load_model::<B>(&dir, WeightPrecision::F32, device).unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = Reference::open(&fixtures().join(entry["reference"].as_str().expect("reference")));
     let (ids, shape) = reference.i64("input_ids");
     let (want, _) = reference.f32("logits");
-    let input = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), device);
     let logits = loaded.model.forward(input);
     let got: Vec<f32> = logits.clone().into_data().to_vec().expect("f32 logits");
     let diff = max_abs_diff(&got, &want);
@@ -26,7 +31,7 @@ fn check_fixture(name: &str) {
 
     let rows: Vec<Vec<i64>> = ids.chunks(shape[1]).map(<[i64]>::to_vec).collect();
     let (targets, count) = shift_labels(&rows);
-    let loss = nll_sum(logits, &targets).into_scalar() / count as f32;
+    let loss = nll_sum(logits, &targets).into_scalar().elem::<f32>() / count as f32;
     let want_loss = entry["loss"].as_f64().expect("loss") as f32;
     assert!((loss - want_loss).abs() <= 1e-4, "{name}: loss {loss} vs transformers {want_loss}");
 }
@@ -104,21 +109,30 @@ fn deep_wide_model_keeps_f32_accuracy_against_float64() {
 /// full forward pass, for every architecture (sliding windows and soft-capping included).
 #[test]
 fn kv_cache_decoding_matches_full_forward_for_every_fixture() {
+    let m = manifest();
+    for name in m["models"].as_object().unwrap().keys() {
+        check_kv_cache_on::<Cpu>(name, &Default::default());
+    }
+}
+
+/// Prompt of 5 tokens, then one token at a time, against one full pass, on backend `B`.
+pub fn check_kv_cache_on<B: TemperBackend>(name: &str, device: &B::Device) {
     use temper::model::KvCache;
     let m = manifest();
-    for (name, entry) in m["models"].as_object().unwrap() {
-        let device = Default::default();
-        let model = load_model::<Cpu>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+    let entry = &m["models"][name];
+    {
+        let device = device.clone();
+        let model = load_model::<B>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
         let reference = Reference::open(&fixtures().join(entry["reference"].as_str().unwrap()));
         let (ids, shape) = reference.i64("input_ids");
         let row: Vec<i64> = ids[..shape[1]].to_vec();
         let t = row.len();
-        let full: Vec<f32> = model.forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(row.clone(), [1, t]), &device)).into_data().to_vec().unwrap();
+        let full: Vec<f32> = model.forward(Tensor::<B, 2, Int>::from_data(TensorData::new(row.clone(), [1, t]), &device)).into_data().to_vec().unwrap();
         let mut cache = KvCache::new(model.config.num_layers);
         let mut got = Vec::new();
         let prompt = 5;
         for (start, len) in std::iter::once((0, prompt)).chain((prompt..t).map(|i| (i, 1))) {
-            let piece = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(row[start..start + len].to_vec(), [1, len]), &device);
+            let piece = Tensor::<B, 2, Int>::from_data(TensorData::new(row[start..start + len].to_vec(), [1, len]), &device);
             let ctx = model.causal_context(1, len, cache.len);
             let logits = model.logits(model.hidden_states(piece, &ctx, Some(&mut cache)));
             got.extend(logits.into_data().to_vec::<f32>().unwrap());

@@ -6,6 +6,7 @@ use temper::data::Batch;
 use temper::export::Adapter;
 use temper::lora::apply_adapter;
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::TemperAutodiff;
 use temper::train::optim::LrSchedule;
 use temper::train::{optimizer_step, Optimizer, TrainConfig};
 
@@ -14,10 +15,15 @@ use crate::common::{fixtures, manifest, max_abs_diff, CpuAutodiff, Reference};
 const LOSS_TOL: f64 = 1e-4;
 
 fn run(name: &str, checkpointing: bool) {
+    run_on::<CpuAutodiff>(name, checkpointing, &Default::default());
+}
+
+/// The 10-step curve of fixture `name` against PyTorch, on backend `B`.
+pub fn run_on<B: TemperAutodiff>(name: &str, checkpointing: bool, device: &B::Device) {
     let m = manifest();
     let e = &m["train"][name];
-    let device = Default::default();
-    let mut model = load_model::<CpuAutodiff>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+    let device = device.clone();
+    let mut model = load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
     apply_adapter(&mut model, &Adapter::read(&fixtures().join(e["initial_adapter"].as_str().unwrap())).unwrap()).unwrap();
     let o = &e["optimizer"];
     let cfg = TrainConfig {
