@@ -334,7 +334,8 @@ def gemma2_softcap_stats(model, input_ids) -> dict:
     }
 
 
-def build_fixture(name: str, tok_rows) -> dict:
+def new_model(name: str):
+    """The fixture's config and a freshly seeded f32 model (eager attention), before reinit."""
     cls, kwargs, seed, opts = SPECS[name]
     cfg_kwargs = dict(COMMON)
     cfg_kwargs.update(kwargs)
@@ -342,6 +343,11 @@ def build_fixture(name: str, tok_rows) -> dict:
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    return model, seed, opts
+
+
+def build_fixture(name: str, tok_rows) -> dict:
+    model, seed, opts = new_model(name)
     reinit_weights(model, opts)
     model.eval()
 
@@ -562,13 +568,7 @@ def f64_attention():
 
 
 def build_deep_fixture(name: str, tok_rows) -> dict:
-    cls, kwargs, seed, opts = SPECS[name]
-    cfg_kwargs = dict(COMMON)
-    cfg_kwargs.update(kwargs)
-    config = cls(**cfg_kwargs)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model, seed, opts = new_model(name)
     reinit_deep(model)
     model.eval()
 
