@@ -96,15 +96,18 @@ pub fn resolve(arg: &DeviceArg) -> Result<Resolved> {
             Resolved::Wgpu
         }
         DeviceArg::Auto => {
-            let picked = if probe_cuda() {
+            if probe_cuda() {
+                eprintln!("device: auto picked cuda:0");
                 Resolved::Cuda(0)
             } else if probe_wgpu() {
+                eprintln!("device: auto picked wgpu");
                 Resolved::Wgpu
             } else {
+                let cuda = if cfg!(feature = "cuda") { "no CUDA driver or device found" } else { "this build has no CUDA backend" };
+                let wgpu = if cfg!(feature = "wgpu") { "no GPU-type Vulkan / Metal / DX12 adapter, and a software one would be slower than the CPU" } else { "this build has no wgpu backend" };
+                eprintln!("device: auto picked cpu ({cuda}; {wgpu})");
                 Resolved::Cpu
-            };
-            eprintln!("device: auto picked {picked}");
-            picked
+            }
         }
     };
     Ok(picked)
