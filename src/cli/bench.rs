@@ -12,9 +12,10 @@ use serde::Serialize;
 use temper::data::Batch;
 use temper::lora::{inject, LoraConfig};
 use temper::model::{CausalLm, DecoderConfig, HfConfig, WeightSource};
+use temper::ops::dropout::StepKey;
 use temper::ops::TemperAutodiff;
 use temper::train::metrics::peak_rss_bytes;
-use temper::train::{optimizer_step, Optimizer, TrainConfig};
+use temper::train::{optimizer_step, LossScaler, Optimizer, StepOptions, TrainConfig};
 
 use super::device::{dispatch_train, DeviceArg, Resolved, TrainTask};
 
@@ -37,6 +38,12 @@ pub struct BenchArgs {
     pub forward_only: bool,
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// The frozen base's dtype: auto (bf16 on CUDA, f32 elsewhere), f32, bf16 or f16.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
+    pub precision: String,
+    /// LoRA dropout of the timed training steps (its masks are drawn on the host).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     /// auto | cpu | cuda[:N] | wgpu | ndarray
     #[arg(long, default_value = "auto")]
     pub device: DeviceArg,
@@ -50,6 +57,7 @@ struct Report {
     model: String,
     device: String,
     mode: &'static str,
+    precision: String,
     parameters: usize,
     seq_len: usize,
     batch: usize,
@@ -92,9 +100,11 @@ impl TrainTask for BenchArgs {
     fn run<B: TemperAutodiff>(self, device: B::Device, kind: Resolved) -> Result<()> {
         let path = config_path(&self.model);
         let cfg = HfConfig::from_file(&path)?.to_decoder_config(&path)?;
-        let dtype = match kind {
-            Resolved::Cuda(_) => burn::tensor::DType::BF16,
-            _ => burn::tensor::DType::F32,
+        use burn::tensor::DType;
+        let dtype = match (self.precision.as_str(), kind) {
+            ("auto", Resolved::Cuda(_)) | ("bf16", _) => DType::BF16,
+            ("f16", _) => DType::F16,
+            _ => DType::F32,
         };
         let mut weights = WeightSource::random(0, cfg.norm_offset);
         let mut model = CausalLm::<B>::load(&cfg, &mut weights, dtype, &device)?;
@@ -121,13 +131,16 @@ impl TrainTask for BenchArgs {
                 }
             }
         } else {
-            let lora = LoraConfig { r: self.rank, lora_alpha: 2.0 * self.rank as f64, ..LoraConfig::default() };
+            let lora = LoraConfig { r: self.rank, lora_alpha: 2.0 * self.rank as f64, lora_dropout: self.lora_dropout, ..LoraConfig::default() };
             inject(&mut model, &lora, 0)?;
             let tc = TrainConfig::default();
             let mut opt = Optimizer::new(&mut model, &tc);
+            let mut scaler = LossScaler::for_dtype(dtype, None);
             for s in 0..=self.steps {
                 let t0 = Instant::now();
-                optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), 1e-4, self.gradient_checkpointing)?;
+                let o = StepOptions { lr: 1e-4, checkpointing: self.gradient_checkpointing, dropout: StepKey { seed: 0, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale };
+                let stats = optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o)?;
+                scaler.update(stats.overflow);
                 B::sync(&device)?;
                 if s > 0 {
                     times.push(t0.elapsed().as_secs_f64());
@@ -141,6 +154,7 @@ impl TrainTask for BenchArgs {
         let report = Report {
             model: path.display().to_string(),
             device: kind.to_string(),
+            precision: format!("{dtype:?}").to_lowercase(),
             mode: if self.forward_only { "forward" } else if self.gradient_checkpointing { "train+checkpointing" } else { "train" },
             parameters: cfg.num_parameters(),
             seq_len: self.seq_len,

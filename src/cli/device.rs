@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use temper::model::WeightPrecision;
+use temper::train::Precision;
 use temper::ops::{TemperAutodiff, TemperBackend};
 
 /// The CPU backend. Flex measured faster than ndarray on the forward pass (see README).
@@ -113,15 +114,29 @@ pub fn resolve(arg: &DeviceArg) -> Result<Resolved> {
     Ok(picked)
 }
 
-/// Run an inference task on the chosen device.
+/// Run an inference task on the chosen device: f32 weights, but for CUDA, which keeps a
+/// bf16 / f16 checkpoint as stored.
 pub fn dispatch<T: Task>(arg: &DeviceArg, task: T) -> Result<T::Output> {
-    match resolve(arg)? {
-        Resolved::Cpu => task.run::<Cpu>(Default::default(), WeightPrecision::F32),
-        Resolved::NdArray => task.run::<NdArray>(Default::default(), WeightPrecision::F32),
+    let kind = resolve(arg)?;
+    let precision = if matches!(kind, Resolved::Cuda(_)) { WeightPrecision::Native } else { WeightPrecision::F32 };
+    run_task(kind, precision, task)
+}
+
+/// Run an inference task on the chosen device with the weights in `precision`; also says
+/// which device that was.
+pub fn dispatch_with<T: Task>(arg: &DeviceArg, precision: WeightPrecision, task: T) -> Result<(Resolved, T::Output)> {
+    let kind = resolve(arg)?;
+    Ok((kind, run_task(kind, precision, task)?))
+}
+
+fn run_task<T: Task>(kind: Resolved, precision: WeightPrecision, task: T) -> Result<T::Output> {
+    match kind {
+        Resolved::Cpu => task.run::<Cpu>(Default::default(), precision),
+        Resolved::NdArray => task.run::<NdArray>(Default::default(), precision),
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice { index: i }, WeightPrecision::Native),
+        Resolved::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice { index: i }, precision),
         #[cfg(feature = "wgpu")]
-        Resolved::Wgpu => task.run::<Wgpu>(Default::default(), WeightPrecision::F32),
+        Resolved::Wgpu => task.run::<Wgpu>(Default::default(), precision),
         #[allow(unreachable_patterns)]
         other => bail!("backend {other} is not compiled into this build"),
     }
@@ -139,6 +154,62 @@ pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Outpu
         Resolved::Wgpu => task.run::<Autodiff<Wgpu>>(Default::default(), Resolved::Wgpu),
         #[allow(unreachable_patterns)]
         other => bail!("backend {other} is not compiled into this build"),
+    }
+}
+
+/// The dtype the frozen base is held in for training, from `train.precision`, saying what
+/// `auto` picked: bf16 on CUDA; f16 on wgpu where the adapter has shader-f16 (wgpu has no bf16;
+/// the trainer then scales the loss, as torch.amp.GradScaler does), else f32; f32 on the CPU.
+pub fn train_precision(requested: Precision, kind: Resolved) -> Result<WeightPrecision> {
+    let f16 = matches!(kind, Resolved::Wgpu) && wgpu_has_f16();
+    Ok(match (requested, kind) {
+        (Precision::Auto, Resolved::Cuda(_)) => {
+            eprintln!("precision: auto picked bf16 (CUDA)");
+            WeightPrecision::Bf16
+        }
+        (Precision::Auto, Resolved::Wgpu) if f16 => {
+            eprintln!("precision: auto picked f16 (the wgpu adapter has shader-f16; wgpu has no bf16)");
+            WeightPrecision::F16
+        }
+        (Precision::Auto, Resolved::Wgpu) => {
+            eprintln!("precision: auto picked f32 (the wgpu adapter has no shader-f16)");
+            WeightPrecision::F32
+        }
+        (Precision::Auto | Precision::F32, _) => WeightPrecision::F32,
+        (Precision::Bf16, Resolved::Cuda(_)) => WeightPrecision::Bf16,
+        (Precision::F16, Resolved::Cuda(_)) => WeightPrecision::F16,
+        (Precision::F16, Resolved::Wgpu) if f16 => WeightPrecision::F16,
+        (Precision::F16, Resolved::Wgpu) => bail!("train.precision f16: this wgpu adapter has no shader-f16 support (use f32)"),
+        (p, k) => bail!("train.precision {p:?} is not available on {k} (CPU trains in f32; wgpu in f32 or f16; CUDA in f32, bf16 or f16)"),
+    })
+}
+
+/// Whether the default wgpu adapter runs f16 shaders (`SHADER_F16`).
+#[cfg(feature = "wgpu")]
+fn wgpu_has_f16() -> bool {
+    use burn::cubecl::ir::{ElemType, FloatKind};
+    use burn::cubecl::Runtime;
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    quietly(move || burn::backend::wgpu::WgpuRuntime::client(&device).properties().supports_type(ElemType::Float(FloatKind::F16)))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_has_f16() -> bool {
+    false
+}
+
+/// Keep Mesa's Vulkan device-selection layer from printing `error: XDG_RUNTIME_DIR is invalid
+/// or not set in the environment.` on every wgpu start outside a desktop session (it tries to
+/// reach a Wayland compositor to find the display's GPU): with no Wayland session to ask, and no
+/// `MESA_VK_DEVICE_SELECT` / `DRI_PRIME` choice for it to honour, the layer has nothing to do, so
+/// it is switched off by its documented `NODEVICE_SELECT=1`. Called first thing in `main`,
+/// before any thread exists.
+pub fn quiet_vulkan_loader() {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let absolute = |k: &str| std::env::var_os(k).is_some_and(|v| v.to_string_lossy().starts_with('/'));
+    let wayland = absolute("XDG_RUNTIME_DIR") || absolute("WAYLAND_DISPLAY");
+    if !wayland && !set("MESA_VK_DEVICE_SELECT") && !set("DRI_PRIME") && !set("NODEVICE_SELECT") {
+        std::env::set_var("NODEVICE_SELECT", "1");
     }
 }
 

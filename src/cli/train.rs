@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use temper::data::{prepare, TextTokenizer};
-use temper::model::{load_model, WeightPrecision};
+use temper::model::load_model;
 use temper::ops::TemperAutodiff;
 use temper::recipe::{LoadedRecipe, Recipe};
-use temper::train::{train, Precision, RunConfig};
+use temper::train::{train, RunConfig};
 
-use super::device::{dispatch_train, DeviceArg, Resolved, TrainTask};
+use super::device::{dispatch_train, train_precision, DeviceArg, Resolved, TrainTask};
 use super::resolve_model;
 
 #[derive(Debug, clap::Args)]
@@ -43,16 +43,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     dispatch_train(&device, TrainJob { loaded })
 }
 
-fn precision(requested: Precision, kind: Resolved) -> Result<WeightPrecision> {
-    Ok(match (requested, kind) {
-        (Precision::Auto, Resolved::Cuda(_)) => WeightPrecision::Bf16,
-        (Precision::Auto | Precision::F32, _) => WeightPrecision::F32,
-        (Precision::Bf16, Resolved::Cuda(_)) => WeightPrecision::Bf16,
-        (Precision::F16, Resolved::Cuda(_) | Resolved::Wgpu) => WeightPrecision::F16,
-        (p, k) => bail!("train.precision {p:?} is not available on {k} (CPU trains in f32; wgpu in f32 or f16)"),
-    })
-}
-
 impl TrainTask for TrainJob {
     type Output = ();
 
@@ -60,7 +50,7 @@ impl TrainTask for TrainJob {
         let r = &self.loaded.recipe;
         let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
         let tokenizer = TextTokenizer::from_dir(&dir)?;
-        let loaded = load_model::<B>(&dir, precision(r.train.precision, kind)?, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let loaded = load_model::<B>(&dir, train_precision(r.train.precision, kind)?, &device).with_context(|| format!("loading {}", dir.display()))?;
         let data = prepare(&r.data, &tokenizer, std::path::Path::new("."), r.train.seed)?;
         let s = &data.stats;
         eprintln!(

@@ -1,7 +1,7 @@
 //! Which projections get adapters (PEFT's matching rules) and putting them there.
 
 use burn::module::Param;
-use burn::nn::DropoutConfig;
+use crate::ops::dropout::module_id;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -136,7 +136,8 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) 
             lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [r, d_in]), (&device, DType::F32))),
             lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [d_out, r]), (&device, DType::F32))),
             scaling: cfg.scaling(&name),
-            dropout: DropoutConfig::new(cfg.lora_dropout).init(),
+            dropout: cfg.lora_dropout,
+            module: module_id(&name),
         });
         targeted.push(name);
     }

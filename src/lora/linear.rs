@@ -4,8 +4,9 @@
 //! decoder has no separate "LoRA version".
 
 use burn::module::{Module, Param};
-use burn::nn::Dropout;
 use burn::tensor::{backend::Backend, DType, Tensor};
+
+use crate::ops::dropout;
 
 /// Trainable low-rank delta of one projection (PEFT's `lora_A` / `lora_B`), always f32.
 #[derive(Module, Debug)]
@@ -15,7 +16,11 @@ pub struct LoraDelta<B: Backend> {
     /// `[out, r]`
     pub lora_b: Param<Tensor<B, 2>>,
     pub scaling: f64,
-    pub dropout: Dropout,
+    /// PEFT's `lora_dropout`: the probability of zeroing an input element of the delta path,
+    /// applied only while training (inside a [`dropout::TrainingScope`]).
+    pub dropout: f64,
+    /// [`dropout::module_id`] of the projection's name: keys its dropout masks.
+    pub module: u64,
 }
 
 /// A projection with a frozen base weight and an optional LoRA delta.
@@ -54,7 +59,10 @@ impl<B: Backend> LoraLinear<B> {
         }
         if let Some(lora) = &self.lora {
             let dtype = y.dtype();
-            let h = lora.dropout.forward(x2.cast(DType::F32));
+            let mut h = x2.cast(DType::F32);
+            if let (true, Some(step)) = (lora.dropout > 0.0, dropout::active()) {
+                h = h.clone() * dropout::mask::<B>(step.mask_key(lora.module), b * t, d_in, lora.dropout, &h.device());
+            }
             let delta = h
                 .matmul(lora.lora_a.val().transpose())
                 .matmul(lora.lora_b.val().transpose())

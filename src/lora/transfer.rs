@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::Param;
-use burn::nn::DropoutConfig;
+use crate::ops::dropout::module_id;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::export::{Adapter, HostTensor, LoraPair};
@@ -37,7 +37,8 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &Adapter) -> 
             lora_a: Param::from_tensor(to_device(&pair.a, &device)),
             lora_b: Param::from_tensor(to_device(&pair.b, &device)),
             scaling: adapter.config.scaling(&name),
-            dropout: DropoutConfig::new(adapter.config.lora_dropout).init(),
+            dropout: adapter.config.lora_dropout,
+            module: module_id(&name),
         });
     }
     if let Some(name) = remaining.keys().next() {

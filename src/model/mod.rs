@@ -27,7 +27,7 @@ pub enum WeightPrecision {
     F32,
     /// Keep bf16 / f16 checkpoints as they are (CUDA); f32 checkpoints stay f32.
     Native,
-    /// Hold weights in f16 (wgpu has no bf16); f32 checkpoints stay f32.
+    /// Hold weights in f16 whatever the checkpoint stores (wgpu, which has no bf16).
     F16,
     /// Hold weights in bf16 whatever the checkpoint stores (CUDA training).
     Bf16,
@@ -39,7 +39,7 @@ impl WeightPrecision {
         match (self, stored) {
             (WeightPrecision::Native, Some(Dtype::BF16)) => DType::BF16,
             (WeightPrecision::Native, Some(Dtype::F16)) => DType::F16,
-            (WeightPrecision::F16, Some(Dtype::BF16 | Dtype::F16)) => DType::F16,
+            (WeightPrecision::F16, _) => DType::F16,
             (WeightPrecision::Bf16, _) => DType::BF16,
             _ => DType::F32,
         }

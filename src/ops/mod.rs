@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

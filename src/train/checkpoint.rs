@@ -24,12 +24,16 @@ pub struct TrainerState {
     /// Data position: the next micro-batch is batch `batch_index` of epoch `epoch`.
     pub epoch: usize,
     pub batch_index: usize,
-    /// Dropout randomness is reseeded from (seed, step) every step, so it needs no saved state.
+    /// Dropout masks are drawn from (seed, step, micro-batch, module), so they need no saved state.
     pub seed: u64,
     pub tokens_seen: usize,
     pub elapsed_s: f64,
     pub last_loss: Option<f64>,
     pub last_eval_loss: Option<f64>,
+    /// An f16 base's dynamic loss scale and its count of good steps (absent otherwise, and in
+    /// checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<(f64, usize)>,
 }
 
 /// Optimizer moments by PEFT tensor key.

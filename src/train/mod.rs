@@ -11,4 +11,4 @@ pub mod step;
 pub mod trainer;
 
 pub use config::{Precision, TrainConfig};
-pub use trainer::{evaluate, optimizer_step, train, Optimizer, RunConfig, StepStats, Summary};
+pub use trainer::{evaluate, optimizer_step, train, LossScaler, Optimizer, RunConfig, StepOptions, StepStats, Summary};

@@ -15,6 +15,7 @@ use crate::export::{Adapter, HostTensor, WriteMode};
 use crate::lora::{apply_adapter, extract_adapter, inject, LoraConfig};
 use crate::model::CausalLm;
 use crate::ops::{TemperAutodiff, TemperBackend};
+use crate::ops::dropout::{StepKey, TrainingScope};
 use crate::train::checkpoint::{self, OptimizerMoments, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::{peak_rss_bytes, MetricLine, MetricsLog};
@@ -65,6 +66,63 @@ pub struct StepStats {
     pub grad_norm: f64,
     pub lr: f64,
     pub tokens: usize,
+    /// The scaled gradients overflowed (only with a loss scale above 1): nothing was updated,
+    /// and the step should be redone with a smaller scale.
+    pub overflow: bool,
+}
+
+/// How to run one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    pub lr: f64,
+    pub checkpointing: bool,
+    /// Keys the LoRA dropout masks (its `micro_batch` is set per micro-batch).
+    pub dropout: StepKey,
+    /// The loss is multiplied by this before the backward pass and the gradients divided by it
+    /// after (1 but for an f16 base: see [`LossScaler`]).
+    pub loss_scale: f64,
+}
+
+/// Dynamic loss scaling for an f16 base, as `torch.amp.GradScaler` does it: gradients flowing
+/// back through f16 activations underflow to zero below ~6e-8, so the loss is scaled up before
+/// the backward pass (the LoRA gradients, f32, are scaled back down). A step whose scaled
+/// gradients overflow is redone, on the same micro-batches, with half the scale (GradScaler
+/// skips it instead; redoing keeps every batch trained and the run deterministic); after
+/// `GROWTH_INTERVAL` good steps the scale doubles. bf16 and f32 have f32's range: scale 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    pub good_steps: usize,
+}
+
+impl LossScaler {
+    /// GradScaler's defaults: init_scale 2^16, growth_interval 2000.
+    pub const INITIAL: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    /// The scaler for a base held in `dtype`, or where a checkpoint left it.
+    pub fn for_dtype(dtype: burn::tensor::DType, saved: Option<(f64, usize)>) -> Self {
+        match (dtype, saved) {
+            (burn::tensor::DType::F16, Some((scale, good_steps))) => Self { scale, good_steps },
+            (burn::tensor::DType::F16, None) => Self { scale: Self::INITIAL, good_steps: 0 },
+            _ => Self { scale: 1.0, good_steps: 0 },
+        }
+    }
+
+    /// After a step: `false` if it overflowed and must be redone (the scale is halved).
+    pub fn update(&mut self, overflow: bool) -> bool {
+        if overflow {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.scale > 1.0 && self.good_steps >= Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
 }
 
 /// AdamW with its state and clipping threshold.
@@ -118,15 +176,17 @@ impl<B: AutodiffBackend> Optimizer<B> {
 
 /// One optimizer step over `micro_batches`: the loss is the mean NLL over all their trained
 /// tokens (not a mean of per-batch means); gradients are clipped by global norm, then AdamW.
-pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Optimizer<B>, micro_batches: &[Batch], lr: f64, checkpointing: bool) -> Result<StepStats> {
+pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Optimizer<B>, micro_batches: &[Batch], o: StepOptions) -> Result<StepStats> {
+    let StepOptions { lr, checkpointing, dropout: step, loss_scale } = o;
     let tokens: usize = micro_batches.iter().map(Batch::trained_tokens).sum();
     if tokens == 0 {
         return Err(Error::InvalidArgument("an optimizer step has no trained token (every label is masked)".into()));
     }
     let mut nll: Option<Tensor<Inner<B>, 1>> = None;
     let mut acc: Option<Vec<Tensor<Inner<B>, 2>>> = None;
-    for mb in micro_batches {
-        let (n, grads) = micro_batch_grads(model, mb, tokens as f64, checkpointing)?;
+    for (i, mb) in micro_batches.iter().enumerate() {
+        let _dropout = TrainingScope::enter(StepKey { micro_batch: i as u64, ..step });
+        let (n, grads) = micro_batch_grads(model, mb, tokens as f64 / loss_scale, checkpointing)?;
         nll = Some(match nll {
             None => n,
             Some(prev) => prev + n,
@@ -142,7 +202,14 @@ pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Opti
     if !loss.is_finite() {
         return Err(Error::NonFinite(format!("training loss is {loss}")));
     }
-    let (grad_norm, grads) = clip_global_norm(acc.unwrap_or_default(), opt.max_grad_norm);
+    let mut acc = acc.unwrap_or_default();
+    if loss_scale != 1.0 {
+        acc = acc.into_iter().map(|g| g.div_scalar(loss_scale)).collect();
+    }
+    let (grad_norm, grads) = clip_global_norm(acc, opt.max_grad_norm);
+    if !grad_norm.is_finite() && loss_scale > 1.0 {
+        return Ok(StepStats { loss, grad_norm, lr, tokens, overflow: true });
+    }
     if !grad_norm.is_finite() {
         return Err(Error::NonFinite(format!("gradient norm is {grad_norm} (loss {loss})")));
     }
@@ -152,7 +219,7 @@ pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Opti
     for ((_, p), new) in params.iter_mut().zip(updated) {
         **p = Param::initialized(p.id, Tensor::from_inner(new).require_grad());
     }
-    Ok(StepStats { loss, grad_norm, lr, tokens })
+    Ok(StepStats { loss, grad_norm, lr, tokens, overflow: false })
 }
 
 /// Mean NLL per trained token over `examples`, without gradients.
@@ -232,7 +299,7 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
         None => {
             inject(&mut model, &run.lora, cfg.seed)?;
             opt = Optimizer::new(&mut model, cfg);
-            TrainerState { step: 0, total_steps: total, epoch: 0, batch_index: 0, seed: cfg.seed, tokens_seen: 0, elapsed_s: 0.0, last_loss: None, last_eval_loss: None }
+            TrainerState { step: 0, total_steps: total, epoch: 0, batch_index: 0, seed: cfg.seed, tokens_seen: 0, elapsed_s: 0.0, last_loss: None, last_eval_loss: None, loss_scale: None }
         }
     };
     let resumed_from = (state.step > 0).then_some(state.step);
@@ -247,21 +314,32 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
     let elapsed_before = state.elapsed_s;
     let clock = Instant::now();
     let tokens_before = state.tokens_seen;
+    let dtype = model.dtype();
+    let mut scaler = LossScaler::for_dtype(dtype, state.loss_scale);
+    if dtype == burn::tensor::DType::F16 && state.step == 0 {
+        eprintln!("f16 base: dynamic loss scaling from {} (as torch.amp.GradScaler)", scaler.scale);
+    }
 
     while state.step < total {
         if run.stop_after_steps.is_some_and(|s| state.step >= s) {
             break;
         }
-        B::seed(&device, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.step as u64);
         let micro: Vec<Batch> = (0..cfg.gradient_accumulation_steps).map(|_| cursor.next()).collect();
         let lr = cfg.learning_rate * cfg.lr_scheduler.factor(state.step, warmup, total);
-        let stats = optimizer_step(&mut model, &mut opt, &micro, lr, cfg.gradient_checkpointing).map_err(|e| match e {
-            Error::NonFinite(what) => Error::NonFinite(format!(
-                "{what} at step {}; training stopped, nothing written for this step (the last checkpoint is intact)",
-                state.step + 1
-            )),
-            other => other,
-        })?;
+        let stats = loop {
+            let o = StepOptions { lr, checkpointing: cfg.gradient_checkpointing, dropout: StepKey { seed: cfg.seed, step: state.step as u64, micro_batch: 0 }, loss_scale: scaler.scale };
+            let stats = optimizer_step(&mut model, &mut opt, &micro, o).map_err(|e| match e {
+                Error::NonFinite(what) => Error::NonFinite(format!(
+                    "{what} at step {}; training stopped, nothing written for this step (the last checkpoint is intact)",
+                    state.step + 1
+                )),
+                other => other,
+            })?;
+            if scaler.update(stats.overflow) {
+                break stats;
+            }
+        };
+        state.loss_scale = (scaler.scale != 1.0 || dtype == burn::tensor::DType::F16).then_some((scaler.scale, scaler.good_steps));
         state.step += 1;
         state.tokens_seen += stats.tokens;
         state.epoch = cursor.epoch;
