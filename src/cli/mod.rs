@@ -9,6 +9,7 @@ mod inspect;
 mod train;
 mod preview;
 mod merge;
+mod selftest;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,9 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Export an adapter for serving: a clean PEFT folder or a llama.cpp LoRA GGUF.
     Export(export::ExportArgs),
+    /// Check this build on this device against the transformers reference outputs committed
+    /// in the repository's tests/fixtures (logits and loss of every fixture model).
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Where a model comes from: a Hugging Face folder (config.json, safetensors, tokenizer.json).
@@ -99,6 +103,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Export(a) => export::run(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 
