@@ -7,8 +7,9 @@ use std::process::Command;
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use temper::export::{merge_model, verify_merge, Adapter, MergeDtype, MergeInput, MergeOptions, WriteMode};
-use temper::lora::{extract_adapter, inject, LoraConfig, LoraInit, TargetModules};
+use temper::lora::{apply_adapter, extract_adapter, inject, LoraConfig, LoraInit, TargetModules};
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::TemperBackend;
 
 use crate::common::{fixtures, manifest, shared, Cpu, Reference};
 
@@ -101,18 +102,25 @@ fn ids<B: burn::tensor::backend::Backend>(device: &B::Device) -> Tensor<B, 2, In
 
 #[test]
 fn merged_model_matches_unmerged_on_stories260k() {
+    check_merged_matches_unmerged_on::<Cpu>(&Default::default());
+}
+
+/// `temper merge`'s output against base + adapter applied unmerged, both run on backend `B`
+/// (the merge itself runs on the host).
+pub fn check_merged_matches_unmerged_on<B: TemperBackend>(device: &B::Device) {
     let tmp = tempfile::tempdir().unwrap();
-    let (adapter, unmerged) = stories_adapter(7, 4, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    let (adapter, _) = stories_adapter(7, 4, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
     let dir = tmp.path().join("adapter");
     adapter.write(&dir, WriteMode::Refuse, &[]).unwrap();
     let out = tmp.path().join("merged");
     merge(&shared("models/stories260K"), &[input(&dir, 1.0)], MergeDtype::Auto, &out);
-    let device = Default::default();
-    let base = load_model::<Cpu>(&shared("models/stories260K"), WeightPrecision::F32, &device).unwrap().model;
-    let merged = load_model::<Cpu>(&out, WeightPrecision::F32, &device).unwrap().model;
-    let want: Vec<f32> = unmerged.into_data().to_vec().unwrap();
-    let got: Vec<f32> = merged.forward(ids::<Cpu>(&device)).into_data().to_vec().unwrap();
-    let plain: Vec<f32> = base.forward(ids::<Cpu>(&device)).into_data().to_vec().unwrap();
+    let load = |dir: &Path| load_model::<B>(dir, WeightPrecision::F32, device).unwrap().model;
+    let base = load(&shared("models/stories260K"));
+    let mut unmerged = load(&shared("models/stories260K"));
+    apply_adapter(&mut unmerged, &adapter).unwrap();
+    let merged = load(&out);
+    let logits = |m: &temper::model::CausalLm<B>| -> Vec<f32> { m.forward(ids::<B>(device)).into_data().convert::<f32>().to_vec().unwrap() };
+    let (want, got, plain) = (logits(&unmerged), logits(&merged), logits(&base));
     let diff = crate::common::max_abs_diff(&got, &want);
     let effect = crate::common::max_abs_diff(&plain, &want);
     assert!(effect > 0.1, "the adapter must change the logits (changed by {effect})");

@@ -52,3 +52,19 @@ fn wgpu_lora_gradients_match_peft() {
 fn wgpu_ten_step_loss_curve_matches_pytorch() {
     crate::train_parity::run_on::<Autodiff<Gpu>>("llama_train", false, &WgpuDevice::default());
 }
+
+#[test]
+#[ignore = "wgpu: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_merged_model_matches_unmerged() {
+    crate::merge::check_merged_matches_unmerged_on::<Gpu>(&WgpuDevice::default());
+}
+
+/// Dropout on: the same masks as on the CPU (they are drawn from the seed, step, micro-batch
+/// and module, not from the backend's generator), so the same curve.
+#[test]
+#[ignore = "wgpu: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_dropout_curve_equals_the_cpu_curve() {
+    let (_, cpu) = crate::train_parity::curve_on::<crate::common::CpuAutodiff>("llama_train", false, 0.1, &Default::default());
+    let (_, gpu) = crate::train_parity::curve_on::<Autodiff<Gpu>>("llama_train", false, 0.1, &WgpuDevice::default());
+    crate::train_parity::assert_same_curve("cpu vs wgpu, dropout 0.1", &cpu, &gpu, 1e-5);
+}
