@@ -10,6 +10,7 @@ Run by hand, never in CI. Tested with (scripts/bench/requirements.txt):
     /work/venv-bench/bin/python scripts/bench/vs_peft.py --config benches/configs/llama-100m.json \
         --seq-len 256 --batch 4 --steps 5 --rank 16 --threads 2 [--forward-only] \
         [--gradient-checkpointing] [--temper target/release/temper] [--device cpu] [--json]
+        [--torch-device cuda --torch-dtype bfloat16]   # the GPU side by side (scripts/gpu/check.sh)
 
 The PyTorch side mirrors src/cli/bench.rs:
   * model built from the config with random weights, float32, attention "sdpa" (the
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--temper", type=Path, default=Path("target/release/temper"), help="the temper binary")
     p.add_argument("--temper-args", default="", help="extra arguments appended to `temper bench` (one string, shell-split)")
-    p.add_argument("--device", default="cpu", help="passed to `temper bench --device` (the PyTorch side always runs on CPU, f32)")
+    p.add_argument("--device", default="cpu", help="passed to `temper bench --device`")
+    p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"], help="where the PyTorch side runs")
+    p.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16"], help="the PyTorch base model's dtype (PEFT keeps the LoRA weights in float32)")
     p.add_argument("--skip-temper", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text lines")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
@@ -128,12 +131,14 @@ def torch_worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=ATTENTION, dtype=torch.float32)
-    model = model.to(torch.float32)
+    dtype = getattr(torch, args.torch_dtype)
+    device = torch.device(args.torch_device)
+    model = model.to(device=device, dtype=dtype)
     attn = getattr(model.config, "_attn_implementation", ATTENTION)
     parameters = sum(p.numel() for p in model.parameters())
 
     g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g, dtype=torch.long)
+    input_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g, dtype=torch.long).to(device)
     labels = input_ids.clone()
 
     trainable = 0
@@ -154,6 +159,8 @@ def torch_worker(args: argparse.Namespace) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM")
+        # autocast_adapter_dtype (PEFT's default) keeps the LoRA weights in float32 on a
+        # bfloat16 base, as temper does.
         model = get_peft_model(model, lora)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -178,8 +185,9 @@ def torch_worker(args: argparse.Namespace) -> dict:
     return {
         "side": "pytorch+peft",
         "mode": mode_name(args),
-        "device": "cpu",
-        "dtype": "float32",
+        "device": args.torch_device,
+        "dtype": args.torch_dtype,
+        "peak_device_mib": torch.cuda.max_memory_reserved() / 1048576.0 if device.type == "cuda" else None,
         "attention": attn,
         "threads": torch.get_num_threads(),
         "parameters": parameters,
@@ -297,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_file(args.config)
     if not cfg.is_file():
         raise BenchError(f"no config at {cfg}")
-    if args.device not in ("cpu", "ndarray") and not args.skip_temper:
-        print(f"note: temper runs on --device {args.device}; the PyTorch side still runs on CPU in float32", file=sys.stderr)
+    if args.device not in ("cpu", "ndarray") and args.torch_device == "cpu" and not args.skip_temper:
+        print(f"note: temper runs on --device {args.device}; the PyTorch side runs on CPU in {args.torch_dtype} (--torch-device)", file=sys.stderr)
     if not args.skip_temper:
         resolve_temper(args.temper)  # fail before the (slow) PyTorch run, not after it
 
