@@ -10,8 +10,8 @@
 # repository root) and writes one JSON summary, $OUT/summary.json (OUT defaults to
 # target/gpu-check). Parts, each recorded even when another fails:
 #   selftest   logits and loss of every fixture model against transformers: f32 (1e-4) and
-#              the device's half precision (bf16 on CUDA, f16 on wgpu where the adapter has
-#              shader-f16; tolerance 0.25 on logits, 0.05 on the loss), and the CPU in f32;
+#              bf16 on CUDA (4% of the largest logit, 0.02 on the loss; wgpu runs in f32 only),
+#              and the CPU in f32;
 #   curve      a 10-step training run (stories260K, dropout on) on the device and on the CPU,
 #              f32: the largest step-loss difference (same masks on every device, so ~1e-5);
 #   bench      `temper bench` on benches/configs/llama-3.2-1b.json at seq 512 and 2048, bf16,
@@ -21,8 +21,8 @@
 #   peft       if a PyTorch with CUDA, transformers and peft import: the same configs through
 #              scripts/bench/vs_peft.py on the GPU in bfloat16.
 # --quick (the dry run on lavapipe, Mesa's software Vulkan device): bench on the fixture config
-# tests/fixtures/models/llama at seq 64 for one step in f32 and no PyTorch, so that every part
-# runs in minutes.
+# tests/fixtures/models/llama at seq 64 for one step in f32, the curve at seq 64 with micro-batches
+# of 2, and no PyTorch, so that every part runs in minutes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -72,18 +72,25 @@ if [ "$DEVICE" = wgpu ]; then half=f16; fi
 
 say "selftest on $DEVICE (f32, $half) and cpu (f32)"
 st_dev_f32=$(json_of "$TEMPER" selftest --fixtures tests/fixtures --device "$DEVICE" --precision f32 --json)
-st_dev_half=$(json_of "$TEMPER" selftest --fixtures tests/fixtures --device "$DEVICE" --precision "$half" --json)
+if [ "$DEVICE" = wgpu ]; then
+  # refused by temper: f16 crashes Burn 0.21's kernel fusion on wgpu (src/cli/device.rs)
+  st_dev_half='"skipped: wgpu runs in f32 only (temper selftest --precision f16 says why)"'
+else
+  st_dev_half=$(json_of "$TEMPER" selftest --fixtures tests/fixtures --device "$DEVICE" --precision "$half" --json)
+fi
 st_cpu=$(json_of "$TEMPER" selftest --fixtures tests/fixtures --device cpu --precision f32 --json)
 
 say "10-step training curve on $DEVICE and cpu (f32, lora_dropout 0.05)"
+curve_sets=""
+if [ $QUICK -eq 1 ]; then curve_sets="--set data.seq_len=64 --set train.micro_batch_size=2"; fi
 curve_run() {
   local dev=$1 dir="$OUT/curve-$1"
   rm -rf "$dir"
   "$TEMPER" train recipes/quickstart.yaml --device "$dev" \
     --set "base_model=$MODEL" --set train.max_steps=10 --set train.precision=f32 \
-    --set train.eval_steps=100 --set train.save_steps=100 --set "output.dir=$dir" >> "$LOG" 2>&1 || return 1
+    --set train.eval_steps=100 --set train.save_steps=100 --set "output.dir=$dir" $curve_sets >> "$LOG" 2>&1 || return 1
   # step losses, one per line, from metrics.jsonl's train lines
-  grep '"type":"train"' "$dir/metrics.jsonl" | sed 's/.*"loss":\([-0-9.eE+]*\).*/\1/'
+  grep '"kind":"train"' "$dir/metrics.jsonl" | sed 's/.*"loss":\([-0-9.eE+]*\).*/\1/'
 }
 curve_dev=$(curve_run "$DEVICE" | tr '\n' ' ')
 curve_cpu=$(curve_run cpu | tr '\n' ' ')
@@ -158,7 +165,7 @@ cat "$OUT/summary.json"
 # exit status: every selftest passed and the curves agree within 1e-4
 fail=0
 for s in "$st_dev_f32" "$st_dev_half" "$st_cpu"; do
-  case "$s" in *'"pass":true}'*) ;; *) fail=1 ;; esac
+  case "$s" in *'"pass":true}'*|'"skipped: '*) ;; *) fail=1 ;; esac
 done
 echo "$curve" | awk '{ if (match($0, /"max_abs_loss_diff": [0-9.eE+-]+/)) { v = substr($0, RSTART + 21, RLENGTH - 21); exit !(v + 0 <= 1e-4) } exit 1 }' || fail=1
 exit $fail

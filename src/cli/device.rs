@@ -157,45 +157,31 @@ pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Outpu
     }
 }
 
+/// Why wgpu runs in f32 only: an f16 model crashes Burn 0.21's kernel fusion on wgpu (a fused
+/// reduce indexes past its arguments, burn-cubecl-fusion `engine/codegen/ir.rs:500`, then the
+/// stream panics "Ordering is bigger than operations"); with autotune on the tuner survived it by
+/// falling back to another candidate, but autotune is off (Cargo.toml). wgpu has no bf16.
+pub const WGPU_F16_UNAVAILABLE: &str = "f16 on wgpu crashes Burn 0.21's kernel fusion (a fused reduce, burn-cubecl-fusion ir.rs:500), so wgpu runs in f32";
+
 /// The dtype the frozen base is held in for training, from `train.precision`, saying what
-/// `auto` picked: bf16 on CUDA; f16 on wgpu where the adapter has shader-f16 (wgpu has no bf16;
-/// the trainer then scales the loss, as torch.amp.GradScaler does), else f32; f32 on the CPU.
+/// `auto` picked: bf16 on CUDA, f32 on wgpu and the CPU. An f16 base (CUDA only, asked for)
+/// gets dynamic loss scaling in the trainer, as torch.amp.GradScaler does.
 pub fn train_precision(requested: Precision, kind: Resolved) -> Result<WeightPrecision> {
-    let f16 = matches!(kind, Resolved::Wgpu) && wgpu_has_f16();
     Ok(match (requested, kind) {
         (Precision::Auto, Resolved::Cuda(_)) => {
             eprintln!("precision: auto picked bf16 (CUDA)");
             WeightPrecision::Bf16
         }
-        (Precision::Auto, Resolved::Wgpu) if f16 => {
-            eprintln!("precision: auto picked f16 (the wgpu adapter has shader-f16; wgpu has no bf16)");
-            WeightPrecision::F16
-        }
         (Precision::Auto, Resolved::Wgpu) => {
-            eprintln!("precision: auto picked f32 (the wgpu adapter has no shader-f16)");
+            eprintln!("precision: auto picked f32 ({WGPU_F16_UNAVAILABLE})");
             WeightPrecision::F32
         }
         (Precision::Auto | Precision::F32, _) => WeightPrecision::F32,
         (Precision::Bf16, Resolved::Cuda(_)) => WeightPrecision::Bf16,
         (Precision::F16, Resolved::Cuda(_)) => WeightPrecision::F16,
-        (Precision::F16, Resolved::Wgpu) if f16 => WeightPrecision::F16,
-        (Precision::F16, Resolved::Wgpu) => bail!("train.precision f16: this wgpu adapter has no shader-f16 support (use f32)"),
-        (p, k) => bail!("train.precision {p:?} is not available on {k} (CPU trains in f32; wgpu in f32 or f16; CUDA in f32, bf16 or f16)"),
+        (Precision::F16, Resolved::Wgpu) => bail!("train.precision f16: {WGPU_F16_UNAVAILABLE}; use f32"),
+        (p, k) => bail!("train.precision {p:?} is not available on {k} (CPU and wgpu train in f32; CUDA in f32, bf16 or f16)"),
     })
-}
-
-/// Whether the default wgpu adapter runs f16 shaders (`SHADER_F16`).
-#[cfg(feature = "wgpu")]
-fn wgpu_has_f16() -> bool {
-    use burn::cubecl::ir::{ElemType, FloatKind};
-    use burn::cubecl::Runtime;
-    let device = burn::backend::wgpu::WgpuDevice::default();
-    quietly(move || burn::backend::wgpu::WgpuRuntime::client(&device).properties().supports_type(ElemType::Float(FloatKind::F16)))
-}
-
-#[cfg(not(feature = "wgpu"))]
-fn wgpu_has_f16() -> bool {
-    false
 }
 
 /// Keep Mesa's Vulkan device-selection layer from printing `error: XDG_RUNTIME_DIR is invalid

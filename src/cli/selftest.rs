@@ -14,7 +14,7 @@ use temper::model::{load_model, WeightPrecision};
 use temper::ops::TemperBackend;
 use temper::train::loss::{nll_sum, shift_labels};
 
-use super::device::{dispatch_with, DeviceArg, Task};
+use super::device::{dispatch_with, resolve, DeviceArg, Resolved, Task, WGPU_F16_UNAVAILABLE};
 
 /// Half precision (bf16 keeps 8 bits of mantissa, f16 11): the largest logit difference within
 /// 4% of the largest reference logit, the loss within 0.02. Measured with bf16 on the CPU:
@@ -71,6 +71,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         _ => WeightPrecision::F32,
     };
     let device = args.device.clone();
+    if precision != WeightPrecision::F32 && matches!(resolve(&device)?, Resolved::Wgpu) {
+        bail!("--precision {}: {WGPU_F16_UNAVAILABLE}", args.precision);
+    }
     let json = args.json;
     let (kind, mut report) = dispatch_with(&device, precision, args)?;
     report.device = kind.to_string();

@@ -8,7 +8,7 @@ use crate::train::optim::LrSchedule;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
-    /// f32 on the CPU, bf16 on CUDA, f16 on wgpu where the adapter has shader-f16 (else f32).
+    /// f32 on the CPU, bf16 on CUDA, f32 on wgpu (where f16 hits a Burn fusion bug).
     #[default]
     Auto,
     F32,
