@@ -61,7 +61,7 @@ impl<B: Backend> LoraLinear<B> {
             let dtype = y.dtype();
             let mut h = x2.cast(DType::F32);
             if let (true, Some(step)) = (lora.dropout > 0.0, dropout::active()) {
-                h = h.clone() * dropout::mask::<B>(step.mask_key(lora.module), b * t, d_in, lora.dropout, &h.device());
+                h = dropout::apply(h, step.mask_key(lora.module), lora.dropout);
             }
             let delta = h
                 .matmul(lora.lora_a.val().transpose())

@@ -14,7 +14,7 @@
 use std::cell::Cell;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -119,8 +119,9 @@ pub fn mask_values(key: MaskKey, rows: usize, cols: usize, p: f64) -> Vec<f32> {
     (0..rows * cols).map(|i| if keep(key, t, i as u64) { scale } else { 0.0 }).collect()
 }
 
-/// The `[rows, cols]` f32 mask on `device`: `1 / (1 - p)` where kept, 0 where dropped.
-pub fn mask<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2> {
+/// The `[rows, cols]` dropped elements on `device` (`true` where dropped). A bool mask, not an
+/// f32 one: autodiff keeps it for the backward pass, and bools are a quarter of the memory.
+pub fn dropped<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
     let per_row = cols.div_ceil(32);
     // Bit-for-bit into i32 (a backend's int type is at least 32 bits wide; a wider one
     // sign-extends, which only touches bits the shifts below never read).
@@ -134,7 +135,14 @@ pub fn mask<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: 
         .bitwise_and_scalar(1.elem())
         .reshape([rows, per_row * 32]);
     let bits = if per_row * 32 == cols { bits } else { bits.slice([0..rows, 0..cols]) };
-    bits.float().mul_scalar(1.0 / (1.0 - p))
+    bits.equal_elem(0)
+}
+
+/// `x` with LoRA dropout applied: dropped elements zeroed, kept ones scaled by `1 / (1 - p)`.
+pub fn apply<B: Backend>(x: Tensor<B, 2>, key: MaskKey, p: f64) -> Tensor<B, 2> {
+    let [rows, cols] = x.dims();
+    let dropped = dropped::<B>(key, rows, cols, p, &x.device());
+    x.mask_fill(dropped, 0.0).mul_scalar(1.0 / (1.0 - p))
 }
 
 #[cfg(test)]
