@@ -3,6 +3,7 @@
 //! `y = W x (+ b) + scaling * B(A(dropout(x)))`. With no delta it is a plain linear layer, so the
 //! decoder has no separate "LoRA version".
 
+use crate::ops::TemperBackend;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 
@@ -47,6 +48,9 @@ impl<B: Backend> LoraLinear<B> {
         self.weight.shape().dims()
     }
 
+}
+
+impl<B: TemperBackend> LoraLinear<B> {
     /// `x`: `[batch, seq, in]` -> `[batch, seq, out]`, in `x`'s dtype.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();

@@ -171,7 +171,9 @@ impl<B: Backend> CausalLm<B> {
             None => x,
         }
     }
+}
 
+impl<B: TemperBackend> CausalLm<B> {
     /// Logits in f32: `[batch, seq, hidden]` hidden states -> `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let logits = match &self.lm_head {
@@ -188,9 +190,7 @@ impl<B: Backend> CausalLm<B> {
             None => logits,
         }
     }
-}
 
-impl<B: TemperBackend> CausalLm<B> {
     /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
     pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let t = ids.dims()[1];

@@ -1,5 +1,6 @@
 //! The gated MLP: `down(act(gate(x)) * up(x))`, with Phi-3's fused `gate_up_proj`.
 
+use crate::ops::TemperBackend;
 use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
@@ -17,7 +18,7 @@ pub struct Mlp<B: Backend> {
     pub activation: Activation,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: TemperBackend> Mlp<B> {
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {

@@ -4,9 +4,9 @@
 //!
 //! Each mask element is a counter-based draw: a SplitMix64 finaliser of a key built from
 //! (seed, optimizer step, micro-batch, module) plus the element's index, so any element can be
-//! drawn on its own, in parallel, with no generator state to carry or checkpoint. The keep
-//! decisions are drawn on the host and travel to the device packed 32 to a word (1/32 of an
-//! f32 mask's bytes); the device expands them with integer shifts.
+//! drawn on its own, in parallel, with no generator state to carry or checkpoint. The
+//! decisions are drawn on the host: the CPU backends take them as a bool tensor, the GPUs packed
+//! 32 to a word and expanded on the device with integer shifts ([`TemperBackend`] chooses).
 //!
 //! Dropout is applied only inside a [`TrainingScope`] (the trainer opens one per
 //! micro-batch), never during evaluation or generation, whatever the backend.
@@ -16,6 +16,8 @@ use std::cell::Cell;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use rayon::prelude::*;
+
+use crate::ops::TemperBackend;
 
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -119,9 +121,22 @@ pub fn mask_values(key: MaskKey, rows: usize, cols: usize, p: f64) -> Vec<f32> {
     (0..rows * cols).map(|i| if keep(key, t, i as u64) { scale } else { 0.0 }).collect()
 }
 
-/// The `[rows, cols]` dropped elements on `device` (`true` where dropped). A bool mask, not an
-/// f32 one: autodiff keeps it for the backward pass, and bools are a quarter of the memory.
-pub fn dropped<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
+/// The `[rows, cols]` dropped elements (`true` where dropped), laid out on the host and moved as
+/// bools: for the CPU backends, whose memory is the host's, this is one parallel pass.
+pub fn dropped_on_host<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
+    let t = threshold(p);
+    let mut values = vec![false; rows * cols];
+    values.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, row)| {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = !keep(key, t, (r * cols + c) as u64);
+        }
+    });
+    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+}
+
+/// The `[rows, cols]` dropped elements (`true` where dropped), sent packed 32 decisions a word
+/// and expanded on the device with integer shifts: for the GPUs, 1/32 of a bool mask's transfer.
+pub fn dropped_packed<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
     let per_row = cols.div_ceil(32);
     // Bit-for-bit into i32 (a backend's int type is at least 32 bits wide; a wider one
     // sign-extends, which only touches bits the shifts below never read).
@@ -139,9 +154,10 @@ pub fn dropped<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, devic
 }
 
 /// `x` with LoRA dropout applied: dropped elements zeroed, kept ones scaled by `1 / (1 - p)`.
-pub fn apply<B: Backend>(x: Tensor<B, 2>, key: MaskKey, p: f64) -> Tensor<B, 2> {
+/// Autodiff keeps only the bool mask for the backward pass.
+pub fn apply<B: TemperBackend>(x: Tensor<B, 2>, key: MaskKey, p: f64) -> Tensor<B, 2> {
     let [rows, cols] = x.dims();
-    let dropped = dropped::<B>(key, rows, cols, p, &x.device());
+    let dropped = Tensor::<B, 2, Bool>::from_primitive(B::temper_dropout_mask(key, rows, cols, p, &x.device()));
     x.mask_fill(dropped, 0.0).mul_scalar(1.0 / (1.0 - p))
 }
 
@@ -191,6 +207,19 @@ mod tests {
                 assert_eq!(bit, values[r * cols + c] != 0.0, "({r}, {c})");
             }
         }
+    }
+
+    /// The CPU backends' host layout and the GPUs' packed words expand to the same mask.
+    #[test]
+    fn host_and_packed_masks_agree() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let (key, rows, cols) = (MaskKey(9), 7, 75);
+        let host: Vec<bool> = dropped_on_host::<B>(key, rows, cols, 0.2, &device).into_data().to_vec().unwrap();
+        let packed: Vec<bool> = dropped_packed::<B>(key, rows, cols, 0.2, &device).into_data().to_vec().unwrap();
+        assert_eq!(host, packed);
+        let want: Vec<bool> = mask_values(key, rows, cols, 0.2).iter().map(|&v| v == 0.0).collect();
+        assert_eq!(host, want);
     }
 
     #[test]

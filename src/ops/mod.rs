@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
 use burn::tensor::{Tensor, TensorPrimitive};
 
 pub use attention::AttentionSpec;
@@ -39,6 +39,12 @@ pub trait TemperBackend: Backend {
         unwrap(cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec))
     }
 
+    /// Which elements LoRA dropout zeroes in a `[rows, cols]` input (`true` = dropped). Default:
+    /// laid out on the host (the CPU backends); the GPUs send the decisions packed.
+    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+        dropout::dropped_on_host::<Self>(key, rows, cols, p, device).into_primitive()
+    }
+
     /// Bytes the device's allocator holds in reserve (its pool only grows within a run, so
     /// read after the work it is that work's peak). `None` for the CPU backends, whose memory
     /// is the process's (peak RSS).
@@ -56,6 +62,10 @@ impl TemperBackend for burn::backend::Flex {}
 impl TemperBackend for burn::backend::NdArray<f32> {}
 #[cfg(feature = "cuda")]
 impl TemperBackend for burn::backend::Cuda<f32, i32> {
+    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+        dropout::dropped_packed::<Self>(key, rows, cols, p, device).into_primitive()
+    }
+
     fn temper_reserved_bytes(device: &Self::Device) -> Option<u64> {
         use burn::cubecl::Runtime;
         burn::cubecl::cuda::CudaRuntime::client(device).memory_usage().ok().map(|m| m.bytes_reserved)
@@ -63,6 +73,10 @@ impl TemperBackend for burn::backend::Cuda<f32, i32> {
 }
 #[cfg(feature = "wgpu")]
 impl TemperBackend for burn::backend::Wgpu<f32, i32> {
+    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+        dropout::dropped_packed::<Self>(key, rows, cols, p, device).into_primitive()
+    }
+
     fn temper_reserved_bytes(device: &Self::Device) -> Option<u64> {
         use burn::cubecl::Runtime;
         burn::backend::wgpu::WgpuRuntime::client(device).memory_usage().ok().map(|m| m.bytes_reserved)
@@ -153,6 +167,10 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::temper_cross_entropy(hidden.primitive, weight.primitive, spec)),
         }
+    }
+
+    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+        B::temper_dropout_mask(key, rows, cols, p, device)
     }
 
     fn temper_reserved_bytes(device: &Self::Device) -> Option<u64> {

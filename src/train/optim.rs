@@ -59,10 +59,14 @@ impl AdamW {
 /// Total L2 norm of all gradients (before clipping) and the gradients scaled so the total
 /// norm is at most `max_norm` (PyTorch: coefficient max_norm / (norm + 1e-6), capped at 1).
 pub fn clip_global_norm<B: Backend>(grads: Vec<Tensor<B, 2>>, max_norm: Option<f64>) -> (f64, Vec<Tensor<B, 2>>) {
-    let sq: f64 = grads
-        .iter()
-        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
-        .sum();
+    // One f32 sum of squares per tensor on the device, read back in one transfer (one sync per
+    // step rather than one per LoRA tensor) and added up in f64, as before.
+    let sums: Vec<Tensor<B, 1>> = grads.iter().map(|g| g.clone().cast(burn::tensor::DType::F32).powi_scalar(2).sum()).collect();
+    let sq: f64 = if sums.is_empty() {
+        0.0
+    } else {
+        Tensor::cat(sums, 0).into_data().convert::<f64>().to_vec::<f64>().map_or(f64::NAN, |v| v.iter().sum())
+    };
     let norm = sq.sqrt();
     match max_norm {
         Some(max) if max > 0.0 => {
@@ -75,8 +79,6 @@ pub fn clip_global_norm<B: Backend>(grads: Vec<Tensor<B, 2>>, max_norm: Option<f
         _ => (norm, grads),
     }
 }
-
-use burn::tensor::ElementConversion;
 
 /// `lr_scheduler` in a recipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
