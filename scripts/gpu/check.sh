@@ -2,7 +2,9 @@
 # One prepared check of Temper's GPU paths (issue 9). Run by hand on a machine with a GPU,
 # never in CI; it needs no Rust toolchain, only a stripped release binary built elsewhere:
 #
-#   cargo build --release && strip -o target/gpu/temper target/release/temper
+#   CARGO_TARGET_DIR=target/gpu-build cargo build --release --no-default-features --features cuda
+#   strip -o target/gpu/temper target/gpu-build/release/temper   # 57 MiB; with wgpu too: 68 MiB,
+#                                                                # over the 64 MiB a carry allows
 #   cp -r ../shared/models/stories260K target/gpu/stories260K     # the tiny model with a tokenizer
 #   scripts/gpu/check.sh --device cuda --temper target/gpu/temper --model target/gpu/stories260K
 #
