@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -15,9 +15,9 @@ use temper::model::{CausalLm, DecoderConfig, HfConfig, WeightSource};
 use temper::ops::dropout::StepKey;
 use temper::ops::TemperAutodiff;
 use temper::train::metrics::peak_rss_bytes;
-use temper::train::{optimizer_step, LossScaler, Optimizer, StepOptions, TrainConfig};
+use temper::train::{optimizer_step, LossScaler, Optimizer, Precision, StepOptions, TrainConfig};
 
-use super::device::{dispatch_train, DeviceArg, Resolved, TrainTask};
+use super::device::{dispatch_train, train_precision, DeviceArg, Resolved, TrainTask};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -38,7 +38,8 @@ pub struct BenchArgs {
     pub forward_only: bool,
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// The frozen base's dtype: auto (bf16 on CUDA, f32 elsewhere), f32, bf16 or f16.
+    /// The frozen base's dtype, as `train.precision` picks it: auto (bf16 on CUDA, f32
+    /// elsewhere), f32, bf16 (CUDA) or f16 (CUDA).
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
     pub precision: String,
     /// LoRA dropout of the timed training steps (its masks are drawn on the host).
@@ -100,12 +101,14 @@ impl TrainTask for BenchArgs {
     fn run<B: TemperAutodiff>(self, device: B::Device, kind: Resolved) -> Result<()> {
         let path = config_path(&self.model);
         let cfg = HfConfig::from_file(&path)?.to_decoder_config(&path)?;
-        use burn::tensor::DType;
-        let dtype = match (self.precision.as_str(), kind) {
-            ("auto", Resolved::Cuda(_)) | ("bf16", _) => DType::BF16,
-            ("f16", _) => DType::F16,
-            _ => DType::F32,
+        let requested = match self.precision.as_str() {
+            "f32" => Precision::F32,
+            "bf16" => Precision::Bf16,
+            "f16" => Precision::F16,
+            _ => Precision::Auto,
         };
+        // The dtype training would hold this base in (a random base has no stored dtype).
+        let dtype = train_precision(requested, kind).with_context(|| format!("--precision {}", self.precision))?.resolve(None);
         let mut weights = WeightSource::random(0, cfg.norm_offset);
         let mut model = CausalLm::<B>::load(&cfg, &mut weights, dtype, &device)?;
         let mut rng = StdRng::seed_from_u64(1);

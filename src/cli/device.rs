@@ -5,8 +5,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use temper::model::WeightPrecision;
-use temper::train::Precision;
 use temper::ops::{TemperAutodiff, TemperBackend};
+use temper::train::Precision;
 
 /// The CPU backend. Flex measured faster than ndarray on the forward pass (see README).
 pub type Cpu = burn::backend::Flex;
@@ -122,14 +122,8 @@ pub fn dispatch<T: Task>(arg: &DeviceArg, task: T) -> Result<T::Output> {
     run_task(kind, precision, task)
 }
 
-/// Run an inference task on the chosen device with the weights in `precision`; also says
-/// which device that was.
-pub fn dispatch_with<T: Task>(arg: &DeviceArg, precision: WeightPrecision, task: T) -> Result<(Resolved, T::Output)> {
-    let kind = resolve(arg)?;
-    Ok((kind, run_task(kind, precision, task)?))
-}
-
-fn run_task<T: Task>(kind: Resolved, precision: WeightPrecision, task: T) -> Result<T::Output> {
+/// Run an inference task on an already resolved device with the weights in `precision`.
+pub fn run_task<T: Task>(kind: Resolved, precision: WeightPrecision, task: T) -> Result<T::Output> {
     match kind {
         Resolved::Cpu => task.run::<Cpu>(Default::default(), precision),
         Resolved::NdArray => task.run::<NdArray>(Default::default(), precision),

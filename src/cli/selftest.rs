@@ -10,11 +10,12 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 use serde_json::Value;
+use temper::export::shard::bytes_to_f32;
 use temper::model::{load_model, WeightPrecision};
 use temper::ops::TemperBackend;
 use temper::train::loss::{nll_sum, shift_labels};
 
-use super::device::{dispatch_with, resolve, DeviceArg, Resolved, Task, WGPU_F16_UNAVAILABLE};
+use super::device::{resolve, run_task, DeviceArg, Resolved, Task, WGPU_F16_UNAVAILABLE};
 
 /// Half precision (bf16 keeps 8 bits of mantissa, f16 11): the largest logit difference within
 /// 4% of the largest reference logit, the loss within 0.02. Measured with bf16 on the CPU:
@@ -70,12 +71,12 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         "f16" => WeightPrecision::F16,
         _ => WeightPrecision::F32,
     };
-    let device = args.device.clone();
-    if precision != WeightPrecision::F32 && matches!(resolve(&device)?, Resolved::Wgpu) {
+    let kind = resolve(&args.device)?;
+    if precision != WeightPrecision::F32 && kind == Resolved::Wgpu {
         bail!("--precision {}: {WGPU_F16_UNAVAILABLE}", args.precision);
     }
     let json = args.json;
-    let (kind, mut report) = dispatch_with(&device, precision, args)?;
+    let mut report = run_task(kind, precision, args)?;
     report.device = kind.to_string();
     if json {
         println!("{}", serde_json::to_string(&report)?);
@@ -139,7 +140,7 @@ fn check_model<B: TemperBackend>(model_dir: &Path, reference: &Path, precision: 
     let (ids, shape) = tensor("input_ids", Dtype::I64)?;
     let ids: Vec<i64> = ids.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
     let (want, want_shape) = tensor("logits", Dtype::F32)?;
-    let want: Vec<f32> = want.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let want = bytes_to_f32(Dtype::F32, &want).ok_or_else(|| anyhow!("{}: tensor logits is not f32", reference.display()))?;
     let [b, t] = [shape[0], shape[1]];
     let tail = want_shape.get(1).copied().unwrap_or(t).min(t);
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), device);

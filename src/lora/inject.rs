@@ -1,13 +1,13 @@
 //! Which projections get adapters (PEFT's matching rules) and putting them there.
 
 use burn::module::Param;
-use crate::ops::dropout::module_id;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::linear::{LoraDelta, LoraLinear};
 use crate::model::CausalLm;
+use crate::ops::dropout::module_id;
 use crate::{Error, Result};
 
 /// Every projection of the model with its module name as in the checkpoint

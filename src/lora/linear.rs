@@ -3,11 +3,10 @@
 //! `y = W x (+ b) + scaling * B(A(dropout(x)))`. With no delta it is a plain linear layer, so the
 //! decoder has no separate "LoRA version".
 
-use crate::ops::TemperBackend;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 
-use crate::ops::dropout;
+use crate::ops::{dropout, TemperBackend};
 
 /// Trainable low-rank delta of one projection (PEFT's `lora_A` / `lora_B`), always f32.
 #[derive(Module, Debug)]
@@ -47,7 +46,6 @@ impl<B: Backend> LoraLinear<B> {
     pub fn dims(&self) -> [usize; 2] {
         self.weight.shape().dims()
     }
-
 }
 
 impl<B: TemperBackend> LoraLinear<B> {

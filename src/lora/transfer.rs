@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 
 use burn::module::Param;
-use crate::ops::dropout::module_id;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::export::{Adapter, HostTensor, LoraPair};
 use crate::lora::inject::projections_mut;
 use crate::lora::{LoraConfig, LoraDelta};
 use crate::model::CausalLm;
+use crate::ops::dropout::module_id;
 use crate::{Error, Result};
 
 /// Put the adapter's A/B into the model's projections (replacing any there). A module the model

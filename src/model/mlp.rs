@@ -1,11 +1,11 @@
 //! The gated MLP: `down(act(gate(x)) * up(x))`, with Phi-3's fused `gate_up_proj`.
 
-use crate::ops::TemperBackend;
 use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
 use crate::lora::LoraLinear;
 use crate::model::config::Activation;
+use crate::ops::TemperBackend;
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {

@@ -113,14 +113,6 @@ pub fn keep_words(key: MaskKey, rows: usize, cols: usize, p: f64) -> Vec<u32> {
     words
 }
 
-/// The `[rows, cols]` f32 mask on the host: `1 / (1 - p)` where kept, 0 where dropped (the
-/// reference the device expansion is tested against).
-pub fn mask_values(key: MaskKey, rows: usize, cols: usize, p: f64) -> Vec<f32> {
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let t = threshold(p);
-    (0..rows * cols).map(|i| if keep(key, t, i as u64) { scale } else { 0.0 }).collect()
-}
-
 /// The `[rows, cols]` dropped elements (`true` where dropped), laid out on the host and moved as
 /// bools: for the CPU backends, whose memory is the host's, this is one parallel pass.
 pub fn dropped_on_host<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
@@ -165,10 +157,19 @@ pub fn apply<B: TemperBackend>(x: Tensor<B, 2>, key: MaskKey, p: f64) -> Tensor<
 mod tests {
     use super::*;
 
+    type Cpu = burn::backend::Flex;
+
+    /// The dropped elements drawn one by one, in order: what both layouts must hold.
+    fn reference(key: MaskKey, rows: usize, cols: usize, p: f64) -> Vec<bool> {
+        let t = threshold(p);
+        (0..rows * cols).map(|i| !keep(key, t, i as u64)).collect()
+    }
+
     #[test]
     fn drop_rate_and_scale_follow_p() {
         let key = StepKey { seed: 7, step: 3, micro_batch: 1 }.mask_key(module_id("model.layers.0.self_attn.q_proj"));
-        let v = mask_values(key, 256, 300, 0.1);
+        let ones = Tensor::<Cpu, 2>::ones([256, 300], &Default::default());
+        let v: Vec<f32> = apply(ones, key, 0.1).into_data().to_vec().unwrap();
         let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
         // 76,800 draws: the standard error of the rate is ~0.0011.
         assert!((dropped - 0.1).abs() < 0.006, "drop rate {dropped}");
@@ -186,13 +187,13 @@ mod tests {
             StepKey { seed: 2, ..base }.mask_key(m),
             base.mask_key(module_id("b")),
         ]
-        .map(|k| mask_values(k, 4, 64, 0.5));
+        .map(|k| reference(k, 4, 64, 0.5));
         for i in 0..masks.len() {
             for j in i + 1..masks.len() {
                 assert_ne!(masks[i], masks[j], "masks {i} and {j}");
             }
         }
-        assert_eq!(masks[0], mask_values(base.mask_key(m), 4, 64, 0.5));
+        assert_eq!(masks[0], reference(base.mask_key(m), 4, 64, 0.5));
     }
 
     #[test]
@@ -200,11 +201,11 @@ mod tests {
         let key = MaskKey(42);
         let (rows, cols) = (5, 70);
         let words = keep_words(key, rows, cols, 0.3);
-        let values = mask_values(key, rows, cols, 0.3);
+        let dropped = reference(key, rows, cols, 0.3);
         for r in 0..rows {
             for c in 0..cols {
                 let bit = words[r * 3 + c / 32] >> (c % 32) & 1 == 1;
-                assert_eq!(bit, values[r * cols + c] != 0.0, "({r}, {c})");
+                assert_eq!(bit, !dropped[r * cols + c], "({r}, {c})");
             }
         }
     }
@@ -212,14 +213,12 @@ mod tests {
     /// The CPU backends' host layout and the GPUs' packed words expand to the same mask.
     #[test]
     fn host_and_packed_masks_agree() {
-        type B = burn::backend::Flex;
         let device = Default::default();
         let (key, rows, cols) = (MaskKey(9), 7, 75);
-        let host: Vec<bool> = dropped_on_host::<B>(key, rows, cols, 0.2, &device).into_data().to_vec().unwrap();
-        let packed: Vec<bool> = dropped_packed::<B>(key, rows, cols, 0.2, &device).into_data().to_vec().unwrap();
+        let host: Vec<bool> = dropped_on_host::<Cpu>(key, rows, cols, 0.2, &device).into_data().to_vec().unwrap();
+        let packed: Vec<bool> = dropped_packed::<Cpu>(key, rows, cols, 0.2, &device).into_data().to_vec().unwrap();
         assert_eq!(host, packed);
-        let want: Vec<bool> = mask_values(key, rows, cols, 0.2).iter().map(|&v| v == 0.0).collect();
-        assert_eq!(host, want);
+        assert_eq!(host, reference(key, rows, cols, 0.2));
     }
 
     #[test]

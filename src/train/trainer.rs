@@ -14,8 +14,8 @@ use crate::data::{batches, Batch, DataConfig, DataStats, Example, Prepared};
 use crate::export::{Adapter, HostTensor, WriteMode};
 use crate::lora::{apply_adapter, extract_adapter, inject, LoraConfig};
 use crate::model::CausalLm;
-use crate::ops::{TemperAutodiff, TemperBackend};
 use crate::ops::dropout::{StepKey, TrainingScope};
+use crate::ops::{TemperAutodiff, TemperBackend};
 use crate::train::checkpoint::{self, OptimizerMoments, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::{peak_rss_bytes, MetricLine, MetricsLog};
@@ -339,7 +339,7 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
                 break stats;
             }
         };
-        state.loss_scale = (scaler.scale != 1.0 || dtype == burn::tensor::DType::F16).then_some((scaler.scale, scaler.good_steps));
+        state.loss_scale = (dtype == burn::tensor::DType::F16).then_some((scaler.scale, scaler.good_steps));
         state.step += 1;
         state.tokens_seen += stats.tokens;
         state.epoch = cursor.epoch;
