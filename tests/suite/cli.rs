@@ -195,3 +195,41 @@ fn unknown_device_is_refused() {
     let err = stderr_failed(&temper(&["eval", "--model", "x", "--data", "y", "--device", "tpu"]));
     assert!(err.contains("unknown device") && err.contains("tpu"), "{err}");
 }
+
+/// A fixtures folder holding only `llama`, its manifest entry edited by `edit`.
+fn one_fixture(tmp: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = tmp.join("fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    for sub in ["models", "reference"] {
+        std::os::unix::fs::symlink(fixtures().join(sub), dir.join(sub)).unwrap();
+    }
+    let mut m = manifest();
+    let llama = m["models"]["llama"].clone();
+    m["models"] = serde_json::json!({ "llama": llama });
+    edit(&mut m["models"]["llama"]);
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn selftest_passes_every_fixture_on_the_cpu() {
+    let out = temper(&["selftest", "--fixtures", path(&fixtures()), "--device", "cpu", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout_ok(&out)).unwrap();
+    assert_eq!(report["pass"], true, "{report}");
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["models"].as_array().unwrap().len(), manifest()["models"].as_object().unwrap().len());
+}
+
+#[test]
+fn selftest_fails_a_model_off_its_reference_and_names_bad_manifest_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A reference loss moved by 1e-3 (10x the f32 tolerance) must fail.
+    let moved = one_fixture(&tmp.path().join("moved"), |e| e["loss"] = serde_json::json!(e["loss"].as_f64().unwrap() + 1e-3));
+    let err = stderr_failed(&temper(&["selftest", "--fixtures", path(&moved), "--device", "cpu"]));
+    assert!(err.contains("1 of 1 fixture models outside tolerance"), "{err}");
+    let no_path = one_fixture(&tmp.path().join("no_path"), |e| e["path"] = serde_json::Value::Null);
+    let err = stderr_failed(&temper(&["selftest", "--fixtures", path(&no_path), "--device", "cpu"]));
+    assert!(err.contains("manifest.json: models.llama.path is not a string"), "{err}");
+    let err = stderr_failed(&temper(&["selftest", "--fixtures", path(tmp.path()), "--device", "cpu"]));
+    assert!(err.contains(&format!("reading {}", tmp.path().join("manifest.json").display())), "{err}");
+}
