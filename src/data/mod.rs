@@ -18,5 +18,6 @@ pub use batching::batches;
 pub use config::{DataConfig, DataFormat, TemplateSource};
 pub use example::{Batch, Example};
 pub use pipeline::{prepare, DataStats, Prepared};
+pub use record::Conversation;
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::TextTokenizer;

@@ -21,6 +21,7 @@ pub enum SkipReason {
     EmptyField,
     NoTrainedTokens,
     Template,
+    ToolCall,
 }
 
 impl SkipReason {
@@ -34,6 +35,7 @@ impl SkipReason {
             SkipReason::EmptyField => "empty_field",
             SkipReason::NoTrainedTokens => "no_trained_tokens",
             SkipReason::Template => "template_error",
+            SkipReason::ToolCall => "bad_tool_call",
         }
     }
 }
