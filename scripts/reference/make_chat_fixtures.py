@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import FIXTURES, STORIES260K, TOKENIZERS, rel, setup_determinism, update_manifest, write_json  # noqa: E402
+from common import FIXTURES, REPO_ROOT, STORIES260K, TOKENIZERS, rel, setup_determinism, update_manifest, write_json  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -105,6 +105,120 @@ def chat_cases(tok, name: str):
     return cases
 
 
+# Reasoning and tool-calling conversations (issue 14): tests/fixtures/chat/agent.json.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        # Keys deliberately not in sorted order: templates print tools with tojson, which keeps
+        # the row's key order (Python dicts), so the Rust side must too.
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}, "city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "description": "Local time in a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+U_PRIME = {"role": "user", "content": "What is the largest prime below 8?"}
+U_WEATHER = {"role": "user", "content": "What's the weather in Paris?"}
+U_THANKS = {"role": "user", "content": "Thanks! And should I take an umbrella?"}
+TOOL_RESULT = {"role": "tool", "content": '{"temperature": 18, "condition": "cloudy"}'}
+
+AGENT = {
+    "reasoning_single": [U1, {"role": "assistant", "content": "<think>\nTwo plus two makes four.\n</think>\n\n2+2 is 4."}],
+    "reasoning_multi_turn": [
+        SYSTEM,
+        U1,
+        {"role": "assistant", "content": "<think>\nTwo plus two makes four.\n</think>\n\n2+2 is 4."},
+        U2,
+        {"role": "assistant", "content": "<think>\nThree and three is six.\n</think>\n\n6"},
+    ],
+    "reasoning_content_field": [U_PRIME, {"role": "assistant", "reasoning_content": "Small primes: 2, 3, 5, 7.", "content": "7"}],
+    "reasoning_content_multi_turn": [
+        U_PRIME,
+        {"role": "assistant", "reasoning_content": "Small primes: 2, 3, 5, 7.", "content": "7"},
+        {"role": "user", "content": "And below 12?"},
+        {"role": "assistant", "reasoning_content": "11 is prime.", "content": "11"},
+    ],
+    "tool_call": [
+        SYSTEM,
+        U_WEATHER,
+        {"role": "assistant", "content": "", "tool_calls": [call("get_weather", unit="celsius", city="Paris")]},
+        dict(TOOL_RESULT, tool_call_id="call_1", name="get_weather"),
+        {"role": "assistant", "content": "It is 18 °C and cloudy in Paris."},
+    ],
+    "tool_call_reasoning_multi_step": [
+        U_WEATHER,
+        {"role": "assistant", "reasoning_content": "I need the weather tool.", "content": "", "tool_calls": [call("get_weather", city="Paris")]},
+        TOOL_RESULT,
+        {"role": "assistant", "reasoning_content": "18 and cloudy.", "content": "It is 18 °C and cloudy."},
+        U_THANKS,
+        {"role": "assistant", "reasoning_content": "Cloudy, no rain in the result.", "content": "Not needed, but it is cloudy."},
+    ],
+    "parallel_tool_calls": [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": "Let me check both.", "tool_calls": [call("get_weather", city="Paris"), call("get_time", city="Paris")]},
+        TOOL_RESULT,
+        {"role": "tool", "content": "14:05"},
+        {"role": "assistant", "content": "18 °C, cloudy, and it is 14:05."},
+    ],
+}
+
+# (tokenizer, template file or None for the tokenizer's own, cases, tools, extra kwargs variants)
+AGENT_RUNS = [
+    ("qwen3", None, list(AGENT), [{}, {"enable_thinking": False}]),
+    ("llama3", None, ["reasoning_single", "reasoning_multi_turn", "tool_call"], [{}]),
+    # Llama 3.2 Instruct's own template (tests/fixtures/chat_templates/llama3_2.jinja), with the
+    # Llama-3 tokenizer (the same vocabulary). date_string fixed: the template otherwise prints today.
+    ("llama3", "llama3_2.jinja", ["reasoning_single", "reasoning_multi_turn", "tool_call"], [{"date_string": "26 Jul 2024"}]),
+    # A template with {% generation %} blocks: transformers' return_assistant_tokens_mask is the reference.
+    ("llama3", "llama3_generation.jinja", ["reasoning_multi_turn", "tool_call"], [{}]),
+]
+TEMPLATES = REPO_ROOT / "tests" / "fixtures" / "chat_templates"
+
+
+def agent_cases():
+    out = []
+    toks = {}
+    for tok_name, template_file, names, variants in AGENT_RUNS:
+        tok = toks.setdefault(tok_name, AutoTokenizer.from_pretrained(str(TOKENIZERS / tok_name), local_files_only=True))
+        template = (TEMPLATES / template_file).read_text() if template_file else None
+        for kwargs in variants:
+            for name in names:
+                messages = AGENT[name]
+                tools = [WEATHER_TOOL, TIME_TOOL] if "tool" in name else None
+                common = dict(chat_template=template, tools=tools, **kwargs)
+                text = tok.apply_chat_template(messages, tokenize=False, **common)
+                enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=template_file == "llama3_generation.jinja", **common)
+                ids = [int(i) for i in enc["input_ids"]]
+                assert ids == tok(text, add_special_tokens=False)["input_ids"], (tok_name, name)
+                case = {
+                    "name": name,
+                    "tokenizer": tok_name,
+                    "template": template_file,
+                    "messages": messages,
+                    "tools": tools,
+                    "kwargs": kwargs,
+                    "text": text,
+                    "input_ids": ids,
+                }
+                if "assistant_masks" in enc:
+                    case["assistant_masks"] = [int(m) for m in enc["assistant_masks"]]
+                out.append(case)
+    return out
+
+
 NOTES = {
     "llama3": [
         "This tokenizer_config.json carries the original Llama-3 template, which ALWAYS appends "
@@ -158,6 +272,17 @@ def main() -> None:
             "encodings": len(obj["encodings"]),
             "notes": NOTES[name],
         }
+    agent = agent_cases()
+    write_json(cdir / "agent.json", {
+        "notes": [
+            "Reasoning and tool-calling conversations rendered by apply_chat_template(messages, tools=...) "
+            "(tokenize=False for text, tokenize=True for input_ids).",
+            "template null: the tokenizer's own chat template; otherwise a file in tests/fixtures/chat_templates.",
+            "assistant_masks: transformers' return_assistant_tokens_mask, only for templates with {% generation %} blocks.",
+        ],
+        "cases": agent,
+    })
+    summary["agent"] = {"file": rel(cdir / "agent.json"), "cases": len(agent)}
     update_manifest({"chat": summary})
 
 

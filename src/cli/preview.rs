@@ -61,6 +61,16 @@ pub fn run(args: PreviewArgs) -> Result<()> {
     let tok = TextTokenizer::from_dir(&model)?;
     let prepared = prepare(&cfg, &tok, &base, 0)?;
     let color = std::io::stdout().is_terminal();
+    if prepared.stats.format == "chat" && !args.jsonl && !cfg.train_on_inputs {
+        let yes_no = |b: bool| if b { "trained" } else { "not trained" };
+        println!(
+            "chat: assistant turns as the template renders them; reasoning {}, tool-call turns {}, empty think blocks {}, end of turn {}",
+            yes_no(cfg.train_on_reasoning),
+            yes_no(cfg.train_on_tool_calls),
+            yes_no(cfg.train_on_empty_think),
+            yes_no(cfg.train_on_eos)
+        );
+    }
     for (i, ex) in prepared.train.iter().take(args.n).enumerate() {
         if args.jsonl {
             println!("{}", json!({"input_ids": ex.input_ids, "labels": ex.labels}));

@@ -99,6 +99,20 @@ pub struct DataConfig {
     /// Train the EOS / end-of-turn token, so the model learns to stop.
     #[serde(default = "yes")]
     pub train_on_eos: bool,
+    /// Chat rows: train the reasoning (`<think>...</think>`) of the trained assistant turns, as
+    /// the template renders it; false: only their answers (and tool calls).
+    #[serde(default = "yes")]
+    pub train_on_reasoning: bool,
+    /// Chat rows: train the assistant turns that call tools; false: they are context only.
+    #[serde(default = "yes")]
+    pub train_on_tool_calls: bool,
+    /// Chat rows: train the empty think block (`<think>\n\n</think>\n\n`) a template writes
+    /// into turns without reasoning; it carries no content, so by default it is not trained.
+    #[serde(default)]
+    pub train_on_empty_think: bool,
+    /// The tags around reasoning in a rendered assistant turn.
+    #[serde(default = "default_think_tags")]
+    pub think_tags: [String; 2],
     /// Skip (and count) unusable rows instead of stopping at the first.
     #[serde(default)]
     pub skip_invalid_rows: bool,
@@ -137,6 +151,10 @@ impl DataConfig {
             separator: String::new(),
             train_on_inputs: false,
             train_on_eos: true,
+            train_on_reasoning: true,
+            train_on_tool_calls: true,
+            train_on_empty_think: false,
+            think_tags: default_think_tags(),
             skip_invalid_rows: false,
             columns: BTreeMap::new(),
             chat_template: None,
@@ -147,10 +165,30 @@ impl DataConfig {
         }
     }
 
+    /// The checks serde cannot make, as (key under `data`, reason).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.seq_len < 2 {
+            return Err(("seq_len", format!("must be at least 2, got {}", self.seq_len)));
+        }
+        if let Some(v) = self.val_split {
+            if !(0.0..1.0).contains(&v) {
+                return Err(("val_split", format!("must be in [0, 1), got {v}")));
+            }
+        }
+        if let Some(k) = self.think_tags.iter().position(|t| t.trim().is_empty()) {
+            return Err(("think_tags", format!("tag {} is empty: give the opening and closing tags, e.g. [\"<think>\", \"</think>\"]", k + 1)));
+        }
+        Ok(())
+    }
+
     /// The dataset column that holds the format's field `field`.
     pub fn column<'a>(&'a self, field: &'a str) -> &'a str {
         self.columns.get(field).map_or(field, String::as_str)
     }
+}
+
+fn default_think_tags() -> [String; 2] {
+    ["<think>".into(), "</think>".into()]
 }
 
 fn default_seq_len() -> usize {

@@ -38,6 +38,7 @@ pub fn data_config_from_str(text: &str, path: &Path) -> Result<DataConfig> {
         let key = msg.split(':').next().filter(|k| k.starts_with("data")).unwrap_or("data").to_string();
         err(&key, msg)
     })?;
+    only.data.validate().map_err(|(k, r)| err(&format!("data.{k}"), r))?;
     Ok(only.data)
 }
 

@@ -91,14 +91,7 @@ impl Recipe {
         };
         recipe.lora.validate().map_err(|r| invalid(format!("lora.{}", first_key(&r)), r))?;
         recipe.train.validate().map_err(|(k, r)| invalid(format!("train.{k}"), r))?;
-        if recipe.data.seq_len < 2 {
-            return Err(invalid("data.seq_len".into(), format!("must be at least 2, got {}", recipe.data.seq_len)));
-        }
-        if let Some(v) = recipe.data.val_split {
-            if !(0.0..1.0).contains(&v) {
-                return Err(invalid("data.val_split".into(), format!("must be in [0, 1), got {v}")));
-            }
-        }
+        recipe.data.validate().map_err(|(k, r)| invalid(format!("data.{k}"), r))?;
         let recipe_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let base_for = |key: &str| if overridden.iter().any(|k| k == key) { PathBuf::from(".") } else { recipe_dir.clone() };
         // Hub sources (`hub:owner/name/...`) are not paths.

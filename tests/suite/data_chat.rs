@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use temper::data::encode::Encoder;
+use temper::data::record::Conversation;
 use temper::data::{ChatTemplate, DataConfig, Message, TextTokenizer};
 use temper::train::loss::IGNORE_INDEX;
 
@@ -85,13 +86,13 @@ fn check_masking(name: &str, eot: &str, trims: bool) {
         let mut cfg = DataConfig::new("unused");
         cfg.template_kwargs = kwargs(case);
         let template = ChatTemplate::new(tok.chat_template.as_deref(), &tok).unwrap();
-        let ex = Encoder::new(&tok, template, &cfg).chat(&msgs).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let ex = Encoder::new(&tok, template, &cfg).chat(&Conversation::new(msgs.clone())).unwrap_or_else(|e| panic!("{what}: {e:?}"));
         // The training path tokenises exactly as apply_chat_template(tokenize=True).
         assert_eq!(ex.input_ids, ids(&case["input_ids"]), "{what}: ids");
         let want: Vec<String> = msgs
             .iter()
             .filter(|m| m.role == "assistant")
-            .map(|m| format!("{}{eot}", if trims { m.content.trim() } else { &m.content }))
+            .map(|m| format!("{}{eot}", if trims { m.content().trim() } else { m.content() }))
             .collect();
         assert_eq!(trained_runs(&tok, &ex.input_ids, &ex.labels), want, "{what}: trained tokens");
         checked += usize::from(!want.is_empty());
@@ -117,11 +118,11 @@ fn train_on_inputs_trains_every_chat_token_and_train_on_eos_false_drops_eot() {
     let mut cfg = DataConfig::new("unused");
     cfg.train_on_inputs = true;
     let t = || ChatTemplate::new(tok.chat_template.as_deref(), &tok).unwrap();
-    let ex = Encoder::new(&tok, t(), &cfg).chat(&msgs).unwrap();
+    let ex = Encoder::new(&tok, t(), &cfg).chat(&Conversation::new(msgs.clone())).unwrap();
     assert!(ex.labels.iter().all(|&l| l != IGNORE_INDEX));
     cfg.train_on_inputs = false;
     cfg.train_on_eos = false;
-    let ex = Encoder::new(&tok, t(), &cfg).chat(&msgs).unwrap();
+    let ex = Encoder::new(&tok, t(), &cfg).chat(&Conversation::new(msgs.clone())).unwrap();
     let runs = trained_runs(&tok, &ex.input_ids, &ex.labels);
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|r| !r.contains("<|im_end|>")), "{runs:?}");

@@ -97,3 +97,40 @@ fn preview_of_a_bad_row_names_file_and_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("bad.jsonl:1") && stderr.contains("unknown role `robot`"), "{stderr}");
 }
+
+#[test]
+fn preview_shows_reasoning_and_tool_turns_under_the_recipes_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("agent.jsonl");
+    let rows = [
+        serde_json::json!({"messages": [
+            {"role": "user", "content": "What is the largest prime below 8?"},
+            {"role": "assistant", "reasoning_content": "Small primes: 2, 3, 5, 7.", "content": "7"}]}),
+        serde_json::json!({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}], "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "18 C"},
+            {"role": "assistant", "content": "It is 18 C."}]}),
+    ];
+    std::fs::write(&data, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let tok = shared("tokenizers/qwen3");
+    let preview = |options: &str| {
+        let recipe = tmp.path().join("r.yaml");
+        std::fs::write(&recipe, format!("base_model: {}\ndata:\n  train: agent.jsonl\n{options}", tok.display())).unwrap();
+        ok(&temper(&["preview", "--model", tok.to_str().unwrap(), "--recipe", recipe.to_str().unwrap(), "-n", "2"]))
+    };
+    let shown = preview("");
+    assert!(shown.contains("chat: assistant turns as the template renders them; reasoning trained, tool-call turns trained, empty think blocks not trained"), "{shown}");
+    assert!(shown.contains("<|im_start|>assistant\n⟦<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n7<|im_end|>⟧"), "{shown}");
+    assert!(shown.contains("<|im_start|>assistant\n⟦<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>⟧"), "{shown}");
+    assert!(shown.contains("<|im_start|>assistant\n<think>\n\n</think>\n\n⟦It is 18 C.<|im_end|>⟧"), "{shown}");
+    let shown = preview("  train_on_reasoning: false\n  train_on_tool_calls: false\n");
+    assert!(shown.contains("reasoning not trained, tool-call turns not trained"), "{shown}");
+    assert!(shown.contains("<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n⟦7<|im_end|>⟧"), "{shown}");
+    assert!(shown.contains("<|im_start|>assistant\n<tool_call>") && !shown.contains("⟦<tool_call>"), "{shown}");
+    let recipe = tmp.path().join("bad.yaml");
+    std::fs::write(&recipe, format!("base_model: {}\ndata:\n  train: agent.jsonl\n  train_on_reasonings: false\n", tok.display())).unwrap();
+    let out = temper(&["preview", "--model", tok.to_str().unwrap(), "--recipe", recipe.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("train_on_reasonings"), "{stderr}");
+}

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod data_bad_rows;
+mod data_agent;
 mod data_chat;
 mod data_formats;
 mod data_packing;

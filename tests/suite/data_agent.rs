@@ -1,0 +1,284 @@
+//! Reasoning and tool-calling chat rows (issue 14) against transformers' `apply_chat_template`
+//! (tests/fixtures/chat/agent.json, made by scripts/reference/make_chat_fixtures.py) for the real
+//! Qwen3 and Llama-3 templates, Llama 3.2's tool-calling template, and a template with
+//! `{% generation %}` blocks, whose reference mask is transformers' `return_assistant_tokens_mask`.
+//! The trained tokens of each case are listed here, decoded turn by turn.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+use temper::data::encode::Encoder;
+use temper::data::{prepare, ChatTemplate, Conversation, DataConfig, DataFormat, Example, Message, TextTokenizer};
+use temper::train::loss::IGNORE_INDEX;
+
+use crate::common::{fixtures, shared};
+
+struct Case {
+    name: String,
+    tokenizer: String,
+    template: Option<String>,
+    kwargs: BTreeMap<String, Value>,
+    conv: Conversation,
+    text: String,
+    input_ids: Vec<u32>,
+    assistant_masks: Option<Vec<i64>>,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixtures().join("chat/agent.json")).expect("agent fixture");
+    let v: Value = serde_json::from_str(&text).expect("fixture parses");
+    let cases: Vec<Case> = v["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            let messages = c["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    let mut fields = m.as_object().unwrap().clone();
+                    let role = fields.remove("role").unwrap().as_str().unwrap().to_string();
+                    Message { role, fields }
+                })
+                .collect();
+            let mut vars = BTreeMap::new();
+            if !c["tools"].is_null() {
+                vars.insert("tools".to_string(), c["tools"].clone());
+            }
+            Case {
+                name: c["name"].as_str().unwrap().into(),
+                tokenizer: c["tokenizer"].as_str().unwrap().into(),
+                template: c["template"].as_str().map(String::from),
+                kwargs: c["kwargs"].as_object().unwrap().clone().into_iter().collect(),
+                conv: Conversation { messages, vars },
+                text: c["text"].as_str().unwrap().into(),
+                input_ids: c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+                assistant_masks: c["assistant_masks"].as_array().map(|m| m.iter().map(|x| x.as_i64().unwrap()).collect()),
+            }
+        })
+        .collect();
+    assert_eq!(cases.len(), 22, "agent fixture cases");
+    cases
+}
+
+fn tokenizer(name: &str) -> TextTokenizer {
+    TextTokenizer::from_dir(&shared(&format!("tokenizers/{name}"))).expect("tokenizer")
+}
+
+fn template(case: &Case, tok: &TextTokenizer) -> ChatTemplate {
+    let source = match &case.template {
+        Some(file) => Some(std::fs::read_to_string(fixtures().join("chat_templates").join(file)).expect("template file")),
+        None => tok.chat_template.clone(),
+    };
+    ChatTemplate::new(source.as_deref(), tok).expect("template compiles")
+}
+
+fn encode(case: &Case, tok: &TextTokenizer, edit: impl FnOnce(&mut DataConfig)) -> Example {
+    let mut cfg = DataConfig::new("unused");
+    cfg.template_kwargs = case.kwargs.clone();
+    edit(&mut cfg);
+    let what = format!("{}/{:?}/{}", case.tokenizer, case.template, case.name);
+    Encoder::new(tok, template(case, tok), &cfg).chat(&case.conv).unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
+/// Runs of consecutive trained tokens, decoded with special tokens kept.
+fn trained_runs(tok: &TextTokenizer, ex: &Example) -> Vec<String> {
+    let mut runs = Vec::new();
+    let mut cur: Vec<u32> = Vec::new();
+    for (&id, &l) in ex.input_ids.iter().zip(&ex.labels) {
+        if l != IGNORE_INDEX {
+            assert_eq!(l, id as i64, "a trained label equals its input id");
+            cur.push(id);
+        } else if !cur.is_empty() {
+            runs.push(tok.decode_with_special(&std::mem::take(&mut cur)).unwrap());
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(tok.decode_with_special(&cur).unwrap());
+    }
+    runs
+}
+
+fn find<'a>(cases: &'a [Case], tok: &str, template: Option<&str>, name: &str, kwargs: &str) -> &'a Case {
+    cases
+        .iter()
+        .find(|c| c.tokenizer == tok && c.template.as_deref() == template && c.name == name && serde_json::to_string(&c.kwargs).unwrap() == kwargs)
+        .unwrap_or_else(|| panic!("no case {tok}/{template:?}/{name}/{kwargs}"))
+}
+
+#[test]
+fn reasoning_and_tool_rows_render_and_tokenise_as_apply_chat_template() {
+    let cases = cases();
+    let mut toks: BTreeMap<String, TextTokenizer> = BTreeMap::new();
+    for case in &cases {
+        let tok = toks.entry(case.tokenizer.clone()).or_insert_with(|| tokenizer(&case.tokenizer));
+        let what = format!("{}/{:?}/{} {:?}", case.tokenizer, case.template, case.name, case.kwargs);
+        let mut kwargs = case.kwargs.clone();
+        kwargs.extend(case.conv.vars.clone());
+        let text = template(case, tok).render(&case.conv.messages, false, &kwargs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(text, case.text, "{what}: rendered text");
+        // The training path tokenises exactly as apply_chat_template(tokenize=True).
+        assert_eq!(encode(case, tok, |_| {}).input_ids, case.input_ids, "{what}: ids");
+    }
+}
+
+const QWEN_CALL: &str = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\", \"city\": \"Paris\"}}\n</tool_call><|im_end|>";
+
+/// Qwen3's template, with and without `enable_thinking: false` (which changes the generation
+/// prompt only).
+#[test]
+fn qwen3_trains_each_assistant_turn_as_rendered_in_the_whole_conversation() {
+    let cases = cases();
+    let tok = tokenizer("qwen3");
+    let expected: [(&str, Vec<&str>); 7] = [
+        ("reasoning_single", vec!["<think>\nTwo plus two makes four.\n</think>\n\n2+2 is 4.<|im_end|>"]),
+        // The template drops the reasoning of turns before the last user message: the first turn
+        // is trained as rendered, without it; the last one with it.
+        ("reasoning_multi_turn", vec!["2+2 is 4.<|im_end|>", "<think>\nThree and three is six.\n</think>\n\n6<|im_end|>"]),
+        ("reasoning_content_field", vec!["<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n7<|im_end|>"]),
+        ("reasoning_content_multi_turn", vec!["7<|im_end|>", "<think>\n11 is prime.\n</think>\n\n11<|im_end|>"]),
+        // The empty think block of the last turn is not trained (train_on_empty_think: false).
+        ("tool_call", vec![QWEN_CALL, "It is 18 °C and cloudy in Paris.<|im_end|>"]),
+        (
+            "tool_call_reasoning_multi_step",
+            vec![
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>",
+                "It is 18 °C and cloudy.<|im_end|>",
+                "<think>\nCloudy, no rain in the result.\n</think>\n\nNot needed, but it is cloudy.<|im_end|>",
+            ],
+        ),
+        (
+            "parallel_tool_calls",
+            vec![
+                "Let me check both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>",
+                "18 °C, cloudy, and it is 14:05.<|im_end|>",
+            ],
+        ),
+    ];
+    for (name, want) in &expected {
+        let case = find(&cases, "qwen3", None, name, "{}");
+        assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), *want, "{name}");
+        // With enable_thinking: false the generation prompt ends with `<think>\n\n</think>\n\n`:
+        // its `<think>\n` is prompt, not generated, so a turn with reasoning trains from after it.
+        let case = find(&cases, "qwen3", None, name, "{\"enable_thinking\":false}");
+        let want: Vec<&str> = want.iter().map(|w| w.strip_prefix("<think>\n").unwrap_or(w)).collect();
+        assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), want, "{name} enable_thinking: false");
+    }
+}
+
+#[test]
+fn reasoning_tool_call_and_empty_think_options_change_exactly_their_tokens() {
+    let cases = cases();
+    let tok = tokenizer("qwen3");
+    let runs = |name: &str, kwargs: &str, edit: fn(&mut DataConfig)| trained_runs(&tok, &encode(find(&cases, "qwen3", None, name, kwargs), &tok, edit));
+    let no_reasoning = |c: &mut DataConfig| c.train_on_reasoning = false;
+    assert_eq!(runs("reasoning_single", "{}", no_reasoning), ["2+2 is 4.<|im_end|>"]);
+    assert_eq!(runs("reasoning_multi_turn", "{}", no_reasoning), ["2+2 is 4.<|im_end|>", "6<|im_end|>"]);
+    assert_eq!(runs("reasoning_content_field", "{}", no_reasoning), ["7<|im_end|>"]);
+    assert_eq!(
+        runs("tool_call_reasoning_multi_step", "{}", no_reasoning),
+        ["<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>", "It is 18 °C and cloudy.<|im_end|>", "Not needed, but it is cloudy.<|im_end|>"]
+    );
+    let no_tools = |c: &mut DataConfig| c.train_on_tool_calls = false;
+    assert_eq!(runs("tool_call", "{}", no_tools), ["It is 18 °C and cloudy in Paris.<|im_end|>"]);
+    assert_eq!(runs("parallel_tool_calls", "{}", no_tools), ["18 °C, cloudy, and it is 14:05.<|im_end|>"]);
+    let empty_think = |c: &mut DataConfig| c.train_on_empty_think = true;
+    assert_eq!(runs("tool_call", "{}", empty_think), [QWEN_CALL, "<think>\n\n</think>\n\nIt is 18 °C and cloudy in Paris.<|im_end|>"]);
+    // With enable_thinking: false the empty block is part of the generation prompt: never trained.
+    assert_eq!(runs("tool_call", "{\"enable_thinking\":false}", empty_think), [QWEN_CALL, "It is 18 °C and cloudy in Paris.<|im_end|>"]);
+    let no_eos = |c: &mut DataConfig| c.train_on_eos = false;
+    assert_eq!(runs("reasoning_content_field", "{}", no_eos), ["<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n7"]);
+}
+
+#[test]
+fn llama3_templates_train_what_they_render() {
+    let cases = cases();
+    let tok = tokenizer("llama3");
+    let think1 = "<think>\nTwo plus two makes four.\n</think>\n\n2+2 is 4.<|eot_id|>";
+    let think2 = "<think>\nThree and three is six.\n</think>\n\n6<|eot_id|>";
+    let answer = "It is 18 °C and cloudy in Paris.<|eot_id|>";
+    for (template, kwargs) in [(None, "{}"), (Some("llama3_2.jinja"), "{\"date_string\":\"26 Jul 2024\"}")] {
+        let runs = |name: &str| trained_runs(&tok, &encode(find(&cases, "llama3", template, name, kwargs), &tok, |_| {}));
+        // Llama 3 keeps the reasoning of every turn in the text.
+        assert_eq!(runs("reasoning_single"), [think1], "{template:?}");
+        assert_eq!(runs("reasoning_multi_turn"), [think1, think2], "{template:?}");
+        let tool_turns = runs("tool_call");
+        if template.is_none() {
+            // The original Llama 3 template renders no tool calls: that turn is empty and not trained.
+            assert_eq!(tool_turns, [answer]);
+        } else {
+            assert_eq!(tool_turns, ["{\"name\": \"get_weather\", \"parameters\": {\"unit\": \"celsius\", \"city\": \"Paris\"}}<|eot_id|>", answer]);
+        }
+    }
+}
+
+#[test]
+fn generation_blocks_give_transformers_assistant_tokens_mask() {
+    let cases = cases();
+    let tok = tokenizer("llama3");
+    let mut checked = 0;
+    for case in cases.iter().filter(|c| c.assistant_masks.is_some()) {
+        let ex = encode(case, &tok, |_| {});
+        let mask: Vec<i64> = ex.labels.iter().map(|&l| i64::from(l != IGNORE_INDEX)).collect();
+        assert_eq!(Some(mask), case.assistant_masks, "{}", case.name);
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    // Blocks map to assistant messages in order, so the tool-call turn can be left out.
+    let case = find(&cases, "llama3", Some("llama3_generation.jinja"), "tool_call", "{}");
+    let runs = trained_runs(&tok, &encode(case, &tok, |c| c.train_on_tool_calls = false));
+    assert_eq!(runs, ["It is 18 °C and cloudy in Paris.<|eot_id|>"]);
+}
+
+/// A row file of tool-calling and reasoning rows: `prepare` reads `tools` (a list, or a JSON
+/// string of one) and `chat_template_kwargs` from each row, and names each bad row.
+#[test]
+fn tool_rows_from_a_file_and_their_bad_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = cases();
+    let case = find(&cases, "qwen3", None, "tool_call", "{}");
+    let messages = serde_json::to_value(&case.conv.messages).unwrap();
+    let tools = case.conv.vars["tools"].clone();
+    let good = serde_json::json!({"messages": messages, "tools": tools});
+    let as_string = serde_json::json!({"messages": messages, "tools": tools.to_string(), "chat_template_kwargs": {"enable_thinking": false}});
+    let f = tmp.path().join("tools.jsonl");
+    std::fs::write(&f, format!("{good}\n{as_string}\n")).unwrap();
+    let tok = tokenizer("qwen3");
+    let mut cfg = DataConfig::new(&f);
+    cfg.seq_len = 4096;
+    let p = prepare(&cfg, &tok, Path::new("/"), 0).unwrap();
+    assert_eq!(p.stats.format, "chat");
+    assert_eq!(p.train.len(), 2);
+    for ex in &p.train {
+        assert_eq!(ex.input_ids, case.input_ids, "a row's tools reach the template");
+    }
+
+    let user = serde_json::json!({"role": "user", "content": "Hi"});
+    let bad = [
+        (serde_json::json!({"messages": [user, {"role": "tool", "content": "18"}, {"role": "assistant", "content": "ok"}]}), "messages[1]: a `tool` message must follow an assistant message with `tool_calls`"),
+        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "", "tool_calls": "get_weather()"}]}), "messages[1].tool_calls: must be a list of tool calls, found a string"),
+        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "7", "reasoning_content": ["a"]}]}), "`messages[1].reasoning_content` must be a string, found an array"),
+        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "7"}], "tools": {"name": "f"}}), "`tools` must be a list, found an object"),
+        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "7"}], "tools": "[{"}), "`tools` is a string that is not JSON"),
+    ];
+    let mut lines = vec![good.to_string()];
+    for (k, (row, reason)) in bad.iter().enumerate() {
+        let one = tmp.path().join(format!("bad{k}.jsonl"));
+        std::fs::write(&one, format!("{good}\n{row}\n")).unwrap();
+        let e = prepare(&DataConfig { seq_len: 4096, ..DataConfig::new(&one) }, &tok, Path::new("/"), 0).unwrap_err().to_string();
+        assert!(e.contains(&format!("bad{k}.jsonl:2: ")) && e.contains(reason), "row {k}: {e}");
+        lines.push(row.to_string());
+    }
+    let all = tmp.path().join("all.jsonl");
+    std::fs::write(&all, lines.join("\n") + "\n").unwrap();
+    let mut cfg = DataConfig::new(&all);
+    cfg.seq_len = 4096;
+    cfg.format = DataFormat::Chat;
+    cfg.skip_invalid_rows = true;
+    let p = prepare(&cfg, &tok, Path::new("/"), 0).unwrap();
+    assert_eq!(p.stats.rows, 1);
+    let skipped: Vec<(&str, usize)> = p.stats.skipped.iter().map(|(k, &v)| (k.as_str(), v)).collect();
+    assert_eq!(skipped, [("bad_tool_call", 2), ("wrong_type", 3)]);
+}
