@@ -48,11 +48,13 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     Gemma2Config,
     GemmaConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 COMMON = dict(
@@ -204,6 +206,42 @@ SPECS = {
             original_max_position_embeddings=64,
         ),
         1009,
+        {},
+    ),
+    # Granite: every multiplier away from 1 (and q.k scaled by attention_multiplier, not
+    # 1/sqrt(head_dim)), biases on attention and MLP.
+    "granite": (
+        GraniteConfig,
+        dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=62,
+            attention_bias=True,
+            mlp_bias=True,
+            embedding_multiplier=3.5,
+            attention_multiplier=0.09,
+            residual_multiplier=0.4,
+            logits_scaling=2.5,
+            tie_word_embeddings=False,
+        ),
+        1014,
+        {},
+    ),
+    # SmolLM3: RoPE skipped on every 2nd layer (layers 1, 3 of 4 are NoPE), tied head.
+    "smollm3": (
+        SmolLM3Config,
+        dict(
+            num_hidden_layers=4,
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=58,
+            no_rope_layer_interval=2,
+            tie_word_embeddings=True,
+            rope_theta=5000.0,
+        ),
+        1015,
         {},
     ),
     "llama_bf16": (LlamaConfig, dict(LLAMA_BASE), 1010, {"save_dtype": torch.bfloat16}),

@@ -48,6 +48,8 @@ pub struct Attention<B: Backend> {
     pub scale: f64,
     pub softcap: Option<f64>,
     pub window: Option<usize>,
+    /// Whether q and k are rotated (false: a NoPE layer).
+    pub rope: bool,
 }
 
 impl<B: TemperBackend> Attention<B> {
@@ -69,8 +71,9 @@ impl<B: TemperBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = rope.apply(q).swap_dims(1, 2);
-        let mut k = rope.apply(k).swap_dims(1, 2);
+        let (q, k) = if self.rope { (rope.apply(q), rope.apply(k)) } else { (q, k) };
+        let q = q.swap_dims(1, 2);
+        let mut k = k.swap_dims(1, 2);
         let mut v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some(prev) = slot.take() {

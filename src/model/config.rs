@@ -14,7 +14,7 @@ use crate::{Error, Result};
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"];
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "smollm3"];
 
 /// `config.json` as Hugging Face writes it (only the keys this project reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +46,14 @@ pub struct HfConfig {
     pub attn_logit_softcapping: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
     pub query_pre_attn_scalar: Option<f64>,
+    /// Granite: embeddings, q.k, residual branches and logits are scaled by these.
+    pub embedding_multiplier: Option<f64>,
+    pub attention_multiplier: Option<f64>,
+    pub residual_multiplier: Option<f64>,
+    pub logits_scaling: Option<f64>,
+    /// SmolLM3: per layer, 1 where RoPE is applied and 0 where it is skipped (NoPE).
+    pub no_rope_layers: Option<Vec<u8>>,
+    pub no_rope_layer_interval: Option<usize>,
     pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
     pub pad_token_id: Option<Value>,
@@ -99,6 +107,12 @@ pub struct DecoderConfig {
     pub final_softcap: Option<f64>,
     /// Per layer: `Some(w)` when that layer attends to the last `w` positions only.
     pub layer_windows: Vec<Option<usize>>,
+    /// Per layer: whether q and k are rotated (SmolLM3 skips RoPE on some layers).
+    pub layer_rope: Vec<bool>,
+    /// Granite: attention and MLP outputs are multiplied by this before the residual add.
+    pub residual_scale: Option<f64>,
+    /// Granite: logits are divided by this.
+    pub logits_divisor: Option<f64>,
     pub rope: RopeConfig,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
@@ -170,10 +184,11 @@ impl HfConfig {
 
         let is_gemma = mt == "gemma" || mt == "gemma2";
         let activation = self.activation(path)?;
-        let default_tie = is_gemma;
+        // The classes whose default ties the head (config.json omits a value equal to the default).
+        let default_tie = is_gemma || mt == "smollm3";
         let (qkv_bias, o_bias) = match mt {
             "qwen2" => (true, false),
-            "llama" | "qwen3" | "gemma" | "gemma2" => {
+            "llama" | "qwen3" | "gemma" | "gemma2" | "granite" | "smollm3" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
@@ -185,7 +200,7 @@ impl HfConfig {
             }
         };
         let mlp_bias = match mt {
-            "llama" => self.mlp_bias.unwrap_or(false),
+            "llama" | "granite" | "smollm3" => self.mlp_bias.unwrap_or(false),
             _ if self.mlp_bias == Some(true) => {
                 return Err(unsupported("mlp_bias", "true".into(), &format!("{mt} has no MLP bias")))
             }
@@ -193,8 +208,13 @@ impl HfConfig {
         };
         let attn_scale = match (mt, self.query_pre_attn_scalar) {
             ("gemma2", Some(s)) => 1.0 / s.sqrt(),
+            ("granite", _) => self.attention_multiplier.unwrap_or(1.0),
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
+        let granite = |v: Option<f64>| if mt == "granite" { Some(v.unwrap_or(1.0)) } else { None };
+        if let Some(s) = granite(self.logits_scaling).filter(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(invalid("logits_scaling", format!("{s} must be a finite non-zero number (logits are divided by it)")));
+        }
         let (attn_softcap, final_softcap) = if mt == "gemma2" {
             (self.attn_logit_softcapping, self.final_logit_softcapping)
         } else {
@@ -222,11 +242,14 @@ impl HfConfig {
             fused_projections: mt == "phi3",
             sandwich_norms: mt == "gemma2",
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(default_tie),
-            embed_scale: is_gemma.then(|| (self.hidden_size as f64).sqrt()),
+            embed_scale: if is_gemma { Some((self.hidden_size as f64).sqrt()) } else { granite(self.embedding_multiplier) },
             attn_scale,
             attn_softcap,
             final_softcap,
             layer_windows: self.layer_windows(path)?,
+            layer_rope: self.layer_rope(path)?,
+            residual_scale: granite(self.residual_multiplier),
+            logits_divisor: granite(self.logits_scaling),
             rope,
             max_position_embeddings: max_pos,
             bos_token_id: first_id(&self.bos_token_id),
@@ -299,10 +322,34 @@ impl HfConfig {
         })
     }
 
+    /// Which layers rotate q and k: all, but for SmolLM3's NoPE layers (`no_rope_layers`, or
+    /// every `no_rope_layer_interval`-th layer, 4 by default, as transformers derives it).
+    fn layer_rope(&self, path: &Path) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        if self.model_type != "smollm3" {
+            return Ok(vec![true; n]);
+        }
+        if let Some(flags) = &self.no_rope_layers {
+            if flags.len() != n {
+                return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "no_rope_layers".into(), reason: format!("has {} entries for {n} layers", flags.len()) });
+            }
+            return Ok(flags.iter().map(|&f| f != 0).collect());
+        }
+        let every = self.no_rope_layer_interval.unwrap_or(4);
+        if every == 0 {
+            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "no_rope_layer_interval".into(), reason: "must be positive".into() });
+        }
+        Ok((0..n).map(|i| (i + 1) % every != 0).collect())
+    }
+
     /// Which layers use sliding-window attention, with transformers' per-family rules.
     fn layer_windows(&self, path: &Path) -> Result<Vec<Option<usize>>> {
         let n = self.num_hidden_layers;
         let window = self.sliding_window;
+        // SmolLM3 writes `layer_types` but slides only with `use_sliding_window`.
+        if self.model_type == "smollm3" && self.use_sliding_window != Some(true) {
+            return Ok(vec![None; n]);
+        }
         if let Some(types) = &self.layer_types {
             if types.len() != n {
                 return Err(Error::InvalidConfig {

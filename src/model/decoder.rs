@@ -33,6 +33,8 @@ pub struct DecoderLayer<B: Backend> {
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     pub mlp: Mlp<B>,
+    /// Granite: each branch's output is multiplied by this before the residual add.
+    pub residual_scale: Option<f64>,
 }
 
 impl<B: TemperBackend> DecoderLayer<B> {
@@ -44,6 +46,10 @@ impl<B: TemperBackend> DecoderLayer<B> {
         mask: &AttentionMask,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
+        let scaled = |t: Tensor<B, 3>| match self.residual_scale {
+            Some(s) => t.mul_scalar(s),
+            None => t,
+        };
         let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
@@ -52,9 +58,9 @@ impl<B: TemperBackend> DecoderLayer<B> {
                 x + post.forward(m)
             }
             _ => {
-                let x = x + h;
+                let x = x + scaled(h);
                 let m = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
-                x + m
+                x + scaled(m)
             }
         }
     }
@@ -185,6 +191,10 @@ impl<B: TemperBackend> CausalLm<B> {
             }
         };
         let logits = logits.cast(DType::F32);
+        let logits = match self.config.logits_divisor {
+            Some(d) => logits.div_scalar(d),
+            None => logits,
+        };
         match self.config.final_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
             None => logits,
@@ -223,6 +233,11 @@ impl<B: TemperBackend> CausalLm<B> {
             None => self.model.embed_tokens.weight.val(),
         };
         let [b, t, h] = hidden.dims();
+        // Granite's logits / s = (hidden / s) . W^T.
+        let hidden = match self.config.logits_divisor {
+            Some(d) => hidden.div_scalar(d),
+            None => hidden,
+        };
         let spec = CrossEntropySpec::new(targets.to_vec(), self.config.final_softcap);
         ops::cross_entropy_sum(hidden.reshape([b * t, h]), weight, &spec)
     }
@@ -293,6 +308,7 @@ fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, d
             scale: cfg.attn_scale,
             softcap: cfg.attn_softcap,
             window: cfg.layer_windows.get(i).copied().flatten(),
+            rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
         },
         post_attention_layernorm: norm("post_attention_layernorm", h)?,
         pre_feedforward_layernorm: pre_ff,
@@ -304,5 +320,6 @@ fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, d
             down_proj,
             activation: cfg.activation,
         },
+        residual_scale: cfg.residual_scale,
     })
 }

@@ -57,6 +57,8 @@ parity_tests! {
     gemma_logits_match_transformers => "gemma",
     gemma2_softcap_logits_match_transformers => "gemma2",
     phi3_fused_logits_match_transformers => "phi3",
+    granite_multipliers_logits_match_transformers => "granite",
+    smollm3_nope_layers_logits_match_transformers => "smollm3",
     bf16_checkpoint_logits_match_transformers => "llama_bf16",
     f16_checkpoint_logits_match_transformers => "llama_f16",
     sharded_checkpoint_logits_match_transformers => "llama_sharded",
@@ -66,7 +68,7 @@ parity_tests! {
 fn every_fixture_model_has_a_parity_test() {
     let m = manifest();
     let names: Vec<&String> = m["models"].as_object().expect("models").keys().collect();
-    assert_eq!(names.len(), 13, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
+    assert_eq!(names.len(), 15, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
 }
 
 /// 30 layers, a 32k vocabulary, f16 weights (loaded as f32), tied head: deep and wide enough
@@ -140,4 +142,23 @@ pub fn check_kv_cache_on<B: TemperBackend>(name: &str, device: &B::Device) {
         let diff = max_abs_diff(&got, &full);
         assert!(diff <= LOGITS_TOL, "{name}: cached decoding differs from the full pass by {diff:e}");
     }
+}
+
+/// Granite's and SmolLM3's own keys are validated with the key named.
+#[test]
+fn granite_and_smollm3_config_errors_name_the_key() {
+    use temper::model::config::HfConfig;
+    let load = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = fixtures().join(format!("models/{name}/config.json"));
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        let hf: HfConfig = serde_json::from_value(v).unwrap();
+        hf.to_decoder_config(&path).map(|c| (c.layer_rope, c.residual_scale, c.logits_divisor))
+    };
+    assert_eq!(load("smollm3", &|_| {}).unwrap(), (vec![true, false, true, false], None, None));
+    assert_eq!(load("granite", &|_| {}).unwrap(), (vec![true; 2], Some(0.4), Some(2.5)));
+    let e = load("smollm3", &|v| v["no_rope_layers"] = serde_json::json!([1, 0])).unwrap_err().to_string();
+    assert!(e.contains("no_rope_layers") && e.contains("2 entries for 4 layers"), "{e}");
+    let e = load("granite", &|v| v["logits_scaling"] = serde_json::json!(0.0)).unwrap_err().to_string();
+    assert!(e.contains("logits_scaling") && e.contains("non-zero"), "{e}");
 }
