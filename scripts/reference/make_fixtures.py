@@ -244,6 +244,34 @@ SPECS = {
         1015,
         {},
     ),
+    # Phi-4-mini-style: LongRoPE with a partial rotary factor; the 13-token inputs pass the
+    # original context of 8, so the long factors apply (the eval texts too).
+    "phi3_longrope": (
+        Phi3Config,
+        dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=70,
+            partial_rotary_factor=0.75,
+            tie_word_embeddings=True,
+            original_max_position_embeddings=8,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 7.0, 11.0],
+            },
+        ),
+        1016,
+        {},
+    ),
+    # Dynamic NTK: the inputs (13 tokens) pass max_position_embeddings 8, so theta grows.
+    "llama_dynamic_rope": (
+        LlamaConfig,
+        dict(LLAMA_BASE, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 3.0}),
+        1017,
+        {},
+    ),
     "llama_bf16": (LlamaConfig, dict(LLAMA_BASE), 1010, {"save_dtype": torch.bfloat16}),
     "llama_f16": (LlamaConfig, dict(LLAMA_BASE), 1011, {"save_dtype": torch.float16}),
     "llama_sharded": (LlamaConfig, dict(LLAMA_BASE), 1012, {"max_shard_size": "100KB"}),

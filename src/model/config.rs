@@ -28,6 +28,8 @@ pub struct HfConfig {
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
     pub max_position_embeddings: Option<usize>,
+    /// Phi-3 LongRoPE: the pre-training context (the long factors apply past it).
+    pub original_max_position_embeddings: Option<usize>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<Value>,
@@ -292,7 +294,7 @@ impl HfConfig {
         };
         let scaling = match scaling_value {
             None => RopeScaling::Default,
-            Some((key, v)) => RopeScaling::from_json(v, max_pos).map_err(|reason| Error::Unsupported {
+            Some((key, v)) => RopeScaling::from_json(v, max_pos, self.original_max_position_embeddings).map_err(|reason| Error::Unsupported {
                 path: path.to_path_buf(),
                 key: key.to_string(),
                 value: compact(v),
@@ -315,11 +317,9 @@ impl HfConfig {
                 reason: format!("gives an odd or zero rotary dimension {rotary_dim} for head_dim {head_dim}"),
             });
         }
-        Ok(RopeConfig {
-            theta,
-            rotary_dim,
-            scaling,
-        })
+        let rope = RopeConfig { theta, rotary_dim, scaling };
+        rope.check().map_err(|reason| Error::InvalidConfig { path: path.to_path_buf(), key: scaling_value.map_or("rope_scaling", |(k, _)| k).into(), reason })?;
+        Ok(rope)
     }
 
     /// Which layers rotate q and k: all, but for SmolLM3's NoPE layers (`no_rope_layers`, or

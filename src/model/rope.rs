@@ -30,6 +30,16 @@ pub enum RopeScaling {
         attention_factor: f64,
         truncate: bool,
     },
+    /// LongRoPE (Phi-3.5, Phi-4-mini): per-frequency factors, the long ones once a call's
+    /// positions reach past `original_max_position_embeddings`; cos/sin scaled by the attention factor.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
+    /// Dynamic NTK: `rope_theta` grows with the sequence once it passes `max_position_embeddings`.
+    Dynamic { factor: f64, max_position_embeddings: usize },
 }
 
 /// RoPE parameters resolved from `config.json`.
@@ -54,7 +64,8 @@ fn require(obj: &serde_json::Map<String, Value>, key: &str) -> Result<f64, Strin
 
 impl RopeScaling {
     /// Parse a `rope_scaling` object; the error string says what is wrong or unsupported.
-    pub fn from_json(v: &Value, max_position_embeddings: usize) -> Result<Self, String> {
+    /// `original_max_position_embeddings` is the config's top-level key (LongRoPE reads it there).
+    pub fn from_json(v: &Value, max_position_embeddings: usize, original_max_position_embeddings: Option<usize>) -> Result<Self, String> {
         let obj = v.as_object().ok_or("expected an object")?;
         let kind = obj
             .get("rope_type")
@@ -92,8 +103,30 @@ impl RopeScaling {
                     truncate: obj.get("truncate").and_then(Value::as_bool).unwrap_or(true),
                 })
             }
+            "longrope" => {
+                let factors = |key: &str| -> Result<Vec<f64>, String> {
+                    obj.get(key)
+                        .and_then(Value::as_array)
+                        .ok_or(format!("`{key}` (a list of numbers) is required"))?
+                        .iter()
+                        .map(|x| x.as_f64().ok_or(format!("`{key}` must hold numbers only")))
+                        .collect()
+                };
+                // As transformers 4.57: with a top-level original length, factor = max / original.
+                let (original, factor) = match original_max_position_embeddings {
+                    Some(o) if o > 0 => (o, max_position_embeddings as f64 / o as f64),
+                    _ => (max_position_embeddings, get_f64(obj, "factor")?.unwrap_or(1.0)),
+                };
+                let attention_factor = match get_f64(obj, "attention_factor")? {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                };
+                Ok(RopeScaling::LongRope { short_factor: factors("short_factor")?, long_factor: factors("long_factor")?, original_max_position_embeddings: original, attention_factor })
+            }
+            "dynamic" => Ok(RopeScaling::Dynamic { factor: require(obj, "factor")?, max_position_embeddings }),
             other => Err(format!(
-                "rope type {other:?} is not supported (supported: default, linear, llama3, yarn)"
+                "rope type {other:?} is not supported (supported: default, linear, llama3, yarn, longrope, dynamic)"
             )),
         }
     }
@@ -108,8 +141,21 @@ fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
 }
 
 impl RopeConfig {
-    /// Inverse frequencies (length rotary_dim / 2) and the factor cos and sin are scaled by.
-    pub fn inv_freq(&self) -> (Vec<f32>, f32) {
+    /// The per-frequency factor lists that must have `rotary_dim / 2` entries, checked on load.
+    pub fn check(&self) -> Result<(), String> {
+        if let RopeScaling::LongRope { short_factor, long_factor, .. } = &self.scaling {
+            for (key, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if f.len() != self.rotary_dim / 2 {
+                    return Err(format!("`{key}` has {} entries, expected rotary_dim / 2 = {}", f.len(), self.rotary_dim / 2));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inverse frequencies (length rotary_dim / 2) and the factor cos and sin are scaled by,
+    /// for a call whose positions reach `seq_len - 1` (the dynamic types depend on it).
+    pub fn inv_freq(&self, seq_len: usize) -> (Vec<f32>, f32) {
         let dim = self.rotary_dim;
         // As transformers: float32 exponent, float32 power.
         let base: Vec<f32> = (0..dim / 2)
@@ -175,6 +221,23 @@ impl RopeConfig {
                     .collect();
                 (out, *attention_factor as f32)
             }
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, attention_factor } => {
+                let ext = if seq_len > *original_max_position_embeddings { long_factor } else { short_factor };
+                // transformers: 1 / (ext_factors * base ** (arange(0, dim, 2) / dim)), in float32.
+                let out = (0..dim / 2)
+                    .map(|i| 1.0f32 / (ext.get(i).copied().unwrap_or(1.0) as f32 * (self.theta as f32).powf((2 * i) as f32 / dim as f32)))
+                    .collect();
+                (out, *attention_factor as f32)
+            }
+            RopeScaling::Dynamic { factor, max_position_embeddings } => {
+                if seq_len <= *max_position_embeddings {
+                    return (base, 1.0);
+                }
+                let d = dim as f64;
+                let theta = self.theta * ((factor * seq_len as f64 / *max_position_embeddings as f64) - (factor - 1.0)).powf(d / (d - 2.0));
+                let out = (0..dim / 2).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
+                (out, 1.0)
+            }
         }
     }
 
@@ -182,7 +245,9 @@ impl RopeConfig {
     /// out `[batch, seq, heads, head_dim]` for each head count in `heads` (queries and keys),
     /// so that rotating a projection's output is element-wise on contiguous tensors.
     pub fn tables<B: Backend>(&self, positions: &[Vec<usize>], heads: &[usize], head_dim: usize, dtype: DType, device: &B::Device) -> RopeTables<B> {
-        let (inv_freq, scale) = self.inv_freq();
+        // transformers' dynamic types look at max(position_ids) + 1 of the call.
+        let seq_len = positions.iter().flatten().max().map_or(0, |p| p + 1);
+        let (inv_freq, scale) = self.inv_freq(seq_len);
         let half = inv_freq.len();
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);

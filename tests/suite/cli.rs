@@ -121,10 +121,10 @@ fn unsupported_rope_scaling_is_refused() {
     let dir = scratch_llama(tmp.path());
     let cfg = dir.join("config.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 4.0});
+    v["rope_scaling"] = serde_json::json!({"rope_type": "mrope", "mrope_section": [2, 1, 1]});
     std::fs::write(&cfg, v.to_string()).unwrap();
     let err = generate_err(&dir);
-    assert!(err.contains("rope_scaling") && err.contains("longrope"), "{err}");
+    assert!(err.contains("rope_scaling") && err.contains("mrope"), "{err}");
 }
 
 /// Rewrite the llama fixture's safetensors with one tensor changed by `edit`.
