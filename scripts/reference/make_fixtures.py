@@ -51,6 +51,7 @@ from transformers import (  # noqa: E402
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -270,6 +271,22 @@ SPECS = {
         LlamaConfig,
         dict(LLAMA_BASE, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 3.0}),
         1017,
+        {},
+    ),
+    # OLMo 2: norms on the attention / MLP outputs only, q/k norms over the whole projection
+    # (GQA, so the two differ in size), attention biases.
+    "olmo2": (
+        Olmo2Config,
+        dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=66,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            rope_theta=20000.0,
+        ),
+        1018,
         {},
     ),
     "llama_bf16": (LlamaConfig, dict(LLAMA_BASE), 1010, {"save_dtype": torch.bfloat16}),

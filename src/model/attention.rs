@@ -50,6 +50,8 @@ pub struct Attention<B: Backend> {
     pub window: Option<usize>,
     /// Whether q and k are rotated (false: a NoPE layer).
     pub rope: bool,
+    /// OLMo 2: `q_norm` / `k_norm` span the whole projection, not each head.
+    pub qk_norm_whole: bool,
 }
 
 impl<B: TemperBackend> Attention<B> {
@@ -64,10 +66,14 @@ impl<B: TemperBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (q, k, v) = self.project(x);
+        let (mut q, mut k, v) = self.project(x);
+        if let (Some(qn), Some(kn), true) = (&self.q_norm, &self.k_norm, self.qk_norm_whole) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
         let mut q = q.reshape([b, t, h, hd]);
         let mut k = k.reshape([b, t, kv, hd]);
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+        if let (Some(qn), Some(kn), false) = (&self.q_norm, &self.k_norm, self.qk_norm_whole) {
             q = qn.forward(q);
             k = kn.forward(k);
         }

@@ -14,7 +14,7 @@ use crate::{Error, Result};
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "smollm3"];
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "smollm3", "olmo2"];
 
 /// `config.json` as Hugging Face writes it (only the keys this project reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +96,10 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// Qwen3: RMSNorm over each head of q and k before RoPE.
     pub qk_norm: bool,
+    /// OLMo 2: that RMSNorm spans the whole q and k projections instead of each head.
+    pub qk_norm_whole: bool,
+    /// OLMo 2: no norm before attention and MLP; their outputs are normed before the residual add.
+    pub post_norms: bool,
     /// Phi-3: `qkv_proj` and `gate_up_proj` instead of separate projections.
     pub fused_projections: bool,
     /// Gemma 2: norms after attention and around the MLP.
@@ -190,7 +194,7 @@ impl HfConfig {
         let default_tie = is_gemma || mt == "smollm3";
         let (qkv_bias, o_bias) = match mt {
             "qwen2" => (true, false),
-            "llama" | "qwen3" | "gemma" | "gemma2" | "granite" | "smollm3" => {
+            "llama" | "qwen3" | "gemma" | "gemma2" | "granite" | "smollm3" | "olmo2" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
@@ -240,7 +244,9 @@ impl HfConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: mt == "qwen3",
+            qk_norm: mt == "qwen3" || mt == "olmo2",
+            qk_norm_whole: mt == "olmo2",
+            post_norms: mt == "olmo2",
             fused_projections: mt == "phi3",
             sandwich_norms: mt == "gemma2",
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(default_tie),
@@ -411,7 +417,12 @@ impl DecoderConfig {
         if self.mlp_bias {
             mlp += 2 * i + h;
         }
-        let norms = h * if self.sandwich_norms { 4 } else { 2 } + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let qk_norms = match (self.qk_norm, self.qk_norm_whole) {
+            (true, true) => q + kv,
+            (true, false) => 2 * self.head_dim,
+            _ => 0,
+        };
+        let norms = h * if self.sandwich_norms { 4 } else { 2 } + qk_norms;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         self.num_layers * (attn + mlp + norms) + embed + head + h

@@ -26,9 +26,10 @@ pub struct Embedding<B: Backend> {
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
-    pub input_layernorm: RmsNorm<B>,
+    /// `None` for OLMo 2, which norms the attention and MLP outputs instead.
+    pub input_layernorm: Option<RmsNorm<B>>,
     pub self_attn: Attention<B>,
-    /// Llama-style: the norm before the MLP. Gemma 2: the norm after attention.
+    /// Llama-style: the norm before the MLP. Gemma 2 and OLMo 2: the norm after attention.
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
@@ -50,11 +51,21 @@ impl<B: TemperBackend> DecoderLayer<B> {
             Some(s) => t.mul_scalar(s),
             None => t,
         };
-        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        let normed = match &self.input_layernorm {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let h = self.self_attn.forward(normed, rope, mask, cache);
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(h);
                 let m = self.mlp.forward(pre.forward(x.clone()));
+                x + post.forward(m)
+            }
+            (None, Some(post)) => {
+                // OLMo 2: the branch outputs are normed, their inputs are not.
+                let x = x + self.post_attention_layernorm.forward(h);
+                let m = self.mlp.forward(x.clone());
                 x + post.forward(m)
             }
             _ => {
@@ -282,18 +293,20 @@ fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, d
     let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(w.norm(&format!("{p}.{name}.weight"), dim, device)?, eps, off))
     };
-    let (q_norm, k_norm) = if cfg.qk_norm {
-        (Some(norm("self_attn.q_norm", cfg.head_dim)?), Some(norm("self_attn.k_norm", cfg.head_dim)?))
-    } else {
-        (None, None)
+    let (q_norm, k_norm) = match (cfg.qk_norm, cfg.qk_norm_whole) {
+        (true, false) => (Some(norm("self_attn.q_norm", cfg.head_dim)?), Some(norm("self_attn.k_norm", cfg.head_dim)?)),
+        (true, true) => (Some(norm("self_attn.q_norm", q_dim)?), Some(norm("self_attn.k_norm", kv_dim)?)),
+        _ => (None, None),
     };
     let (pre_ff, post_ff) = if cfg.sandwich_norms {
         (Some(norm("pre_feedforward_layernorm", h)?), Some(norm("post_feedforward_layernorm", h)?))
+    } else if cfg.post_norms {
+        (None, Some(norm("post_feedforward_layernorm", h)?))
     } else {
         (None, None)
     };
     Ok(DecoderLayer {
-        input_layernorm: norm("input_layernorm", h)?,
+        input_layernorm: if cfg.post_norms { None } else { Some(norm("input_layernorm", h)?) },
         self_attn: Attention {
             q_proj,
             k_proj,
@@ -309,6 +322,7 @@ fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, d
             softcap: cfg.attn_softcap,
             window: cfg.layer_windows.get(i).copied().flatten(),
             rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
+            qk_norm_whole: cfg.qk_norm_whole,
         },
         post_attention_layernorm: norm("post_attention_layernorm", h)?,
         pre_feedforward_layernorm: pre_ff,

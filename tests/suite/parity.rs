@@ -61,6 +61,7 @@ parity_tests! {
     smollm3_nope_layers_logits_match_transformers => "smollm3",
     phi3_longrope_partial_rotary_logits_match_transformers => "phi3_longrope",
     llama_dynamic_ntk_rope_logits_match_transformers => "llama_dynamic_rope",
+    olmo2_post_norms_logits_match_transformers => "olmo2",
     bf16_checkpoint_logits_match_transformers => "llama_bf16",
     f16_checkpoint_logits_match_transformers => "llama_f16",
     sharded_checkpoint_logits_match_transformers => "llama_sharded",
@@ -70,7 +71,7 @@ parity_tests! {
 fn every_fixture_model_has_a_parity_test() {
     let m = manifest();
     let names: Vec<&String> = m["models"].as_object().expect("models").keys().collect();
-    assert_eq!(names.len(), 17, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
+    assert_eq!(names.len(), 18, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
 }
 
 /// 30 layers, a 32k vocabulary, f16 weights (loaded as f32), tied head: deep and wide enough
