@@ -164,8 +164,9 @@ impl<'a> Encoder<'a> {
     fn assistant_spans(&self, messages: &[Message], full: &str, kwargs: &BTreeMap<String, serde_json::Value>) -> Result<Vec<Turn>, String> {
         let mut turns = Vec::new();
         let mut floor = 0;
+        // One copy of the conversation; each probe swaps one message out and back.
+        let mut probe = messages.to_vec();
         for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
-            let mut probe = messages.to_vec();
             probe[i] = Message::new("assistant", PLACEHOLDER);
             let other = match self.template.render(&probe, false, kwargs) {
                 Ok(text) => text,
@@ -178,6 +179,7 @@ impl<'a> Encoder<'a> {
                     self.template.render(&probe, false, kwargs)?
                 }
             };
+            probe[i] = m.clone();
             let (start, end) = differing_region(full, &other);
             if end <= start {
                 // The template renders nothing of this message here (Llama 3's drops tool calls).

@@ -83,22 +83,9 @@ fn encode(case: &Case, tok: &TextTokenizer, edit: impl FnOnce(&mut DataConfig)) 
     Encoder::new(tok, template(case, tok), &cfg).chat(&case.conv).unwrap_or_else(|e| panic!("{what}: {e:?}"))
 }
 
-/// Runs of consecutive trained tokens, decoded with special tokens kept.
+/// Runs of consecutive trained tokens (the chat tests' helper).
 fn trained_runs(tok: &TextTokenizer, ex: &Example) -> Vec<String> {
-    let mut runs = Vec::new();
-    let mut cur: Vec<u32> = Vec::new();
-    for (&id, &l) in ex.input_ids.iter().zip(&ex.labels) {
-        if l != IGNORE_INDEX {
-            assert_eq!(l, id as i64, "a trained label equals its input id");
-            cur.push(id);
-        } else if !cur.is_empty() {
-            runs.push(tok.decode_with_special(&std::mem::take(&mut cur)).unwrap());
-        }
-    }
-    if !cur.is_empty() {
-        runs.push(tok.decode_with_special(&cur).unwrap());
-    }
-    runs
+    crate::data_chat::trained_runs(tok, &ex.input_ids, &ex.labels)
 }
 
 fn find<'a>(cases: &'a [Case], tok: &str, template: Option<&str>, name: &str, kwargs: &str) -> &'a Case {

@@ -60,7 +60,7 @@ fn qwen3_chat_template_matches_transformers_text_and_ids_with_enable_thinking() 
 }
 
 /// Runs of consecutive trained tokens, decoded with special tokens kept.
-fn trained_runs(tok: &TextTokenizer, input_ids: &[u32], labels: &[i64]) -> Vec<String> {
+pub fn trained_runs(tok: &TextTokenizer, input_ids: &[u32], labels: &[i64]) -> Vec<String> {
     let mut runs = Vec::new();
     let mut cur: Vec<u32> = Vec::new();
     for (&id, &l) in input_ids.iter().zip(labels) {
