@@ -102,9 +102,12 @@ def rel(path: Path) -> str:
 
 def load_fixture_model(name: str):
     """Load a saved fixture model back from disk in float32 / eager / eval."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(
+    path = FIXTURES / "models" / name
+    composite = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type in ("gemma3", "mistral3")
+    auto = AutoModelForImageTextToText if composite else AutoModelForCausalLM
+    model = auto.from_pretrained(
         str(FIXTURES / "models" / name),
         dtype=torch.float32,
         attn_implementation="eager",

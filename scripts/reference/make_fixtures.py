@@ -46,12 +46,17 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    AutoModelForImageTextToText,
     Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GraniteConfig,
     LlamaConfig,
+    Mistral3Config,
     MistralConfig,
     Olmo2Config,
+    Olmo3Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -289,6 +294,113 @@ SPECS = {
         1018,
         {},
     ),
+    # Gemma 3: q/k norms, sandwich norms, layers sliding / sliding / global / sliding with a window
+    # (5) shorter than the text, the local layers on their own RoPE (theta 100) and the global
+    # ones on a linearly scaled one (theta 10000, factor 4), head_dim 18 (not hidden / heads),
+    # query_pre_attn_scalar 20 (not head_dim), final soft-capping, tied head.
+    "gemma3_text": (
+        Gemma3TextConfig,
+        dict(
+            num_hidden_layers=4,
+            hidden_size=40,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=18,
+            intermediate_size=57,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_theta=10000.0,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            query_pre_attn_scalar=20,
+            final_logit_softcapping=25.0,
+            tie_word_embeddings=True,
+        ),
+        1019,
+        {"gemma_norm": True, "embed_std": 0.6},
+    ),
+    # OLMo 3: OLMo 2's norms plus the default pattern (3 sliding layers, then a global one) with a
+    # window of 5; YaRN on the global layer only, the sliding ones unscaled; untied head.
+    "olmo3": (
+        Olmo3Config,
+        dict(
+            num_hidden_layers=4,
+            hidden_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=50,
+            sliding_window=5,
+            rope_theta=20000.0,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+            tie_word_embeddings=False,
+        ),
+        1020,
+        {},
+    ),
+    # Gemma 3 4B-style vision-language checkpoint (Gemma3ForConditionalGeneration): a tiny SigLIP
+    # tower and projector that Temper leaves alone, and a Gemma 3 text decoder whose config keeps
+    # only the keys that differ from Gemma3TextConfig's defaults, as transformers writes it.
+    "gemma3_vlm": (
+        Gemma3Config,
+        dict(
+            text_config=dict(
+                vocab_size=VOCAB,
+                num_hidden_layers=3,
+                hidden_size=32,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                intermediate_size=45,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                rope_scaling={"rope_type": "linear", "factor": 2.0},
+                max_position_embeddings=64,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+            ),
+            vision_config=dict(
+                hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=VOCAB + 10,
+            boi_token_index=VOCAB + 11,
+            eoi_token_index=VOCAB + 12,
+        ),
+        1021,
+        {"gemma_norm": True, "embed_std": 0.6, "composite": True},
+    ),
+    # Mistral Small 3.1-style (Mistral3ForConditionalGeneration): a tiny Pixtral tower, a Mistral
+    # text decoder with an untied head.
+    "mistral3_vlm": (
+        Mistral3Config,
+        dict(
+            text_config=dict(
+                model_type="mistral",
+                vocab_size=VOCAB,
+                num_hidden_layers=2,
+                hidden_size=48,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=14,
+                intermediate_size=52,
+                sliding_window=None,
+                max_position_embeddings=64,
+                rope_theta=1000000.0,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            vision_config=dict(
+                model_type="pixtral", hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14, head_dim=8,
+            ),
+            image_token_index=VOCAB + 10,
+            spatial_merge_size=2,
+        ),
+        1022,
+        {"composite": True},
+    ),
     "llama_bf16": (LlamaConfig, dict(LLAMA_BASE), 1010, {"save_dtype": torch.bfloat16}),
     "llama_f16": (LlamaConfig, dict(LLAMA_BASE), 1011, {"save_dtype": torch.float16}),
     "llama_sharded": (LlamaConfig, dict(LLAMA_BASE), 1012, {"max_shard_size": "100KB"}),
@@ -420,13 +532,20 @@ def gemma2_softcap_stats(model, input_ids) -> dict:
 def new_model(name: str):
     """The fixture's config and a freshly seeded f32 model (eager attention), before reinit."""
     cls, kwargs, seed, opts = SPECS[name]
-    cfg_kwargs = dict(COMMON)
+    # Vision-language configs take the decoder's settings in text_config only.
+    cfg_kwargs = {} if opts.get("composite") else dict(COMMON)
     cfg_kwargs.update(kwargs)
     config = cls(**cfg_kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    auto = AutoModelForImageTextToText if opts.get("composite") else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model, seed, opts
+
+
+def text_decoder(model):
+    """The decoder stack (`*.layers`, `*.norm`) of a causal LM or of a vision-language model."""
+    return getattr(model.model, "language_model", model.model)
 
 
 def build_fixture(name: str, tok_rows) -> dict:
@@ -460,13 +579,13 @@ def build_fixture(name: str, tok_rows) -> dict:
     input_ids = make_input_ids(seed + 5000)
     captured = {}
     hooks = []
-    for i, layer in enumerate(ref.model.layers):
+    for i, layer in enumerate(text_decoder(ref).layers):
         hooks.append(
             layer.register_forward_hook(
                 lambda mod, inp, o, i=i: captured.__setitem__(f"hidden.layer.{i}", o[0] if isinstance(o, tuple) else o)
             )
         )
-    hooks.append(ref.model.norm.register_forward_hook(lambda mod, inp, o: captured.__setitem__("hidden.final_norm", o)))
+    hooks.append(text_decoder(ref).norm.register_forward_hook(lambda mod, inp, o: captured.__setitem__("hidden.final_norm", o)))
     with torch.no_grad():
         out = ref(input_ids=input_ids, labels=input_ids, output_hidden_states=True)
     for h in hooks:
@@ -490,8 +609,9 @@ def build_fixture(name: str, tok_rows) -> dict:
     for f in out_dir.glob("*.safetensors"):
         with safe_open(str(f), "pt") as fh:
             keys.update(fh.keys())
-    tied = bool(ref.config.tie_word_embeddings)
-    assert ("lm_head.weight" in keys) == (not tied), (name, tied)
+    tied = bool(ref.config.get_text_config().tie_word_embeddings)
+    head_keys = {"lm_head.weight", "language_model.lm_head.weight"}
+    assert bool(head_keys & keys) == (not tied), (name, tied)
 
     entry = {
         "model_type": ref.config.model_type,
@@ -554,6 +674,17 @@ def build_fixture(name: str, tok_rows) -> dict:
         )
     if name == "llama_tied_bias":
         entry["rope_inv_freq"] = [float(x) for x in ref.model.rotary_emb.inv_freq]
+    if opts.get("composite"):
+        entry["text_model_type"] = ref.config.get_text_config().model_type
+        entry["layout"] = sorted({k.split(".layers.")[0] for k in keys if ".layers." in k})
+        entry["notes"] = (
+            "vision-language checkpoint: reference logits from the full model on text-only input_ids "
+            "(no pixel_values); only the text decoder is Temper's"
+        )
+    if name in ("gemma3_text", "olmo3", "gemma3_vlm"):
+        cfg = ref.config.get_text_config()
+        entry["layer_types"] = list(cfg.layer_types)
+        entry["sliding_window"] = cfg.sliding_window
     if name == "llama_linear_rope":
         entry["rope_inv_freq"] = [float(x) for x in ref.model.rotary_emb.inv_freq]
     return entry

@@ -76,6 +76,9 @@ impl ModelArgs {
         use anyhow::Context;
         let dir = resolve_model(&self.model.to_string_lossy(), None)?;
         let mut loaded = temper::model::load_model::<B>(&dir, precision, device).with_context(|| format!("loading {}", dir.display()))?;
+        if let Some(notice) = loaded.model.config.composite_notice() {
+            eprintln!("{notice}");
+        }
         if let Some(a) = &self.adapter {
             let adapter = temper::export::Adapter::read(a)?;
             temper::lora::apply_adapter(&mut loaded.model, &adapter).with_context(|| format!("applying adapter {}", a.display()))?;

@@ -51,6 +51,9 @@ impl TrainTask for TrainJob {
         let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
         let tokenizer = TextTokenizer::from_dir(&dir)?;
         let loaded = load_model::<B>(&dir, train_precision(r.train.precision, kind)?, &device).with_context(|| format!("loading {}", dir.display()))?;
+        if let Some(notice) = loaded.model.config.composite_notice() {
+            eprintln!("{notice}");
+        }
         let data = prepare(&r.data, &tokenizer, std::path::Path::new("."), r.train.seed)?;
         let s = &data.stats;
         eprintln!(

@@ -92,6 +92,9 @@ struct Plan<'a> {
     untie: bool,
     /// `lm_head.weight` is created from the embeddings (tied base without its own lm_head).
     new_lm_head: bool,
+    /// The head's and the embeddings' names in this checkpoint's layout.
+    lm_head: String,
+    embed: String,
 }
 
 /// Merge into `out` atomically: a failure leaves no partial folder, and an existing `out` is
@@ -145,7 +148,11 @@ pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out
         config_changed = true;
     }
     if plan.untie {
-        config["tie_word_embeddings"] = Value::Bool(false);
+        // transformers reads the text decoder's setting (text_config of a vision-language model).
+        match config.get_mut("text_config").filter(|t| t.is_object()) {
+            Some(text) => text["tie_word_embeddings"] = Value::Bool(false),
+            None => config["tie_word_embeddings"] = Value::Bool(false),
+        }
         config_changed = true;
     }
     let config_bytes = if config_changed { pretty(&config)? } else { config_text.into_bytes() };
@@ -159,7 +166,10 @@ pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out
 fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeInput], opts: MergeOptions) -> Result<Plan<'a>> {
     // transformers omits the key when it equals the class default (true for Gemma, false for
     // Llama); a checkpoint without lm_head.weight is tied either way.
-    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(!ckpt.contains(LM_HEAD));
+    let layout = ckpt.layout();
+    let (lm_head, embed) = (layout.checkpoint_name(LM_HEAD), layout.checkpoint_name(EMBED));
+    let text_config = config.get("text_config").filter(|t| t.is_object()).unwrap_or(config);
+    let tied = text_config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(!ckpt.contains(&lm_head));
     let mut terms: HashMap<String, Vec<Term<'a>>> = HashMap::new();
     let mut untie = false;
     let mut new_lm_head = false;
@@ -169,7 +179,8 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
         }
         let cfg_path = input.dir.join(CONFIG_FILE);
         for (module, pair) in &input.adapter.modules {
-            let mut key = format!("{module}.weight");
+            // Adapter modules are Temper's names; the base may hold them under a prefix.
+            let mut key = layout.checkpoint_name(&format!("{module}.weight"));
             let mut base_key = key.clone();
             if module == "lm_head" && tied {
                 if !opts.untie {
@@ -181,10 +192,10 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
                     });
                 }
                 untie = true;
-                if !ckpt.contains(LM_HEAD) {
+                if !ckpt.contains(&lm_head) {
                     new_lm_head = true;
-                    base_key = EMBED.into();
-                    key = LM_HEAD.into();
+                    base_key = embed.clone();
+                    key = lm_head.clone();
                 }
             }
             let (dtype, shape) = ckpt.info(&base_key).ok_or_else(|| {
@@ -219,7 +230,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
             terms.entry(key).or_default().push(Term { pair, scale });
         }
     }
-    Ok(Plan { terms, untie, new_lm_head })
+    Ok(Plan { terms, untie, new_lm_head, lm_head, embed })
 }
 
 /// Stream one shard: header first, then each tensor read, merged, cast, checked and written.
@@ -230,8 +241,8 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
     let mut order: Vec<(String, usize)> = Vec::with_capacity(reader.tensors.len() + 1);
     for (i, (name, _)) in reader.tensors.iter().enumerate() {
         order.push((name.clone(), i));
-        if name == EMBED && plan.new_lm_head {
-            order.push((LM_HEAD.into(), i));
+        if *name == plan.embed && plan.new_lm_head {
+            order.push((plan.lm_head.clone(), i));
         }
     }
     let header: Vec<(String, Dtype, Vec<usize>)> = order

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::export::atomic::{write_dir_atomically, WriteMode};
 use crate::lora::{LoraConfig, LoraInit, TargetModules};
+use crate::model::names::{internal_module, peft_module};
 use crate::{Error, Result};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -37,6 +38,9 @@ pub struct Adapter {
     pub config: LoraConfig,
     pub base_model: String,
     pub modules: BTreeMap<String, LoraPair>,
+    /// Trained on the text decoder of a vision-language model: PEFT names its modules
+    /// `model.language_model.*` ([`peft_module`]); `modules` keeps Temper's names either way.
+    pub nested: bool,
 }
 
 /// `adapter_config.json` as PEFT and others write it; unknown keys are accepted.
@@ -101,11 +105,12 @@ impl Adapter {
         })?;
         let config = file.to_lora_config(&cfg_path)?;
         let base_model = file.base_model_name_or_path.clone().unwrap_or_default();
-        let modules = read_tensors(&dir.join(WEIGHTS_FILE))?;
+        let (modules, nested) = read_tensors(&dir.join(WEIGHTS_FILE))?;
         Ok(Adapter {
             config,
             base_model,
             modules,
+            nested,
         })
     }
 
@@ -134,6 +139,13 @@ impl Adapter {
     /// module names adapted (what vLLM and mistral.rs check tensors against).
     pub fn config_json(&self) -> Value {
         let targets: std::collections::BTreeSet<&str> = self.modules.keys().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+        // A list of names would also match the vision tower's q_proj / k_proj / v_proj in PEFT.
+        let targets = if self.nested {
+            let names: Vec<&str> = targets.into_iter().collect();
+            json!(format!(r"^model\.language_model\..*\.({})$", names.join("|")))
+        } else {
+            json!(targets)
+        };
         let c = &self.config;
         let int_or_float = |x: f64| if x.fract() == 0.0 && x.abs() < 1e15 { json!(x as i64) } else { json!(x) };
         json!({
@@ -162,6 +174,7 @@ impl Adapter {
     fn safetensors_bytes(&self) -> Result<Vec<u8>> {
         let mut entries: Vec<(String, &HostTensor)> = Vec::new();
         for (module, pair) in &self.modules {
+            let module = peft_module(module, self.nested);
             entries.push((format!("{KEY_PREFIX}{module}.lora_A.weight"), &pair.a));
             entries.push((format!("{KEY_PREFIX}{module}.lora_B.weight"), &pair.b));
         }
@@ -252,7 +265,7 @@ impl PeftConfigFile {
 }
 
 /// `adapter_model.safetensors` -> A/B pairs by module name (f32, bf16 and f16 accepted).
-fn read_tensors(path: &Path) -> Result<BTreeMap<String, LoraPair>> {
+fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
@@ -260,6 +273,7 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, LoraPair>> {
     })?;
     let mut a_parts: BTreeMap<String, HostTensor> = BTreeMap::new();
     let mut b_parts: BTreeMap<String, HostTensor> = BTreeMap::new();
+    let mut nested = false;
     for (key, view) in st.tensors() {
         let Some((module, which)) = parse_key(&key) else {
             return Err(Error::Unsupported {
@@ -286,19 +300,21 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, LoraPair>> {
                 actual: t.shape,
             });
         }
+        let (module, composite) = internal_module(&module);
+        nested |= composite;
         if which == 'A' { a_parts.insert(module, t) } else { b_parts.insert(module, t) };
     }
     let mut out = BTreeMap::new();
     for (module, a) in a_parts {
         let b = b_parts.remove(&module).ok_or_else(|| Error::MissingTensor {
             path: path.to_path_buf(),
-            tensor: format!("{KEY_PREFIX}{module}.lora_B.weight"),
+            tensor: format!("{KEY_PREFIX}{}.lora_B.weight", peft_module(&module, nested)),
             hint: " (lora_A without its lora_B)".into(),
         })?;
         if a.shape[0] != b.shape[1] {
             return Err(Error::TensorShape {
                 path: path.to_path_buf(),
-                tensor: format!("{KEY_PREFIX}{module}.lora_B.weight"),
+                tensor: format!("{KEY_PREFIX}{}.lora_B.weight", peft_module(&module, nested)),
                 expected: vec![b.shape[0], a.shape[0]],
                 actual: b.shape.clone(),
             });
@@ -308,7 +324,7 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, LoraPair>> {
     if let Some(module) = b_parts.keys().next() {
         return Err(Error::MissingTensor {
             path: path.to_path_buf(),
-            tensor: format!("{KEY_PREFIX}{module}.lora_A.weight"),
+            tensor: format!("{KEY_PREFIX}{}.lora_A.weight", peft_module(module, nested)),
             hint: " (lora_B without its lora_A)".into(),
         });
     }
@@ -319,7 +335,7 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, LoraPair>> {
             hint: " (the adapter has no LoRA tensors)".into(),
         });
     }
-    Ok(out)
+    Ok((out, nested))
 }
 
 /// `base_model.model.X.lora_A.weight` (also `.lora_A.default.weight`) -> (X, 'A')

@@ -6,6 +6,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::linear::{LoraDelta, LoraLinear};
+use crate::model::names::peft_module;
 use crate::model::CausalLm;
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -118,8 +119,11 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) 
     let device = model.device();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut targeted = Vec::new();
+    let composite = model.config.composite.is_some();
     for (name, proj) in projections_mut(model) {
-        if !is_target(cfg, &name) {
+        // Matched as PEFT sees the module: a vision-language model's decoder modules are
+        // `model.language_model.*` there, so a PEFT regex for it works here too.
+        if !is_target(cfg, &peft_module(&name, composite)) {
             continue;
         }
         let [d_out, d_in] = proj.dims();

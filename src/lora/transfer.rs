@@ -77,6 +77,7 @@ pub fn extract_adapter<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig,
         config: config.clone(),
         base_model: base_model.to_string(),
         modules,
+        nested: model.config.composite.is_some(),
     })
 }
 

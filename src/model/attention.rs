@@ -50,6 +50,8 @@ pub struct Attention<B: Backend> {
     pub window: Option<usize>,
     /// Whether q and k are rotated (false: a NoPE layer).
     pub rope: bool,
+    /// Gemma 3 / OLMo 3: a sliding layer, rotated with the local RoPE tables.
+    pub local_rope: bool,
     /// OLMo 2: `q_norm` / `k_norm` span the whole projection, not each head.
     pub qk_norm_whole: bool,
 }

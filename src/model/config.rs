@@ -14,7 +14,11 @@ use crate::{Error, Result};
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "smollm3", "olmo2"];
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3"];
+
+/// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
+/// its own; the vision tower is left out of the model and copied unchanged by merge.
+pub const COMPOSITE_MODEL_TYPES: &[&str] = &["gemma3", "mistral3"];
 
 /// `config.json` as Hugging Face writes it (only the keys this project reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +52,12 @@ pub struct HfConfig {
     pub attn_logit_softcapping: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
     pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: RoPE theta of the sliding-window layers (the global layers use `rope_theta`).
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3: layers slide except every `sliding_window_pattern`-th (when `layer_types` is absent).
+    pub sliding_window_pattern: Option<usize>,
+    /// EmbeddingGemma: attention is not causal.
+    pub use_bidirectional_attention: Option<bool>,
     /// Granite: embeddings, q.k, residual branches and logits are scaled by these.
     pub embedding_multiplier: Option<f64>,
     pub attention_multiplier: Option<f64>,
@@ -63,6 +73,9 @@ pub struct HfConfig {
     pub dtype: Option<String>,
     pub quantization_config: Option<Value>,
     pub architectures: Option<Vec<String>>,
+    /// Set when this is the `text_config` of a vision-language checkpoint: its `model_type`.
+    #[serde(skip)]
+    pub composite: Option<String>,
 }
 
 /// MLP activation functions found in the supported families.
@@ -119,22 +132,60 @@ pub struct DecoderConfig {
     pub residual_scale: Option<f64>,
     /// Granite: logits are divided by this.
     pub logits_divisor: Option<f64>,
+    /// The RoPE of the global (full-attention) layers, and of every layer when `local_rope` is None.
     pub rope: RopeConfig,
+    /// Gemma 3 and OLMo 3: the sliding-window layers' own RoPE (Gemma 3: `rope_local_base_freq`,
+    /// unscaled; OLMo 3: the same theta, unscaled).
+    pub local_rope: Option<RopeConfig>,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint declares (`torch_dtype` / `dtype`), e.g. "bfloat16".
     pub torch_dtype: Option<String>,
+    /// The vision-language `model_type` (gemma3, mistral3) whose text decoder this is.
+    pub composite: Option<String>,
 }
 
 impl HfConfig {
     /// Read and parse a `config.json`.
+    /// A vision-language checkpoint (`model_type` gemma3 or mistral3) gives its `text_config`,
+    /// marked with [`HfConfig::composite`]. Keys a family's config class has defaults for and
+    /// transformers leaves out of a nested `text_config` are filled in as the class would.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+        let json_error = |source| Error::Json { path: path.to_path_buf(), source };
+        let value: Value = serde_json::from_str(&text).map_err(json_error)?;
+        let outer_type = value.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
+        let (mut obj, composite) = if COMPOSITE_MODEL_TYPES.contains(&outer_type.as_str()) {
+            let mut text_config = match value.get("text_config") {
+                Some(Value::Object(t)) => t.clone(),
+                _ => {
+                    return Err(Error::InvalidConfig {
+                        path: path.to_path_buf(),
+                        key: "text_config".into(),
+                        reason: format!("a {outer_type} checkpoint needs its text decoder's config as an object here"),
+                    })
+                }
+            };
+            let default_text = if outer_type == "gemma3" { "gemma3_text" } else { "mistral" };
+            text_config.entry("model_type").or_insert_with(|| Value::from(default_text));
+            // Token ids and the dtype are often only given at the top level.
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "quantization_config"] {
+                if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
+                    text_config.entry(key).or_insert_with(|| v.clone());
+                }
+            }
+            (text_config, Some(outer_type))
+        } else {
+            match value {
+                Value::Object(o) => (o, None),
+                _ => return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "config.json".into(), reason: "expected a JSON object".into() }),
+            }
+        };
+        fill_class_defaults(&mut obj);
+        let mut cfg: HfConfig = serde_json::from_value(Value::Object(obj)).map_err(json_error)?;
+        cfg.composite = composite;
+        Ok(cfg)
     }
 
     /// Derive the decoder switches, refusing anything this decoder would compute wrongly.
@@ -188,13 +239,18 @@ impl HfConfig {
             return Err(invalid("head_dim", format!("{head_dim} must be even for RoPE")));
         }
 
-        let is_gemma = mt == "gemma" || mt == "gemma2";
+        let is_gemma = mt.starts_with("gemma");
+        let is_olmo = mt == "olmo2" || mt == "olmo3";
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(unsupported("use_bidirectional_attention", "true".into(), "this is an embedding model (attention is not causal); Temper trains causal language models"));
+        }
         let activation = self.activation(path)?;
         // The classes whose default ties the head (config.json omits a value equal to the default).
         let default_tie = is_gemma || mt == "smollm3";
+        let sandwich = mt == "gemma2" || mt == "gemma3_text";
         let (qkv_bias, o_bias) = match mt {
             "qwen2" => (true, false),
-            "llama" | "qwen3" | "gemma" | "gemma2" | "granite" | "smollm3" | "olmo2" => {
+            "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
@@ -213,7 +269,7 @@ impl HfConfig {
             _ => false,
         };
         let attn_scale = match (mt, self.query_pre_attn_scalar) {
-            ("gemma2", Some(s)) => 1.0 / s.sqrt(),
+            ("gemma2" | "gemma3_text", Some(s)) => 1.0 / s.sqrt(),
             ("granite", _) => self.attention_multiplier.unwrap_or(1.0),
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
@@ -221,13 +277,13 @@ impl HfConfig {
         if let Some(s) = granite(self.logits_scaling).filter(|s| *s == 0.0 || !s.is_finite()) {
             return Err(invalid("logits_scaling", format!("{s} must be a finite non-zero number (logits are divided by it)")));
         }
-        let (attn_softcap, final_softcap) = if mt == "gemma2" {
+        let (attn_softcap, final_softcap) = if sandwich {
             (self.attn_logit_softcapping, self.final_logit_softcapping)
         } else {
             (None, None)
         };
         let max_pos = self.max_position_embeddings.unwrap_or(4096);
-        let rope = self.rope_config(path, head_dim, max_pos)?;
+        let (rope, local_rope) = self.rope_configs(path, head_dim, max_pos)?;
 
         Ok(DecoderConfig {
             model_type: mt.to_string(),
@@ -244,11 +300,11 @@ impl HfConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: mt == "qwen3" || mt == "olmo2",
-            qk_norm_whole: mt == "olmo2",
-            post_norms: mt == "olmo2",
+            qk_norm: mt == "qwen3" || mt == "gemma3_text" || is_olmo,
+            qk_norm_whole: is_olmo,
+            post_norms: is_olmo,
             fused_projections: mt == "phi3",
-            sandwich_norms: mt == "gemma2",
+            sandwich_norms: sandwich,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(default_tie),
             embed_scale: if is_gemma { Some((self.hidden_size as f64).sqrt()) } else { granite(self.embedding_multiplier) },
             attn_scale,
@@ -259,17 +315,19 @@ impl HfConfig {
             residual_scale: granite(self.residual_multiplier),
             logits_divisor: granite(self.logits_scaling),
             rope,
+            local_rope,
             max_position_embeddings: max_pos,
             bos_token_id: first_id(&self.bos_token_id),
             eos_token_ids: all_ids(&self.eos_token_id),
             torch_dtype: self.torch_dtype.clone().or_else(|| self.dtype.clone()),
+            composite: self.composite.clone(),
         })
     }
 
     fn activation(&self, path: &Path) -> Result<Activation> {
         // Gemma 2 reads `hidden_activation`; the others `hidden_act`.
         let (key, name) = match (&self.hidden_activation, &self.hidden_act) {
-            (Some(a), _) if self.model_type == "gemma2" || self.hidden_act.is_none() => ("hidden_activation", a.as_str()),
+            (Some(a), _) if self.model_type == "gemma2" || self.model_type == "gemma3_text" || self.hidden_act.is_none() => ("hidden_activation", a.as_str()),
             (_, Some(a)) => ("hidden_act", a.as_str()),
             (Some(a), None) => ("hidden_activation", a.as_str()),
             (None, None) => ("hidden_act", if self.model_type.starts_with("gemma") { "gelu_pytorch_tanh" } else { "silu" }),
@@ -287,26 +345,66 @@ impl HfConfig {
         }
     }
 
-    fn rope_config(&self, path: &Path, head_dim: usize, max_pos: usize) -> Result<RopeConfig> {
+    /// The global RoPE and, for Gemma 3 and OLMo 3, the sliding layers' own. transformers >= 5
+    /// may key `rope_parameters` by layer type (`full_attention`, `sliding_attention`).
+    fn rope_configs(&self, path: &Path, head_dim: usize, max_pos: usize) -> Result<(RopeConfig, Option<RopeConfig>)> {
         let params = self.rope_parameters.as_ref().and_then(Value::as_object);
-        let theta = self
-            .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(10000.0);
-        let scaling_value = match (&self.rope_scaling, &self.rope_parameters) {
-            (Some(v), _) if !v.is_null() => Some(("rope_scaling", v)),
-            (_, Some(v)) if !v.is_null() => Some(("rope_parameters", v)),
+        let by_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| v.is_object());
+        let rotary_dim = self.rotary_dim(path, head_dim)?;
+        let (global, local) = match (by_type("full_attention"), by_type("sliding_attention")) {
+            (Some(full), sliding) => {
+                let global = self.rope_from(path, "rope_parameters.full_attention", Some(full), None, rotary_dim, max_pos)?;
+                let local = match sliding {
+                    Some(v) => Some(self.rope_from(path, "rope_parameters.sliding_attention", Some(v), None, rotary_dim, max_pos)?),
+                    None => None,
+                };
+                (global, local)
+            }
+            _ => {
+                let scaling_value = match (&self.rope_scaling, &self.rope_parameters) {
+                    (Some(v), _) if !v.is_null() => Some(("rope_scaling", v)),
+                    (_, Some(v)) if !v.is_null() => Some(("rope_parameters", v)),
+                    _ => None,
+                };
+                let theta = self.rope_theta.or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64));
+                let key = scaling_value.map_or("rope_scaling", |(k, _)| k);
+                (self.rope_from(path, key, scaling_value.map(|(_, v)| v), theta, rotary_dim, max_pos)?, None)
+            }
+        };
+        let local = match self.model_type.as_str() {
+            // Gemma 3: the local layers rotate with rope_local_base_freq and no scaling.
+            "gemma3_text" => Some(local.unwrap_or(RopeConfig {
+                theta: self.rope_local_base_freq.unwrap_or(10_000.0),
+                rotary_dim,
+                scaling: RopeScaling::Default,
+            })),
+            // OLMo 3: the sliding layers use the default RoPE of the same theta.
+            "olmo3" => Some(local.unwrap_or(RopeConfig { theta: global.theta, rotary_dim, scaling: RopeScaling::Default })),
             _ => None,
         };
-        let scaling = match scaling_value {
+        Ok((global, local))
+    }
+
+    /// One RoPE from a `rope_scaling` / `rope_parameters` object (`key` names it in errors).
+    fn rope_from(&self, path: &Path, key: &str, scaling: Option<&Value>, theta: Option<f64>, rotary_dim: usize, max_pos: usize) -> Result<RopeConfig> {
+        let theta = theta
+            .or_else(|| scaling.and_then(|v| v.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10000.0);
+        let scaling = match scaling {
             None => RopeScaling::Default,
-            Some((key, v)) => RopeScaling::from_json(v, max_pos, self.original_max_position_embeddings).map_err(|reason| Error::Unsupported {
+            Some(v) => RopeScaling::from_json(v, max_pos, self.original_max_position_embeddings).map_err(|reason| Error::Unsupported {
                 path: path.to_path_buf(),
                 key: key.to_string(),
                 value: compact(v),
                 reason,
             })?,
         };
+        let rope = RopeConfig { theta, rotary_dim, scaling };
+        rope.check().map_err(|reason| Error::InvalidConfig { path: path.to_path_buf(), key: key.into(), reason })?;
+        Ok(rope)
+    }
+
+    fn rotary_dim(&self, path: &Path, head_dim: usize) -> Result<usize> {
         let factor = self.partial_rotary_factor.unwrap_or(1.0);
         if !(factor > 0.0 && factor <= 1.0) {
             return Err(Error::InvalidConfig {
@@ -323,9 +421,7 @@ impl HfConfig {
                 reason: format!("gives an odd or zero rotary dimension {rotary_dim} for head_dim {head_dim}"),
             });
         }
-        let rope = RopeConfig { theta, rotary_dim, scaling };
-        rope.check().map_err(|reason| Error::InvalidConfig { path: path.to_path_buf(), key: scaling_value.map_or("rope_scaling", |(k, _)| k).into(), reason })?;
-        Ok(rope)
+        Ok(rotary_dim)
     }
 
     /// Which layers rotate q and k: all, but for SmolLM3's NoPE layers (`no_rope_layers`, or
@@ -381,6 +477,14 @@ impl HfConfig {
         Ok(match self.model_type.as_str() {
             // Gemma 2 alternates: even layers slide, odd layers are global.
             "gemma2" => (0..n).map(|i| if i % 2 == 0 { window } else { None }).collect(),
+            // Gemma 3: every `sliding_window_pattern`-th layer (6 by default) is global; OLMo 3: every 4th.
+            "gemma3_text" | "olmo3" => {
+                let every = if self.model_type == "olmo3" { 4 } else { self.sliding_window_pattern.unwrap_or(6) };
+                if every == 0 {
+                    return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "sliding_window_pattern".into(), reason: "must be positive".into() });
+                }
+                (0..n).map(|i| if (i + 1) % every != 0 { window } else { None }).collect()
+            }
             "mistral" | "phi3" => vec![window; n],
             "qwen2" | "qwen3" if self.use_sliding_window == Some(true) => {
                 let first_full = self.max_window_layers.unwrap_or(n);
@@ -398,6 +502,13 @@ impl DecoderConfig {
         let hf = HfConfig::from_file(&path)?;
         let cfg = hf.to_decoder_config(&path)?;
         Ok((hf, cfg))
+    }
+
+    /// The one-line notice for a vision-language checkpoint, whose vision tower is not loaded.
+    pub fn composite_notice(&self) -> Option<String> {
+        self.composite.as_ref().map(|outer| {
+            format!("{outer} is a vision-language checkpoint: using its {} text decoder; the vision tower is not loaded (merge copies it unchanged)", self.model_type)
+        })
     }
 
     /// Number of parameters of the base model (tied embeddings counted once).
@@ -426,6 +537,54 @@ impl DecoderConfig {
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         self.num_layers * (attn + mlp + norms) + embed + head + h
+    }
+}
+
+/// The defaults of the config classes that nested `text_config`s rely on (transformers writes
+/// a sub-config's keys only where they differ from its class): Gemma3TextConfig and MistralConfig
+/// as in transformers 4.57.
+fn fill_class_defaults(obj: &mut serde_json::Map<String, Value>) {
+    let defaults: &[(&str, Value)] = match obj.get("model_type").and_then(Value::as_str) {
+        Some("gemma3_text") => &[
+            ("vocab_size", Value::from(262_208)),
+            ("hidden_size", Value::from(2304)),
+            ("intermediate_size", Value::from(9216)),
+            ("num_hidden_layers", Value::from(26)),
+            ("num_attention_heads", Value::from(8)),
+            ("num_key_value_heads", Value::from(4)),
+            ("head_dim", Value::from(256)),
+            ("hidden_activation", Value::from("gelu_pytorch_tanh")),
+            ("max_position_embeddings", Value::from(131_072)),
+            ("rms_norm_eps", Value::from(1e-6)),
+            ("pad_token_id", Value::from(0)),
+            ("eos_token_id", Value::from(1)),
+            ("bos_token_id", Value::from(2)),
+            ("tie_word_embeddings", Value::from(true)),
+            ("rope_theta", Value::from(1_000_000.0)),
+            ("rope_local_base_freq", Value::from(10_000.0)),
+            ("query_pre_attn_scalar", Value::from(256)),
+            ("sliding_window", Value::from(4096)),
+        ],
+        Some("mistral") => &[
+            ("vocab_size", Value::from(32_000)),
+            ("hidden_size", Value::from(4096)),
+            ("intermediate_size", Value::from(14_336)),
+            ("num_hidden_layers", Value::from(32)),
+            ("num_attention_heads", Value::from(32)),
+            ("num_key_value_heads", Value::from(8)),
+            ("hidden_act", Value::from("silu")),
+            ("max_position_embeddings", Value::from(131_072)),
+            ("rms_norm_eps", Value::from(1e-6)),
+            ("bos_token_id", Value::from(1)),
+            ("eos_token_id", Value::from(2)),
+            ("tie_word_embeddings", Value::from(false)),
+            ("rope_theta", Value::from(10_000.0)),
+            ("sliding_window", Value::from(4096)),
+        ],
+        _ => &[],
+    };
+    for (key, value) in defaults {
+        obj.entry(*key).or_insert_with(|| value.clone());
     }
 }
 

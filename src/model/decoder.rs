@@ -12,7 +12,7 @@ use crate::model::attention::{Attention, AttentionMask, LayerCache};
 use crate::model::config::DecoderConfig;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
-use crate::model::rope::RopeTables;
+use crate::model::rope::{RopeConfig, RopeTables};
 use crate::model::weights::WeightSource;
 use crate::ops::{self, CrossEntropySpec, TemperBackend};
 use crate::train::loss;
@@ -40,13 +40,7 @@ pub struct DecoderLayer<B: Backend> {
 
 impl<B: TemperBackend> DecoderLayer<B> {
     /// `[batch, seq, hidden]` -> same.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: &AttentionMask,
-        cache: Option<&mut Option<LayerCache<B>>>,
-    ) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
         let scaled = |t: Tensor<B, 3>| match self.residual_scale {
             Some(s) => t.mul_scalar(s),
             None => t,
@@ -55,7 +49,11 @@ impl<B: TemperBackend> DecoderLayer<B> {
             Some(norm) => norm.forward(x.clone()),
             None => x.clone(),
         };
-        let h = self.self_attn.forward(normed, rope, mask, cache);
+        let rope = match (&ctx.local_rope, self.self_attn.local_rope) {
+            (Some(local), true) => local,
+            _ => &ctx.rope,
+        };
+        let h = self.self_attn.forward(normed, rope, &ctx.mask, cache);
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(h);
@@ -97,7 +95,10 @@ pub struct CausalLm<B: Backend> {
 
 /// Positions, masks and rotary tables for one forward call.
 pub struct ForwardContext<B: Backend> {
+    /// The tables of the global layers (of every layer when `local_rope` is None).
     pub rope: RopeTables<B>,
+    /// Gemma 3 / OLMo 3: the sliding-window layers' tables.
+    pub local_rope: Option<RopeTables<B>>,
     pub mask: AttentionMask,
 }
 
@@ -159,8 +160,11 @@ impl<B: Backend> CausalLm<B> {
     /// positions, and optional per-row segment ids (packing).
     pub fn context(&self, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>) -> ForwardContext<B> {
         let device = self.device();
+        let heads = [self.config.num_heads, self.config.num_kv_heads];
+        let tables = |rope: &RopeConfig| rope.tables(positions, &heads, self.config.head_dim, self.dtype(), &device);
         ForwardContext {
-            rope: self.config.rope.tables(positions, &[self.config.num_heads, self.config.num_kv_heads], self.config.head_dim, self.dtype(), &device),
+            rope: tables(&self.config.rope),
+            local_rope: self.config.local_rope.as_ref().map(tables),
             mask: AttentionMask {
                 past_len,
                 segments: segments.map(Arc::new),
@@ -218,7 +222,7 @@ impl<B: TemperBackend> CausalLm<B> {
         let mut x = self.embed(ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ctx.rope, &ctx.mask, slot);
+            x = layer.forward(x, ctx, slot);
         }
         if let Some(c) = cache {
             c.len += t;
@@ -322,6 +326,7 @@ fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, d
             softcap: cfg.attn_softcap,
             window: cfg.layer_windows.get(i).copied().flatten(),
             rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
+            local_rope: cfg.local_rope.is_some() && cfg.layer_windows.get(i).copied().flatten().is_some(),
             qk_norm_whole: cfg.qk_norm_whole,
         },
         post_attention_layernorm: norm("post_attention_layernorm", h)?,

@@ -13,6 +13,7 @@ use safetensors::tensor::{Metadata, SafeTensorError};
 use safetensors::Dtype;
 use serde::Deserialize;
 
+use crate::model::names::TextLayout;
 use crate::{Error, Result};
 
 struct Shard {
@@ -28,6 +29,7 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     /// tensor name -> index into `shards`
     index: HashMap<String, usize>,
+    layout: TextLayout,
 }
 
 #[derive(Deserialize)]
@@ -81,11 +83,18 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
+        let layout = TextLayout::detect(index.keys());
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             shards,
             index,
+            layout,
         })
+    }
+
+    /// Where the text decoder's tensors sit (`model.*`, or a vision-language model's prefix).
+    pub fn layout(&self) -> TextLayout {
+        self.layout
     }
 
     /// Names of every tensor in the checkpoint.
@@ -246,7 +255,7 @@ impl WeightSource {
 
     pub fn contains(&self, name: &str) -> bool {
         match self {
-            WeightSource::Checkpoint(c) => c.contains(name),
+            WeightSource::Checkpoint(c) => c.contains(&c.layout.checkpoint_name(name)),
             WeightSource::Random { .. } => true,
         }
     }
@@ -260,7 +269,7 @@ impl WeightSource {
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
         let data = match self {
-            WeightSource::Checkpoint(c) => c.read(name, &shape, dtype)?,
+            WeightSource::Checkpoint(c) => c.read(&c.layout.checkpoint_name(name), &shape, dtype)?,
             WeightSource::Random { rng, .. } => {
                 let n: usize = shape.iter().product();
                 let v: Vec<f32> = (0..n).map(|_| normal(rng) * 0.02).collect();

@@ -76,7 +76,7 @@ fn checkpointed_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch,
     let mut block_inputs = Vec::with_capacity(inner.model.layers.len());
     for layer in &inner.model.layers {
         block_inputs.push(x.clone());
-        x = layer.forward(x, &ctx_inner.rope, &ctx_inner.mask, None);
+        x = layer.forward(x, &ctx_inner, None);
     }
     let ctx = model.context(&batch.positions, 0, batch.segments.clone());
     // Head: norm, logits, loss; gradient with respect to the last block's output.
@@ -88,7 +88,7 @@ fn checkpointed_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch,
     let mut upstream = top.grad(&grads).ok_or_else(|| Error::InvalidArgument("no gradient reached the last hidden state".into()))?;
     for i in (0..model.model.layers.len()).rev() {
         let input = Tensor::<B, 3>::from_inner(block_inputs[i].clone()).require_grad();
-        let out = model.model.layers[i].forward(input.clone(), &ctx.rope, &ctx.mask, None);
+        let out = model.model.layers[i].forward(input.clone(), &ctx, None);
         let surrogate = (out * Tensor::from_inner(upstream).detach()).sum();
         let grads = surrogate.backward();
         collect(model, &grads, &mut acc);

@@ -3,7 +3,7 @@
 
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use temper::export::Adapter;
-use temper::lora::{apply_adapter, projections_mut};
+use temper::lora::{apply_adapter, extract_adapter, inject, projections_mut, LoraConfig, LoraInit};
 use temper::model::{load_model, WeightPrecision};
 use temper::ops::{TemperAutodiff, TemperBackend};
 use temper::train::loss::{nll_sum, shift_labels};
@@ -81,7 +81,7 @@ pub fn check_peft_grads_on<B: TemperAutodiff>(device: &B::Device) {
             assert!(proj.weight.val().grad(&grads).is_none(), "{name}: frozen {module}.weight got a gradient");
             let Some(lora) = &proj.lora else { continue };
             for (which, param) in [("A", &lora.lora_a), ("B", &lora.lora_b)] {
-                let key = format!("grad.base_model.model.{module}.lora_{which}.weight");
+                let key = format!("grad.base_model.model.{}.lora_{which}.weight", temper::model::names::peft_module(&module, adapter.nested));
                 let got: Vec<f32> = param.val().grad(&grads).expect("LoRA param has a gradient").into_data().to_vec().unwrap();
                 let diff = max_abs_diff(&got, &r.f32(&key).0);
                 assert!(diff <= GRAD_TOL, "{name}: {key} differs from PEFT by {diff:e}");
@@ -159,5 +159,41 @@ fn adapters_exported_by_temper_give_peft_logits() {
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= LOGITS_TOL, "{name}: temper vs PEFT with temper's adapter: {diff:e}");
         assert!(max_abs_diff(&base_logits, &want) > 1e-2, "{name}: the exported adapter must change the logits");
+    }
+}
+
+/// An adapter Temper trains on a vision-language model's text decoder carries exactly the keys
+/// PEFT writes for that model (`base_model.model.model.language_model.layers.*`), and a target
+/// that PEFT resolves against the whole model (so it cannot match the vision tower's q_proj).
+#[test]
+fn adapters_on_vision_language_models_use_peft_module_names() {
+    for name in ["gemma3_vlm", "mistral3_vlm"] {
+        let device = Default::default();
+        let mut model = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
+        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
+        inject(&mut model, &cfg, 1).unwrap();
+        let adapter = extract_adapter(&mut model, &cfg, name).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        adapter.write(&tmp.path().join("a"), temper::export::WriteMode::Refuse, &[]).unwrap();
+        let keys = |dir: &std::path::Path| {
+            let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+            let mut k: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(String::from).collect();
+            k.sort();
+            k
+        };
+        let peft = fixtures().join(format!("peft/{name}/adapter"));
+        assert_eq!(keys(&tmp.path().join("a")), keys(&peft), "{name}");
+        let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap()).unwrap();
+        let re = regex::Regex::new(written["target_modules"].as_str().unwrap()).unwrap();
+        assert!(re.is_match("model.language_model.layers.0.self_attn.q_proj"));
+        assert!(!re.is_match("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"));
+        // Read back: Temper's own names again, and the same weights.
+        let back = Adapter::read(&tmp.path().join("a")).unwrap();
+        assert!(back.nested && back.modules == adapter.modules, "{name}");
+        // A PEFT regex written for the whole model selects the same projections in a recipe.
+        let mut again = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
+        let peft_cfg = Adapter::read(&peft).unwrap().config;
+        let targeted = inject(&mut again, &LoraConfig { init_lora_weights: LoraInit::Flag(true), ..peft_cfg }, 1).unwrap();
+        assert_eq!(targeted.len(), adapter.modules.len(), "{name}");
     }
 }

@@ -288,3 +288,52 @@ fn finiteness_check_finds_nan_and_inf_at_any_position_and_alignment() {
     // f16 overflows to infinity on the cast: caught after it.
     assert!(!all_finite(Dtype::F16, &f32_to_bytes(Dtype::F16, &[1.0, 70000.0])));
 }
+
+/// Vision-language checkpoints (Gemma 3, Mistral 3, saved as `language_model.model.*` next to
+/// `vision_tower.*`): merging PEFT's adapter on the text decoder changes exactly the adapted
+/// projections, under the checkpoint's own names; every other tensor (the vision tower and the
+/// projector too) and config.json are copied byte for byte; and the merged model's text logits
+/// equal PEFT's with the adapter.
+#[test]
+fn vision_language_merge_keeps_the_vision_tower_byte_for_byte() {
+    use temper::model::names::{internal_module, TextLayout};
+    let m = manifest();
+    for name in ["gemma3_vlm", "mistral3_vlm"] {
+        let e = &m["peft"][name];
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let base = fixtures().join(e["base_model"].as_str().unwrap());
+        merge(&base, &[input(&fixtures().join(e["adapter"].as_str().unwrap()), 1.0)], MergeDtype::Auto, &out);
+        let changed: std::collections::BTreeSet<String> = e["merged_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| TextLayout::Legacy.checkpoint_name(&internal_module(k.as_str().unwrap()).0))
+            .collect();
+        let (base_bytes, merged_bytes) = (std::fs::read(base.join("model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
+        let (b, mm) = (SafeTensors::deserialize(&base_bytes).unwrap(), SafeTensors::deserialize(&merged_bytes).unwrap());
+        assert_eq!(b.names().len(), mm.names().len(), "{name}: tensor count");
+        let (mut same, mut vision, mut differ) = (0, 0, std::collections::BTreeSet::new());
+        for (key, view) in b.tensors() {
+            let merged = mm.tensor(&key).unwrap_or_else(|_| panic!("{name}: {key} missing from the merge"));
+            assert_eq!((merged.dtype(), merged.shape()), (view.dtype(), view.shape()), "{name}: {key}");
+            if merged.data() == view.data() {
+                same += 1;
+                vision += usize::from(!key.starts_with("language_model."));
+            } else {
+                differ.insert(key);
+            }
+        }
+        assert_eq!(differ, changed, "{name}: exactly the adapted projections change");
+        assert!(vision >= 10 && same + differ.len() == b.names().len(), "{name}: {vision} vision / projector tensors kept");
+        assert_eq!(std::fs::read(base.join("config.json")).unwrap(), std::fs::read(out.join("config.json")).unwrap());
+
+        let device = Default::default();
+        let merged_model = load_model::<Cpu>(&out, WeightPrecision::F32, &device).unwrap().model;
+        let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
+        let (ids, shape) = r.i64("input_ids");
+        let got: Vec<f32> = merged_model.forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
+        assert!(diff <= 1e-4, "{name}: merged text logits vs PEFT: {diff:e}");
+    }
+}

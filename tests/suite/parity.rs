@@ -62,6 +62,10 @@ parity_tests! {
     phi3_longrope_partial_rotary_logits_match_transformers => "phi3_longrope",
     llama_dynamic_ntk_rope_logits_match_transformers => "llama_dynamic_rope",
     olmo2_post_norms_logits_match_transformers => "olmo2",
+    gemma3_local_global_rope_logits_match_transformers => "gemma3_text",
+    olmo3_sliding_layers_logits_match_transformers => "olmo3",
+    gemma3_vision_language_text_logits_match_transformers => "gemma3_vlm",
+    mistral3_vision_language_text_logits_match_transformers => "mistral3_vlm",
     bf16_checkpoint_logits_match_transformers => "llama_bf16",
     f16_checkpoint_logits_match_transformers => "llama_f16",
     sharded_checkpoint_logits_match_transformers => "llama_sharded",
@@ -71,7 +75,7 @@ parity_tests! {
 fn every_fixture_model_has_a_parity_test() {
     let m = manifest();
     let names: Vec<&String> = m["models"].as_object().expect("models").keys().collect();
-    assert_eq!(names.len(), 18, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
+    assert_eq!(names.len(), 22, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
 }
 
 /// 30 layers, a 32k vocabulary, f16 weights (loaded as f32), tied head: deep and wide enough
@@ -175,4 +179,65 @@ fn granite_and_smollm3_config_errors_name_the_key() {
     assert!(e.contains("no_rope_layers") && e.contains("2 entries for 4 layers"), "{e}");
     let e = load("granite", &|v| v["logits_scaling"] = serde_json::json!(0.0)).unwrap_err().to_string();
     assert!(e.contains("logits_scaling") && e.contains("non-zero"), "{e}");
+}
+
+/// Gemma 3 and OLMo 3 put their sliding layers on a RoPE of their own; Gemma 3 checkpoints from
+/// the Hub leave out every key equal to Gemma3TextConfig's default, and transformers 5 keys
+/// `rope_parameters` by layer type.
+#[test]
+fn gemma3_and_olmo3_configs_resolve_local_and_global_rope() {
+    use temper::model::config::HfConfig;
+    use temper::model::rope::RopeScaling;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let load = |v: serde_json::Value| {
+        std::fs::write(&path, v.to_string()).unwrap();
+        HfConfig::from_file(&path).and_then(|hf| hf.to_decoder_config(&path))
+    };
+    // google/gemma-3-4b-it's config.json: the text_config has only these keys.
+    let c = load(serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+        "vision_config": {"model_type": "siglip_vision_model"}
+    }))
+    .unwrap();
+    assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size), (8, 4, 256, 262_208));
+    assert_eq!(c.composite.as_deref(), Some("gemma3"));
+    assert_eq!(c.eos_token_ids, vec![1, 106]);
+    assert!(c.tie_word_embeddings && c.qk_norm && c.sandwich_norms);
+    assert!((c.attn_scale - 1.0 / 16.0).abs() < 1e-12);
+    let global: Vec<usize> = (0..34).filter(|&i| c.layer_windows[i].is_none()).collect();
+    assert_eq!(global, vec![5, 11, 17, 23, 29], "every 6th layer is global");
+    assert!(c.layer_windows.iter().flatten().all(|&w| w == 1024));
+    assert_eq!((c.rope.theta, &c.rope.scaling), (1e6, &RopeScaling::Linear { factor: 8.0 }));
+    let local = c.local_rope.clone().unwrap();
+    assert_eq!((local.theta, &local.scaling), (10_000.0, &RopeScaling::Default));
+
+    // transformers 5: rope_parameters per layer type.
+    let c = load(serde_json::json!({
+        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 100,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    }))
+    .unwrap();
+    assert_eq!((c.rope.theta, &c.rope.scaling), (1e6, &RopeScaling::Linear { factor: 8.0 }));
+    assert_eq!(c.local_rope.as_ref().map(|r| r.theta), Some(10_000.0));
+    assert_eq!(c.layer_windows, vec![Some(4096), None]);
+
+    // OLMo 3: the sliding layers keep the theta, without the scaling.
+    let c = load(serde_json::json!({
+        "model_type": "olmo3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+        "vocab_size": 100, "sliding_window": 4096, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192}
+    }))
+    .unwrap();
+    assert_eq!(c.layer_windows.iter().map(Option::is_some).collect::<Vec<_>>(), [true, true, true, false, true, true, true, false]);
+    assert_eq!(c.local_rope.map(|r| (r.theta, r.scaling)), Some((500000.0, RopeScaling::Default)));
+
+    let e = load(serde_json::json!({"model_type": "gemma3", "vision_config": {}})).unwrap_err().to_string();
+    assert!(e.contains("text_config"), "{e}");
+    let e = load(serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true})).unwrap_err().to_string();
+    assert!(e.contains("use_bidirectional_attention"), "{e}");
 }

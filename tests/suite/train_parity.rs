@@ -127,6 +127,14 @@ fn ten_step_loss_curve_matches_pytorch_qwen2_phi3_gemma2() {
     }
 }
 
+/// Gemma 3: sliding and global layers on their own RoPE tables, q/k norms, final soft-capping;
+/// with gradient checkpointing too (its recompute rebuilds both tables).
+#[test]
+fn ten_step_loss_curve_matches_pytorch_gemma3_text() {
+    run("gemma3_text_train", false);
+    run("gemma3_text_train", true);
+}
+
 #[test]
 fn gradient_checkpointing_gives_the_same_curve() {
     run("llama_train", true);
