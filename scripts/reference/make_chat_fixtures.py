@@ -175,15 +175,32 @@ AGENT = {
     ],
 }
 
+# Plain conversations for the issue-12 families' templates.
+AGENT["plain_multi_turn"] = [SYSTEM, U1, A1, U2, A2]
+AGENT["plain_no_system"] = [U1, A1, U2, A2]
+# Mistral Small 3.1's template reads the system content as a list of text blocks only.
+AGENT["plain_system_blocks"] = [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]}, U1, A1, U2, A2]
+
 # (tokenizer, template file or None for the tokenizer's own, cases, tools, extra kwargs variants)
 AGENT_RUNS = [
-    ("qwen3", None, list(AGENT), [{}, {"enable_thinking": False}]),
+    ("qwen3", None, [n for n in AGENT if not n.startswith("plain_")], [{}, {"enable_thinking": False}]),
     ("llama3", None, ["reasoning_single", "reasoning_multi_turn", "tool_call"], [{}]),
     # Llama 3.2 Instruct's own template (tests/fixtures/chat_templates/llama3_2.jinja), with the
     # Llama-3 tokenizer (the same vocabulary). date_string fixed: the template otherwise prints today.
     ("llama3", "llama3_2.jinja", ["reasoning_single", "reasoning_multi_turn", "tool_call"], [{"date_string": "26 Jul 2024"}]),
     # A template with {% generation %} blocks: transformers' return_assistant_tokens_mask is the reference.
     ("llama3", "llama3_generation.jinja", ["reasoning_multi_turn", "tool_call"], [{}]),
+    # Issue 12: the real templates of Gemma 3, OLMo 2 / 3, Granite 3.3, Phi-4-mini and Mistral Small
+    # 3.1 (tests/fixtures/chat_templates/README.md), each with a tokenizer of ../shared plus the
+    # family's turn markers added as special tokens (as its own tokenizer has them: one token
+    # each), so end-of-turn masking is tested on the real token boundaries. Cases without a
+    # system message are left out where the template then prints today's date (Granite, Mistral).
+    ("llama3", "gemma3.jinja", ["plain_multi_turn", "plain_no_system"], [{}], ["<start_of_turn>", "<end_of_turn>"]),
+    ("llama3", "olmo2.jinja", ["plain_multi_turn", "plain_no_system"], [{}], []),
+    ("qwen3", "olmo3.jinja", ["plain_multi_turn", "plain_no_system", "tool_call"], [{}], []),
+    ("llama3", "granite3.jinja", ["plain_multi_turn", "tool_call"], [{}], ["<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"]),
+    ("llama3", "phi4_mini.jinja", ["plain_multi_turn", "plain_no_system", "tool_call"], [{}], ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>"]),
+    ("mistral", "mistral_small3_1.jinja", ["plain_system_blocks"], [{}], ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]),
 ]
 TEMPLATES = REPO_ROOT / "tests" / "fixtures" / "chat_templates"
 
@@ -191,8 +208,13 @@ TEMPLATES = REPO_ROOT / "tests" / "fixtures" / "chat_templates"
 def agent_cases():
     out = []
     toks = {}
-    for tok_name, template_file, names, variants in AGENT_RUNS:
-        tok = toks.setdefault(tok_name, AutoTokenizer.from_pretrained(str(TOKENIZERS / tok_name), local_files_only=True))
+    for tok_name, template_file, names, variants, *extra in AGENT_RUNS:
+        added = extra[0] if extra else []
+        if added:
+            tok = AutoTokenizer.from_pretrained(str(TOKENIZERS / tok_name), local_files_only=True)
+            tok.add_special_tokens({"additional_special_tokens": added})
+        else:
+            tok = toks.setdefault(tok_name, AutoTokenizer.from_pretrained(str(TOKENIZERS / tok_name), local_files_only=True))
         template = (TEMPLATES / template_file).read_text() if template_file else None
         for kwargs in variants:
             for name in names:
@@ -213,6 +235,8 @@ def agent_cases():
                     "text": text,
                     "input_ids": ids,
                 }
+                if added:
+                    case["added_special_tokens"] = {t: int(tok.convert_tokens_to_ids(t)) for t in added}
                 if "assistant_masks" in enc:
                     case["assistant_masks"] = [int(m) for m in enc["assistant_masks"]]
                 out.append(case)

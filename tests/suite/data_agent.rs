@@ -23,6 +23,8 @@ struct Case {
     text: String,
     input_ids: Vec<u32>,
     assistant_masks: Option<Vec<i64>>,
+    /// Turn markers added to the tokenizer as special tokens (the family's own tokenizer has them).
+    added_special_tokens: BTreeMap<String, u32>,
 }
 
 fn cases() -> Vec<Case> {
@@ -56,15 +58,40 @@ fn cases() -> Vec<Case> {
                 text: c["text"].as_str().unwrap().into(),
                 input_ids: c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
                 assistant_masks: c["assistant_masks"].as_array().map(|m| m.iter().map(|x| x.as_i64().unwrap()).collect()),
+                added_special_tokens: c["added_special_tokens"]
+                    .as_object()
+                    .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap() as u32)).collect())
+                    .unwrap_or_default(),
             }
         })
         .collect();
-    assert_eq!(cases.len(), 22, "agent fixture cases");
+    assert_eq!(cases.len(), 35, "agent fixture cases");
     cases
 }
 
 fn tokenizer(name: &str) -> TextTokenizer {
     TextTokenizer::from_dir(&shared(&format!("tokenizers/{name}"))).expect("tokenizer")
+}
+
+/// The case's tokenizer: one of ../shared, with the case's turn markers added as special tokens
+/// (the ids transformers' `add_special_tokens` gave them).
+fn case_tokenizer(case: &Case) -> TextTokenizer {
+    if case.added_special_tokens.is_empty() {
+        return tokenizer(&case.tokenizer);
+    }
+    let src = shared(&format!("tokenizers/{}", case.tokenizer));
+    let dir = tempfile::tempdir().unwrap();
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+    // tokenizers numbers added tokens past the vocabulary in the order listed.
+    let mut added: Vec<(&String, &u32)> = case.added_special_tokens.iter().collect();
+    added.sort_by_key(|(_, id)| **id);
+    for (content, id) in added {
+        let token = serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+        json["added_tokens"].as_array_mut().unwrap().push(token);
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer_config.json"), dir.path().join("tokenizer_config.json")).unwrap();
+    TextTokenizer::from_dir(dir.path()).expect("tokenizer with added tokens")
 }
 
 fn template(case: &Case, tok: &TextTokenizer) -> ChatTemplate {
@@ -100,7 +127,8 @@ fn reasoning_and_tool_rows_render_and_tokenise_as_apply_chat_template() {
     let cases = cases();
     let mut toks: BTreeMap<String, TextTokenizer> = BTreeMap::new();
     for case in &cases {
-        let tok = toks.entry(case.tokenizer.clone()).or_insert_with(|| tokenizer(&case.tokenizer));
+        let key = format!("{}{:?}", case.tokenizer, case.added_special_tokens);
+        let tok = toks.entry(key).or_insert_with(|| case_tokenizer(case));
         let what = format!("{}/{:?}/{} {:?}", case.tokenizer, case.template, case.name, case.kwargs);
         let mut kwargs = case.kwargs.clone();
         kwargs.extend(case.conv.vars.clone());
@@ -269,3 +297,35 @@ fn tool_rows_from_a_file_and_their_bad_rows() {
     let skipped: Vec<(&str, usize)> = p.stats.skipped.iter().map(|(k, &v)| (k.as_str(), v)).collect();
     assert_eq!(skipped, [("bad_tool_call", 2), ("wrong_type", 3)]);
 }
+
+/// The real templates of the issue-12 families (Gemma 3's `model` turns, OLMo 2's `<|assistant|>`,
+/// OLMo 3's ChatML with functions, Granite 3.3's roles, Phi-4-mini's `<|end|>`, Mistral Small
+/// 3.1's `[INST]`): each assistant turn is trained with the marker that ends it, nothing else.
+#[test]
+fn issue_12_family_templates_train_each_assistant_turn_and_its_end() {
+    let cases = cases();
+    let expect: &[(&str, &str, &str, &[&str])] = &[
+        ("llama3", "gemma3.jinja", "plain_multi_turn", &["2+2 is 4.<end_of_turn>", "6<end_of_turn>"]),
+        ("llama3", "gemma3.jinja", "plain_no_system", &["2+2 is 4.<end_of_turn>", "6<end_of_turn>"]),
+        ("llama3", "olmo2.jinja", "plain_multi_turn", &["2+2 is 4.<|end_of_text|>", "6<|end_of_text|>"]),
+        ("llama3", "olmo2.jinja", "plain_no_system", &["2+2 is 4.<|end_of_text|>", "6<|end_of_text|>"]),
+        ("qwen3", "olmo3.jinja", "plain_multi_turn", &["2+2 is 4.<|im_end|>", "6<|im_end|>"]),
+        ("qwen3", "olmo3.jinja", "plain_no_system", &["2+2 is 4.<|im_end|>", "6<|im_end|>"]),
+        ("llama3", "granite3.jinja", "plain_multi_turn", &["2+2 is 4.<|end_of_text|>", "6<|end_of_text|>"]),
+        ("llama3", "phi4_mini.jinja", "plain_multi_turn", &["2+2 is 4.<|end|>", "6<|end|>"]),
+        ("llama3", "phi4_mini.jinja", "plain_no_system", &["2+2 is 4.<|end|>", "6<|end|>"]),
+        ("mistral", "mistral_small3_1.jinja", "plain_system_blocks", &["2+2 is 4.</s>", "6</s>"]),
+        // These three templates do not render an assistant message's tool_calls: that turn renders
+        // empty and trains nothing; the tool's answer is never trained.
+        ("qwen3", "olmo3.jinja", "tool_call", &["It is 18 °C and cloudy in Paris.<|im_end|>"]),
+        ("llama3", "granite3.jinja", "tool_call", &["It is 18 °C and cloudy in Paris.<|end_of_text|>"]),
+        ("llama3", "phi4_mini.jinja", "tool_call", &["It is 18 °C and cloudy in Paris.<|end|>"]),
+    ];
+    for (tok_name, template, name, want) in expect {
+        let case = find(&cases, tok_name, Some(template), name, "{}");
+        let tok = case_tokenizer(case);
+        let ex = encode(case, &tok, |_| {});
+        assert_eq!(trained_runs(&tok, &ex), *want, "{template} {name}");
+    }
+}
+
