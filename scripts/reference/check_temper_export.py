@@ -11,11 +11,11 @@ import sys
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from common import FIXTURES, load_fixture_model, setup_determinism
 
-from common import FIXTURES, setup_determinism
-
-NAMES = ["llama", "phi3", "qwen3"]
+# The vision-language ones check that PEFT takes Temper's model.language_model.* keys and regex
+# target on the full Gemma3ForConditionalGeneration / Mistral3ForConditionalGeneration.
+NAMES = ["llama", "phi3", "qwen3", "gemma3_vlm", "mistral3_vlm"]
 
 
 def main() -> int:
@@ -23,7 +23,7 @@ def main() -> int:
     report = {}
     for name in NAMES:
         root = FIXTURES / "temper_export" / name
-        base = AutoModelForCausalLM.from_pretrained(FIXTURES / "models" / name, dtype=torch.float32, attn_implementation="eager")
+        base = load_fixture_model(name)
         model = PeftModel.from_pretrained(base, root / "adapter")
         model.eval()
         # Every tensor in the file must have landed in the model, unchanged.

@@ -144,9 +144,11 @@ fn adapter_for_another_model_is_refused() {
 #[test]
 fn adapters_exported_by_temper_give_peft_logits() {
     // tests/fixtures/temper_export: adapters written by `temper train`, loaded by PEFT in
-    // scripts/reference/check_temper_export.py, which recorded PEFT's logits.
+    // scripts/reference/check_temper_export.py, which recorded PEFT's logits (and checked that
+    // every tensor landed, and no other LoRA layer was made: on the vision-language models, PEFT
+    // took Temper's model.language_model.* keys and left the vision tower alone).
     let root = fixtures().join("temper_export");
-    for name in ["llama", "phi3", "qwen3"] {
+    for name in ["llama", "phi3", "qwen3", "gemma3_vlm", "mistral3_vlm"] {
         let device = Default::default();
         let mut model = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
         let r = Reference::open(&root.join(name).join("peft_logits.safetensors"));
