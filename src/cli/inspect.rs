@@ -43,6 +43,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "rope_theta": cfg.rope.theta,
         "rope_scaling": format!("{:?}", cfg.rope.scaling),
         "sliding_window": cfg.layer_windows.iter().flatten().next(),
+        "sliding_layers": cfg.layer_windows.iter().filter(|w| w.is_some()).count(),
+        "local_rope_theta": cfg.local_rope.as_ref().map(|r| r.theta),
+        "vision_language": cfg.composite,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "tokenizer": tokenizer.is_some(),
         "chat_template": chat_template,
@@ -62,7 +65,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("heads        {} x {}{gqa}", cfg.num_heads, cfg.head_dim);
     println!("vocab        {}", cfg.vocab_size);
     println!("context      {} (rope_theta {}, {:?})", cfg.max_position_embeddings, cfg.rope.theta, cfg.rope.scaling);
+    if let Some(w) = cfg.layer_windows.iter().flatten().next() {
+        let local = cfg.local_rope.as_ref().map_or(String::new(), |r| format!(", own RoPE theta {}", r.theta));
+        println!("sliding      {} of {} layers, window {w}{local}", info["sliding_layers"], cfg.num_layers);
+    }
     println!("tied head    {}", cfg.tie_word_embeddings);
+    if let Some(notice) = cfg.composite_notice() {
+        println!("vision       {notice}");
+    }
     println!(
         "tokenizer    {}",
         match (&tokenizer, chat_template) {

@@ -170,7 +170,7 @@ impl HfConfig {
             let default_text = if outer_type == "gemma3" { "gemma3_text" } else { "mistral" };
             text_config.entry("model_type").or_insert_with(|| Value::from(default_text));
             // Token ids and the dtype are often only given at the top level.
-            for key in ["bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "quantization_config"] {
+            for key in ["architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "quantization_config"] {
                 if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
                     text_config.entry(key).or_insert_with(|| v.clone());
                 }
