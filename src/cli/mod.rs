@@ -87,6 +87,21 @@ impl ModelArgs {
     }
 }
 
+/// One line per server (vLLM, llama.cpp, mistral.rs): will it serve the adapter in `dir`?
+/// The base model folder, when known, lets the module names and the architecture be checked.
+pub fn print_servability(dir: &std::path::Path, base: Option<&std::path::Path>) {
+    use temper::export::serving::{check_adapter, ServingBase};
+    let base = base.and_then(|b| ServingBase::from_model_dir(b).ok());
+    match check_adapter(dir, base.as_ref()) {
+        Ok(verdicts) => {
+            for v in verdicts {
+                println!("serving      {v}");
+            }
+        }
+        Err(e) => eprintln!("serving      could not check {}: {e}", dir.display()),
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(mut a) => {

@@ -85,6 +85,7 @@ impl TrainTask for TrainJob {
         println!("tokens/s     {:.0}", summary.tokens_per_s);
         if let Some(a) = &summary.adapter_dir {
             println!("adapter      {}", a.display());
+            super::print_servability(a, Some(&dir));
         }
         println!("run folder   {} (metrics.jsonl, loss_curve.svg, summary.json)", r.output.dir.display());
         Ok(())

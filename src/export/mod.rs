@@ -4,7 +4,9 @@ pub mod atomic;
 pub mod gguf;
 pub mod merge;
 pub mod model_card;
+pub mod ollama;
 pub mod peft;
+pub mod serving;
 pub mod shard;
 pub mod verify;
 

@@ -7,7 +7,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::linear::{LoraDelta, LoraLinear};
 use crate::model::names::peft_module;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, DecoderConfig};
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
 
@@ -75,6 +75,22 @@ pub fn projection_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
         }
     }
     if model.lm_head.is_some() {
+        names.push("lm_head".into());
+    }
+    names
+}
+
+/// The projections a model of this config has, by Temper's names, in [`projection_names`]'s
+/// order, without loading it.
+pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..cfg.num_layers {
+        let attn: &[&str] = if cfg.fused_projections { &["qkv_proj", "o_proj"] } else { &["q_proj", "k_proj", "v_proj", "o_proj"] };
+        names.extend(attn.iter().map(|n| format!("model.layers.{i}.self_attn.{n}")));
+        let mlp: &[&str] = if cfg.fused_projections { &["gate_up_proj", "down_proj"] } else { &["gate_proj", "up_proj", "down_proj"] };
+        names.extend(mlp.iter().map(|n| format!("model.layers.{i}.mlp.{n}")));
+    }
+    if !cfg.tie_word_embeddings {
         names.push("lm_head".into());
     }
     names

@@ -6,6 +6,6 @@ pub mod linear;
 pub mod transfer;
 
 pub use config::{LoraConfig, LoraInit, TargetModules};
-pub use inject::{inject, is_target, projection_names, projections_mut};
+pub use inject::{inject, is_target, module_names, projection_names, projections_mut};
 pub use linear::{LoraDelta, LoraLinear};
 pub use transfer::{apply_adapter, extract_adapter};
