@@ -30,7 +30,7 @@ pub enum GgufType {
 }
 
 /// llama.cpp's architecture name and whether q/k rows are permuted for RoPE.
-fn architecture(model_type: &str) -> Option<(&'static str, bool)> {
+pub fn architecture(model_type: &str) -> Option<(&'static str, bool)> {
     Some(match model_type {
         "llama" | "mistral" => ("llama", true),
         "qwen2" => ("qwen2", false),
@@ -43,7 +43,7 @@ fn architecture(model_type: &str) -> Option<(&'static str, bool)> {
 }
 
 /// `model.layers.3.self_attn.q_proj` -> `blk.3.attn_q.weight`.
-fn tensor_name(module: &str) -> Option<String> {
+pub fn tensor_name(module: &str) -> Option<String> {
     if module == "lm_head" {
         return Some("output.weight".into());
     }
@@ -83,6 +83,12 @@ fn permute_rows(data: &[f32], cols: usize, heads: usize) -> Vec<f32> {
 
 /// Write `adapter` (trained on the model whose `config.json` is in `base`) as a GGUF LoRA.
 pub fn write_gguf(adapter: &Adapter, base: &Path, out: &Path, ty: GgufType) -> Result<()> {
+    let bytes = gguf_file_bytes(adapter, base, ty)?;
+    write_file_atomically(out, &bytes)
+}
+
+/// The GGUF LoRA file's bytes for `adapter` on the model whose `config.json` is in `base`.
+pub fn gguf_file_bytes(adapter: &Adapter, base: &Path, ty: GgufType) -> Result<Vec<u8>> {
     let cfg_path = base.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
@@ -114,8 +120,7 @@ pub fn write_gguf(adapter: &Adapter, base: &Path, out: &Path, ty: GgufType) -> R
         tensors.push((format!("{name}.lora_b"), vec![r, pair.b.shape[0]], b));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes = gguf_bytes(arch, alpha as f32, &tensors, ty);
-    write_file_atomically(out, &bytes)
+    Ok(gguf_bytes(arch, alpha as f32, &tensors, ty))
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
