@@ -44,9 +44,13 @@ pub struct MergeArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
-    /// Afterwards, compare logits of base + adapters and of the merged model on a few tokens.
-    #[arg(long)]
+    /// Afterwards, compare logits of base + adapters and of the merged model on a few tokens
+    /// (both streamed a layer at a time). The default for models up to 4 B parameters.
+    #[arg(long, conflicts_with = "no_verify")]
     pub verify: bool,
+    /// Skip the check that is on by default for models up to 4 B parameters.
+    #[arg(long)]
+    pub no_verify: bool,
     /// Device for --verify: auto | cpu | cuda[:N] | wgpu
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
@@ -91,7 +95,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         summary.bytes,
         args.out.display()
     );
-    let verify = if args.verify {
+    let verify = if args.verify || (!args.no_verify && small_enough(&args.model)) {
         let task = VerifyTask { model: args.model.clone(), out: args.out.clone(), inputs };
         let report = dispatch(&args.device, task)?;
         eprintln!(
@@ -106,6 +110,14 @@ pub fn run(args: MergeArgs) -> Result<()> {
         println!("{}", serde_json::json!({ "summary": summary, "seconds": secs, "verify": verify }));
     }
     Ok(())
+}
+
+/// Models up to this many parameters are verified after merging unless `--no-verify`: the
+/// check streams both models once more (measured in docs/MERGE.md).
+const VERIFY_DEFAULT_MAX_PARAMETERS: usize = 4_000_000_000;
+
+fn small_enough(model: &std::path::Path) -> bool {
+    temper::model::DecoderConfig::from_model_dir(model).is_ok_and(|(_, cfg)| cfg.num_parameters() <= VERIFY_DEFAULT_MAX_PARAMETERS)
 }
 
 struct VerifyTask {

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
 use crate::export::merge::MergeInput;
 use crate::export::peft::{Adapter, HostTensor, LoraPair};
-use crate::lora::{apply_adapter, LoraConfig, TargetModules};
-use crate::model::{load_model, WeightPrecision};
+use crate::lora::{apply_to, layer_projections_mut, projections_mut, LoraConfig, TargetModules};
+use crate::model::decoder::{load_layer, ForwardContext};
+use crate::model::{CausalLm, Checkpoint, DecoderConfig, WeightSource};
 use crate::ops::TemperBackend;
 use crate::{Error, Result};
 
@@ -22,18 +23,42 @@ pub struct VerifyReport {
     pub max_abs_logit: f32,
 }
 
-/// Compare logits of `base` + `inputs` (unmerged) with `merged` on `tokens` token ids, both
-/// held in f32 on `device`.
+/// Compare logits of `base` + `inputs` (unmerged) with `merged` on `tokens` token ids, in f32
+/// on `device`. The two models are streamed side by side, one decoder layer of each loaded at a
+/// time: peak memory is the embeddings and heads of both plus two layers, never a whole model.
 pub fn verify_merge<B: TemperBackend>(base: &Path, inputs: &[MergeInput], merged: &Path, tokens: &[u32], device: &B::Device) -> Result<VerifyReport> {
     let combined = combine(inputs)?;
-    let mut model = load_model::<B>(base, WeightPrecision::F32, device)?.model;
-    apply_adapter(&mut model, &combined).map_err(|e| Error::InvalidArgument(format!("--verify: {e}")))?;
-    let ids: Vec<i64> = tokens.iter().map(|&t| (t as usize % model.config.vocab_size) as i64).collect();
+    let (_, cfg_base) = DecoderConfig::from_model_dir(base)?;
+    let (_, cfg_merged) = DecoderConfig::from_model_dir(merged)?;
+    if cfg_base.num_layers != cfg_merged.num_layers || cfg_base.vocab_size != cfg_merged.vocab_size {
+        return Err(Error::InvalidArgument(format!("--verify: {} and {} are not the same architecture", base.display(), merged.display())));
+    }
+    let mut w_base = WeightSource::Checkpoint(Checkpoint::open(base)?);
+    let mut w_merged = WeightSource::Checkpoint(Checkpoint::open(merged)?);
+    let mut remaining: BTreeMap<&str, &LoraPair> = combined.modules.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut head_base = CausalLm::<B>::load_without_layers(&cfg_base, &mut w_base, DType::F32, device)?;
+    apply_to(projections_mut(&mut head_base), &combined, &mut remaining, device)?;
+    let head_merged = CausalLm::<B>::load_without_layers(&cfg_merged, &mut w_merged, DType::F32, device)?;
+
+    let ids: Vec<i64> = tokens.iter().map(|&t| (t as usize % cfg_base.vocab_size) as i64).collect();
     let input = || Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
-    let want = logits(model.forward(input()))?;
-    drop(model);
-    let merged_model = load_model::<B>(merged, WeightPrecision::F32, device)?.model;
-    let got = logits(merged_model.forward(input()))?;
+    let positions = vec![(0..ids.len()).collect::<Vec<_>>()];
+    let ctx_base = ForwardContext::<B>::new(&cfg_base, &positions, 0, None, DType::F32, device);
+    let ctx_merged = ForwardContext::<B>::new(&cfg_merged, &positions, 0, None, DType::F32, device);
+    let (mut x_base, mut x_merged) = (head_base.embed(input()), head_merged.embed(input()));
+    for i in 0..cfg_base.num_layers {
+        let mut layer = load_layer::<B>(&cfg_base, &mut w_base, i, DType::F32, device)?;
+        apply_to(layer_projections_mut(&mut layer, i), &combined, &mut remaining, device)?;
+        x_base = layer.forward(x_base, &ctx_base, None);
+        drop(layer);
+        let layer = load_layer::<B>(&cfg_merged, &mut w_merged, i, DType::F32, device)?;
+        x_merged = layer.forward(x_merged, &ctx_merged, None);
+    }
+    if let Some(name) = remaining.keys().next() {
+        return Err(Error::InvalidArgument(format!("--verify: the adapters have weights for `{name}`, which {} does not have", base.display())));
+    }
+    let want = logits(head_base.logits(head_base.model.norm.forward(x_base)))?;
+    let got = logits(head_merged.logits(head_merged.model.norm.forward(x_merged)))?;
     let max_abs_logit_diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     if !max_abs_logit_diff.is_finite() {
         return Err(Error::NonFinite(format!("logits of the merged model {}", merged.display())));

@@ -7,6 +7,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::linear::{LoraDelta, LoraLinear};
 use crate::model::names::peft_module;
+use crate::model::decoder::DecoderLayer;
 use crate::model::{CausalLm, DecoderConfig};
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -16,32 +17,39 @@ use crate::{Error, Result};
 pub fn projections_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut LoraLinear<B>)> {
     let mut out = Vec::new();
     for (i, layer) in model.model.layers.iter_mut().enumerate() {
-        let a = &mut layer.self_attn;
-        for (name, p) in [
-            ("q_proj", a.q_proj.as_mut()),
-            ("k_proj", a.k_proj.as_mut()),
-            ("v_proj", a.v_proj.as_mut()),
-            ("qkv_proj", a.qkv_proj.as_mut()),
-            ("o_proj", Some(&mut a.o_proj)),
-        ] {
-            if let Some(p) = p {
-                out.push((format!("model.layers.{i}.self_attn.{name}"), p));
-            }
-        }
-        let m = &mut layer.mlp;
-        for (name, p) in [
-            ("gate_proj", m.gate_proj.as_mut()),
-            ("up_proj", m.up_proj.as_mut()),
-            ("gate_up_proj", m.gate_up_proj.as_mut()),
-            ("down_proj", Some(&mut m.down_proj)),
-        ] {
-            if let Some(p) = p {
-                out.push((format!("model.layers.{i}.mlp.{name}"), p));
-            }
-        }
+        out.extend(layer_projections_mut(layer, i));
     }
     if let Some(head) = model.lm_head.as_mut() {
         out.push(("lm_head".to_string(), head));
+    }
+    out
+}
+
+/// The projections of decoder layer `i`, named as in [`projections_mut`].
+pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) -> Vec<(String, &mut LoraLinear<B>)> {
+    let mut out = Vec::new();
+    let a = &mut layer.self_attn;
+    for (name, p) in [
+        ("q_proj", a.q_proj.as_mut()),
+        ("k_proj", a.k_proj.as_mut()),
+        ("v_proj", a.v_proj.as_mut()),
+        ("qkv_proj", a.qkv_proj.as_mut()),
+        ("o_proj", Some(&mut a.o_proj)),
+    ] {
+        if let Some(p) = p {
+            out.push((format!("model.layers.{i}.self_attn.{name}"), p));
+        }
+    }
+    let m = &mut layer.mlp;
+    for (name, p) in [
+        ("gate_proj", m.gate_proj.as_mut()),
+        ("up_proj", m.up_proj.as_mut()),
+        ("gate_up_proj", m.gate_up_proj.as_mut()),
+        ("down_proj", Some(&mut m.down_proj)),
+    ] {
+        if let Some(p) = p {
+            out.push((format!("model.layers.{i}.mlp.{name}"), p));
+        }
     }
     out
 }

@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::export::{Adapter, HostTensor, LoraPair};
 use crate::lora::inject::projections_mut;
-use crate::lora::{LoraConfig, LoraDelta};
+use crate::lora::{LoraConfig, LoraDelta, LoraLinear};
 use crate::model::CausalLm;
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -17,7 +17,18 @@ use crate::{Error, Result};
 pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &Adapter) -> Result<()> {
     let device = model.device();
     let mut remaining: BTreeMap<&str, &LoraPair> = adapter.modules.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    for (name, proj) in projections_mut(model) {
+    apply_to(projections_mut(model), adapter, &mut remaining, &device)?;
+    if let Some(name) = remaining.keys().next() {
+        return Err(Error::InvalidArgument(format!(
+            "adapter has weights for `{name}`, which this model does not have: was it trained on another base model?"
+        )));
+    }
+    Ok(())
+}
+
+/// Put the adapter's A/B into those of `projections` it has, removing them from `remaining`.
+pub fn apply_to<B: Backend>(projections: Vec<(String, &mut LoraLinear<B>)>, adapter: &Adapter, remaining: &mut BTreeMap<&str, &LoraPair>, device: &B::Device) -> Result<()> {
+    for (name, proj) in projections {
         let Some(pair) = remaining.remove(name.as_str()) else { continue };
         let [d_out, d_in] = proj.dims();
         let r = pair.a.shape[0];
@@ -34,17 +45,12 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &Adapter) -> 
             )));
         }
         proj.lora = Some(LoraDelta {
-            lora_a: Param::from_tensor(to_device(&pair.a, &device)),
-            lora_b: Param::from_tensor(to_device(&pair.b, &device)),
+            lora_a: Param::from_tensor(to_device(&pair.a, device)),
+            lora_b: Param::from_tensor(to_device(&pair.b, device)),
             scaling: adapter.config.scaling(&name),
             dropout: adapter.config.lora_dropout,
             module: module_id(&name),
         });
-    }
-    if let Some(name) = remaining.keys().next() {
-        return Err(Error::InvalidArgument(format!(
-            "adapter has weights for `{name}`, which this model does not have: was it trained on another base model?"
-        )));
     }
     Ok(())
 }

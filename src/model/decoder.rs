@@ -102,6 +102,22 @@ pub struct ForwardContext<B: Backend> {
     pub mask: AttentionMask,
 }
 
+impl<B: Backend> ForwardContext<B> {
+    /// The context of a model with config `cfg` whose activations are `dtype` on `device`.
+    pub fn new(cfg: &DecoderConfig, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>, dtype: DType, device: &B::Device) -> Self {
+        let heads = [cfg.num_heads, cfg.num_kv_heads];
+        let tables = |rope: &RopeConfig| rope.tables(positions, &heads, cfg.head_dim, dtype, device);
+        ForwardContext {
+            rope: tables(&cfg.rope),
+            local_rope: cfg.local_rope.as_ref().map(tables),
+            mask: AttentionMask {
+                past_len,
+                segments: segments.map(Arc::new),
+            },
+        }
+    }
+}
+
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
@@ -121,30 +137,21 @@ impl<B: Backend> KvCache<B> {
 impl<B: Backend> CausalLm<B> {
     /// Build the model from a weight source; matrices in `dtype`, norms in f32.
     pub fn load(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [cfg.vocab_size, h], dtype, device)?;
+        let embed = load_embedding(cfg, weights, dtype, device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(load_layer(cfg, weights, i, dtype, device)?);
         }
-        let norm = RmsNorm::new(weights.norm("model.norm.weight", h, device)?, cfg.rms_norm_eps, cfg.norm_offset);
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            let w = weights.tensor::<B, 2>("lm_head.weight", [cfg.vocab_size, h], dtype, device)?;
-            Some(LoraLinear::frozen(w, None))
-        };
-        Ok(Self {
-            model: DecoderModel {
-                embed_tokens: Embedding {
-                    weight: Param::from_tensor(embed).set_require_grad(false),
-                },
-                layers,
-                norm,
-            },
-            lm_head,
-            config: cfg.clone(),
-        })
+        let (norm, lm_head) = load_norm_and_head(cfg, weights, dtype, device)?;
+        Ok(Self { model: DecoderModel { embed_tokens: embed, layers, norm }, lm_head, config: cfg.clone() })
+    }
+
+    /// The model without its layers (embeddings, final norm, head), for running the layers
+    /// one at a time as they are loaded ([`load_layer`]).
+    pub fn load_without_layers(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<Self> {
+        let embed = load_embedding(cfg, weights, dtype, device)?;
+        let (norm, lm_head) = load_norm_and_head(cfg, weights, dtype, device)?;
+        Ok(Self { model: DecoderModel { embed_tokens: embed, layers: Vec::new(), norm }, lm_head, config: cfg.clone() })
     }
 
     /// The dtype activations flow in (that of the embedding matrix).
@@ -159,17 +166,7 @@ impl<B: Backend> CausalLm<B> {
     /// Rotary tables and masks for `positions` (one row per sequence), `past_len` cached
     /// positions, and optional per-row segment ids (packing).
     pub fn context(&self, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>) -> ForwardContext<B> {
-        let device = self.device();
-        let heads = [self.config.num_heads, self.config.num_kv_heads];
-        let tables = |rope: &RopeConfig| rope.tables(positions, &heads, self.config.head_dim, self.dtype(), &device);
-        ForwardContext {
-            rope: tables(&self.config.rope),
-            local_rope: self.config.local_rope.as_ref().map(tables),
-            mask: AttentionMask {
-                past_len,
-                segments: segments.map(Arc::new),
-            },
-        }
+        ForwardContext::new(&self.config, positions, past_len, segments, self.dtype(), &self.device())
     }
 
     /// Plain causal context for a `[batch, seq]` call starting at position `past_len`.
@@ -258,7 +255,25 @@ impl<B: TemperBackend> CausalLm<B> {
     }
 }
 
-fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, dtype: DType, device: &B::Device) -> Result<DecoderLayer<B>> {
+fn load_embedding<B: Backend>(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<Embedding<B>> {
+    let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [cfg.vocab_size, cfg.hidden_size], dtype, device)?;
+    Ok(Embedding { weight: Param::from_tensor(embed).set_require_grad(false) })
+}
+
+fn load_norm_and_head<B: Backend>(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<(RmsNorm<B>, Option<LoraLinear<B>>)> {
+    let h = cfg.hidden_size;
+    let norm = RmsNorm::new(weights.norm("model.norm.weight", h, device)?, cfg.rms_norm_eps, cfg.norm_offset);
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        let w = weights.tensor::<B, 2>("lm_head.weight", [cfg.vocab_size, h], dtype, device)?;
+        Some(LoraLinear::frozen(w, None))
+    };
+    Ok((norm, lm_head))
+}
+
+/// Decoder layer `i` from a weight source (merge --verify streams the model layer by layer).
+pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, dtype: DType, device: &B::Device) -> Result<DecoderLayer<B>> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
     let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);

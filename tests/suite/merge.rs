@@ -337,3 +337,28 @@ fn vision_language_merge_keeps_the_vision_tower_byte_for_byte() {
         assert!(diff <= 1e-4, "{name}: merged text logits vs PEFT: {diff:e}");
     }
 }
+
+/// `merge` verifies small models by default (streamed layer by layer), and the check is not one
+/// that passes whatever was written: merging with the wrong weight is caught.
+#[test]
+fn verify_is_the_default_for_small_models_and_catches_a_wrong_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = stories_adapter(13, 4, &["q_proj", "o_proj", "up_proj"]);
+    let dir = tmp.path().join("a");
+    a.write(&dir, WriteMode::Refuse, &[]).unwrap();
+    let base = shared("models/stories260K");
+    let out = tmp.path().join("merged");
+    let o = temper(&["merge", "--model", s(&base), "--adapter", s(&dir), "--out", s(&out), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(report["verify"]["max_abs_logit_diff"].as_f64().unwrap() < 1e-4, "{report}");
+    let o = temper(&["merge", "--model", s(&base), "--adapter", s(&dir), "--out", s(&out), "--force", "--no-verify", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(report["verify"].is_null(), "{report}");
+    // Merged at weight 0.5, checked against weight 1: the difference shows.
+    let half = tmp.path().join("half");
+    merge(&base, &[input(&dir, 0.5)], MergeDtype::Auto, &half);
+    let wrong = verify_merge::<Cpu>(&base, &[input(&dir, 1.0)], &half, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
+    let right = verify_merge::<Cpu>(&base, &[input(&dir, 0.5)], &half, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
+    assert!(right.max_abs_logit_diff <= 1e-4 && wrong.max_abs_logit_diff > 1e-2, "{right:?} {wrong:?}");
+}
