@@ -17,6 +17,7 @@ pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod recipe;
 pub mod train;
 

@@ -15,6 +15,7 @@ mod export_serving;
 mod merge;
 mod ops;
 mod parity;
+mod quant;
 mod train_e2e;
 mod train_parity;
 #[cfg(feature = "wgpu")]

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""4-bit quantization references from bitsandbytes (issue 10; run by hand, never in CI).
+
+    pip install -r scripts/reference/requirements.txt "bitsandbytes==0.50.2"
+    python scripts/reference/make_quant_fixtures.py
+
+tests/fixtures/quant/bnb4bit.safetensors, per case NAME (in its metadata, with shape, dtype,
+quant_type and blocksize):
+    NAME.input     the weight as given to quantize_4bit (f32, bf16 or f16)
+    NAME.packed    the uint8 codes quantize_4bit returns (flattened)
+    NAME.absmax    its per-block absmax (f32)
+    NAME.dequant   the dequantized weight in f32, from bitsandbytes' reference formula
+                   (backends/default/ops.py `_dequantize_4bit_compute`, the CUDA kernel's math)
+
+Note: bitsandbytes 0.50.2's CPU `dequantize_4bit` kernel (backends/cpu/ops.py, the C library)
+disagrees with its own quantize_4bit when the last dimension is not a multiple of the block
+size (it seems to block each row separately): for a [64, 48] weight, 2,717 of 3,072 values
+differ and the round-trip error is 0.068 instead of 0.020. It agrees when the last dimension is
+a multiple of the block (every real model). The references here use the reference formula.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import FIXTURES  # noqa: E402
+
+import torch  # noqa: E402
+import bitsandbytes  # noqa: E402
+import bitsandbytes.functional as F  # noqa: E402
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
+from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+# (name, shape, dtype, quant_type, blocksize, seed): row counts and sizes that are not multiples
+# of the block (a short last block, an odd number of values), tiny and exact-code values.
+CASES = [
+    ("nf4_64x48_f32", (64, 48), torch.float32, "nf4", 64, 1),
+    ("nf4_7x37_f32", (7, 37), torch.float32, "nf4", 64, 2),
+    ("nf4_33x40_bf16", (33, 40), torch.bfloat16, "nf4", 64, 3),
+    ("nf4_19x24_f16", (19, 24), torch.float16, "nf4", 64, 4),
+    ("nf4_40x50_block128", (40, 50), torch.float32, "nf4", 128, 5),
+    ("nf4_24x128_f32", (24, 128), torch.float32, "nf4", 64, 9),
+    ("fp4_64x48_f32", (64, 48), torch.float32, "fp4", 64, 6),
+    ("fp4_7x37_f32", (7, 37), torch.float32, "fp4", 64, 7),
+    ("fp4_33x40_bf16", (33, 40), torch.bfloat16, "fp4", 64, 8),
+]
+
+
+def weight(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    flat = w.view(-1)
+    # Values on the code book and on the midpoints' neighbourhood, a zero block start, outliers.
+    flat[:16] = torch.linspace(-1, 1, 16) * flat[:64].abs().max()
+    flat[16] = 0.0
+    flat[17] = -flat[17]
+    flat[-1] = flat.abs().max() * 3
+    return w.to(dtype)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    tensors, meta = {}, {}
+    for name, shape, dtype, qt, bs, seed in CASES:
+        w = weight(shape, dtype, seed)
+        packed, state = F.quantize_4bit(w, blocksize=bs, quant_type=qt, compress_statistics=False)
+        deq = _dequantize_4bit_compute(packed.reshape(-1), state.absmax, _get_4bit_code(qt, packed.device), bs, state.shape, torch.float32)
+        if shape[-1] % bs == 0:
+            assert torch.equal(deq, F.dequantize_4bit(packed, state).float()), name
+        tensors[f"{name}.input"] = w.contiguous()
+        tensors[f"{name}.packed"] = packed.reshape(-1).contiguous()
+        tensors[f"{name}.absmax"] = state.absmax.float().contiguous()
+        tensors[f"{name}.dequant"] = deq.reshape(-1).contiguous()
+        meta[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "quant_type": qt, "blocksize": bs}
+    out = FIXTURES / "quant"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "bnb4bit.safetensors"), metadata={"cases": json.dumps(meta), "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__})
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()
