@@ -39,8 +39,12 @@
 #      temper_llcpp does it against llama.h: llama_tokenize (llama.cpp's own tokenizer; its ids
 #      are checked against the tokenizer.json ids), one llama_decode per row with logits for
 #      every position, log-softmax in double. F32 K/V cache (the default F16 cache rounds K/V),
-#      flash attention off. Greedy: llama_sampler_init_greedy, 24 new tokens, text compared
-#      byte for byte with `temper generate --temperature 0` (the default).
+#      flash attention off. Greedy: llama_sampler_init_greedy, 24 new tokens from "Once upon a
+#      time", text compared byte for byte with `temper generate` (greedy by default): "yes".
+#      "yes*": the continuation of a random fixture has byte tokens that are not valid UTF-8,
+#      which llama.cpp prints raw and temper's decoder as U+FFFD; then llama.cpp's ids, printed
+#      the way temper prints (tokenizer.json decode, text ending in U+FFFD held back), must give
+#      temper's text exactly (such a byte token is then only known to be some invalid byte).
 #   4. One row per (case, f32|f16, lora|merged): temper ppl, llama.cpp ppl, relative difference,
 #      whether the token ids and greedy continuations are identical. Exit status 1 if any row
 #      disagrees or a case fails.
@@ -48,11 +52,13 @@
 # Rows: lora = llama.cpp base GGUF + `--lora` GGUF from `temper export` vs `temper eval
 # --adapter` (f16: f16 base GGUF + f16 adapter vs temper's f32 numbers); merged = GGUF of the
 # `temper merge` folder vs `temper eval` of that folder (f16: `temper merge --dtype f16`).
-# Tolerance on perplexity: f32 1e-4 relative (measured: <= 1e-6: float summation order only);
-# f16 2e-2 relative: ggml's CPU matmul rounds the activations to f16 for f16 weights (its
-# vec_dot_type for F16 is F16), and in the lora/f16 rows the base and adapter weights are also
-# rounded to f16 (2^-11 relative each) while temper computes the f32 model. Greedy text must be
-# identical for f32 and f16.
+# Tolerance on perplexity: f32 1e-4 relative (measured <= 2.6e-7, and 1.1e-5 for gemma and
+# gemma2, whose GELU ggml's CPU backend takes from an f16 table: GGML_GELU_FP16 rounds the
+# input to f16). f16 5e-3 relative: ggml's CPU matmul also rounds the activations to f16 for
+# f16 weights (vec_dot_type of F16 is F16), and in the lora/f16 rows the base and adapter
+# weights are rounded to f16 (2^-11 = 4.9e-4 relative each) while temper computes the f32
+# model; measured <= 5.0e-4 (gemma2, whose random model has a loss of 22.8 nats). Greedy text
+# must be identical for f32 and f16.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON=0.3.36   # vendors llama.cpp 0c1e57098 (its CHANGELOG)
@@ -66,7 +72,7 @@ TRAIN=$REPO/datasets/stories/train.jsonl
 PROMPT="Once upon a time"
 NEW_TOKENS=24
 TOL_F32=1e-4
-TOL_F16=2e-2
+TOL_F16=5e-3
 
 # case | source folder | config.json overrides (JSON, "-" for none) | lora rows (yes/no) | extra target modules
 # mistral: llama.cpp runs Mistral as `llama` and ignores sliding_window (fixture: 6), so the

@@ -45,10 +45,10 @@ pub struct MergeArgs {
     #[arg(long)]
     pub force: bool,
     /// Afterwards, compare logits of base + adapters and of the merged model on a few tokens
-    /// (both streamed a layer at a time). The default for models up to 4 B parameters.
+    /// (both streamed a layer at a time). The default for models up to 2 B parameters.
     #[arg(long, conflicts_with = "no_verify")]
     pub verify: bool,
-    /// Skip the check that is on by default for models up to 4 B parameters.
+    /// Skip the check that is on by default for models up to 2 B parameters.
     #[arg(long)]
     pub no_verify: bool,
     /// Device for --verify: auto | cpu | cuda[:N] | wgpu
@@ -99,8 +99,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
         let task = VerifyTask { model: args.model.clone(), out: args.out.clone(), inputs };
         let report = dispatch(&args.device, task)?;
         eprintln!(
-            "verify: {} tokens, max |logit difference| merged vs base+adapter = {:e} (max |logit| {:.3})",
-            report.tokens, report.max_abs_logit_diff, report.max_abs_logit
+            "verify: {} tokens, max |logit difference| merged vs base+adapter = {:e} (max |logit| {:.3}){}",
+            report.tokens,
+            report.max_abs_logit_diff,
+            report.max_abs_logit,
+            if summary_is_half(&args.out) { "; the merged weights are rounded to 16 bits: merge with --dtype f32 to tell rounding from a wrong merge" } else { "" }
         );
         Some(report)
     } else {
@@ -112,9 +115,14 @@ pub fn run(args: MergeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether the merged model is stored in bf16 / f16 (its verify difference is then rounding).
+fn summary_is_half(out: &std::path::Path) -> bool {
+    temper::model::Checkpoint::open(out).is_ok_and(|c| matches!(c.dominant_dtype(), Some(safetensors::Dtype::BF16 | safetensors::Dtype::F16)))
+}
+
 /// Models up to this many parameters are verified after merging unless `--no-verify`: the
 /// check streams both models once more (measured in docs/MERGE.md).
-const VERIFY_DEFAULT_MAX_PARAMETERS: usize = 4_000_000_000;
+const VERIFY_DEFAULT_MAX_PARAMETERS: usize = 2_000_000_000;
 
 fn small_enough(model: &std::path::Path) -> bool {
     temper::model::DecoderConfig::from_model_dir(model).is_ok_and(|(_, cfg)| cfg.num_parameters() <= VERIFY_DEFAULT_MAX_PARAMETERS)
