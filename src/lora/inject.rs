@@ -142,6 +142,13 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) 
     cfg.validate().map_err(|reason| Error::InvalidArgument(format!("lora: {reason}")))?;
     let device = model.device();
     let mut rng = StdRng::seed_from_u64(seed);
+    // A tied head is the embedding matrix: PEFT would adapt it in place; Temper has no separate
+    // head to adapt, so naming it is an error rather than a silent no-op.
+    if model.lm_head.is_none() && matches!(&cfg.target_modules, TargetModules::List(names) if names.iter().any(|n| n == "lm_head")) {
+        return Err(Error::InvalidArgument(
+            "lora.target_modules names lm_head, but this model ties lm_head to embed_tokens (tie_word_embeddings): there is no separate head to adapt; remove lm_head from target_modules".into(),
+        ));
+    }
     let mut targeted = Vec::new();
     let composite = model.config.composite.is_some();
     for (name, proj) in projections_mut(model) {

@@ -199,3 +199,16 @@ fn adapters_on_vision_language_models_use_peft_module_names() {
         assert_eq!(targeted.len(), adapter.modules.len(), "{name}");
     }
 }
+
+/// Naming lm_head on a model whose head is tied to the embeddings is refused, not dropped.
+#[test]
+fn lm_head_target_on_a_tied_model_is_refused() {
+    let device = Default::default();
+    let mut model = load_model::<Cpu>(&fixtures().join("models/qwen2"), WeightPrecision::F32, &device).unwrap().model;
+    assert!(model.lm_head.is_none());
+    let cfg = LoraConfig { target_modules: temper::lora::TargetModules::List(vec!["q_proj".into(), "lm_head".into()]), ..Default::default() };
+    let err = inject(&mut model, &cfg, 1).unwrap_err().to_string();
+    assert!(err.contains("lm_head") && err.contains("tie_word_embeddings"), "{err}");
+    let mut untied = load_model::<Cpu>(&fixtures().join("models/llama"), WeightPrecision::F32, &device).unwrap().model;
+    assert!(inject(&mut untied, &cfg, 1).unwrap().contains(&"lm_head".to_string()));
+}
