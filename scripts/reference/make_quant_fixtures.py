@@ -63,6 +63,45 @@ def weight(shape, dtype, seed):
     return w.to(dtype)
 
 
+def bnb_checkpoints() -> dict:
+    """The llama fixture quantized by transformers + bitsandbytes and saved as the Hub ships
+    *-bnb-4bit checkpoints (nf4 with and without double quantization, fp4), plus every quantized
+    projection dequantized by bitsandbytes: its dequantize_blockwise for a nested absmax (+ the
+    offset), then the reference 4-bit formula."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = {}
+    for name, qt, dq in [("llama_bnb_nf4", "nf4", False), ("llama_bnb_nf4_dq", "nf4", True), ("llama_bnb_fp4", "fp4", False)]:
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(FIXTURES / "models" / "llama"), quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+        dest = FIXTURES / "quant" / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        model.save_pretrained(str(dest))
+        (dest / "generation_config.json").unlink(missing_ok=True)
+        deq = {}
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            state = getattr(w, "quant_state", None)
+            if state is None:
+                continue
+            absmax = state.absmax
+            if state.nested:
+                absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            code = _get_4bit_code(state.quant_type, w.device)
+            full = _dequantize_4bit_compute(w.data.reshape(-1), absmax.float(), code, state.blocksize, state.shape, torch.float32)
+            key = next(n for n, m in model.named_modules() if m is module)
+            deq[f"{key}.weight"] = full.contiguous()
+        with safe_open(str(dest / "model.safetensors"), "pt") as fh:
+            assert all(k in fh.keys() for k in deq), name
+        save_file(deq, str(dest / "dequantized.safetensors"), metadata={"note": "bitsandbytes' dequantization of every 4-bit weight, f32"})
+        out[name] = {"quant_type": qt, "double_quant": dq, "weights": len(deq)}
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
     tensors, meta = {}, {}
@@ -81,6 +120,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "bnb4bit.safetensors"), metadata={"cases": json.dumps(meta), "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__})
     print(json.dumps(meta, indent=1))
+    print(json.dumps(bnb_checkpoints(), indent=1))
 
 
 if __name__ == "__main__":

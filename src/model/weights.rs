@@ -117,6 +117,20 @@ impl Checkpoint {
         shard.metadata.info(name).map(|i| (i.dtype, i.shape.clone()))
     }
 
+    /// A tensor's dtype, shape and raw little-endian bytes, straight from the map.
+    pub fn raw(&self, name: &str) -> Option<(Dtype, Vec<usize>, &[u8])> {
+        let shard = &self.shards[*self.index.get(name)?];
+        let info = shard.metadata.info(name)?;
+        let (start, end) = info.data_offsets;
+        let base = 8 + shard.header_len;
+        Some((info.dtype, info.shape.clone(), shard.mmap.get(base + start..base + end)?))
+    }
+
+    /// The folder the checkpoint was opened from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The dtype most tensors are stored in (what `inspect` reports).
     pub fn dominant_dtype(&self) -> Option<Dtype> {
         let mut counts: HashMap<String, (usize, Dtype)> = HashMap::new();

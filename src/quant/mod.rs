@@ -2,6 +2,8 @@
 //! blockwise absmax quantization and dequantization, bit-identical with
 //! `bitsandbytes.functional.quantize_4bit` / `dequantize_4bit` (0.50, CPU).
 
+pub mod bnb;
 pub mod nf4;
 
+pub use bnb::{read_bnb_4bit, Bnb4BitWeight};
 pub use nf4::{dequantize_4bit, quantize_4bit, FourBit, Quantized4Bit};

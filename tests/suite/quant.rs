@@ -38,3 +38,80 @@ fn nf4_and_fp4_codes_absmax_and_dequantization_are_bitsandbytes_bit_for_bit() {
         }
     }
 }
+
+/// `*-bnb-4bit` checkpoints as transformers + bitsandbytes save them (NF4 with and without double
+/// quantization, FP4): every 4-bit projection of the llama fixture reads back to exactly the
+/// weights bitsandbytes dequantizes.
+#[test]
+fn bitsandbytes_checkpoints_dequantize_to_bitsandbytes_weights() {
+    use temper::model::{Checkpoint, DecoderConfig};
+    use temper::quant::read_bnb_4bit;
+    let (_, cfg) = DecoderConfig::from_model_dir(&fixtures().join("models/llama")).unwrap();
+    let shapes = |module: &str| -> [usize; 2] {
+        let (h, q, kv, i) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        match module.rsplit('.').next().unwrap() {
+            "q_proj" => [q, h],
+            "k_proj" | "v_proj" => [kv, h],
+            "o_proj" => [h, q],
+            "gate_proj" | "up_proj" => [i, h],
+            _ => [h, i],
+        }
+    };
+    for (name, double_quant) in [("llama_bnb_nf4", false), ("llama_bnb_nf4_dq", true), ("llama_bnb_fp4", false)] {
+        let dir = fixtures().join("quant").join(name);
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let bytes = std::fs::read(dir.join("dequantized.safetensors")).unwrap();
+        let want = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(want.names().len(), 14, "{name}: 2 layers x 7 projections");
+        for (key, view) in want.tensors() {
+            let module = key.trim_end_matches(".weight");
+            let w = read_bnb_4bit(&ckpt, &key, shapes(module)).unwrap_or_else(|e| panic!("{name}/{key}: {e}"));
+            assert_eq!(w.double_quant, double_quant);
+            let got: Vec<u32> = dequantize_4bit(&w.quantized).iter().map(|x| x.to_bits()).collect();
+            let want: Vec<u32> = f32s(&view).iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "{name}/{key}");
+        }
+    }
+}
+
+/// A quant state that is truncated or disagrees with its tensors or with the model's shape is a
+/// named error.
+#[test]
+fn broken_bitsandbytes_weights_are_named_errors() {
+    use temper::model::Checkpoint;
+    use temper::quant::read_bnb_4bit;
+    let src = fixtures().join("quant/llama_bnb_nf4_dq/model.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let key = "model.layers.0.self_attn.q_proj.weight";
+    let write = |edit: &dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            if let Some(data) = edit(&name, view.data().to_vec()) {
+                let shape = if view.dtype() == Dtype::U8 { vec![data.len()] } else { view.shape().to_vec() };
+                owned.push((name, view.dtype(), shape, data));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            owned.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        std::fs::write(tmp.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+        let ckpt = Checkpoint::open(tmp.path()).unwrap();
+        read_bnb_4bit(&ckpt, key, [48, 48]).map(|_| ()).unwrap_err().to_string()
+    };
+    let state = format!("{key}.quant_state.bitsandbytes__nf4");
+    let e = write(&|n, d| if n == state { Some(d[..d.len() / 2].to_vec()) } else { Some(d) });
+    assert!(e.contains(&state) && e.contains("not a bitsandbytes quant state"), "{e}");
+    let e = write(&|n, d| if n == state { Some(String::from_utf8(d).unwrap().replace("[48, 48]", "[48, 40]").into_bytes()) } else { Some(d) });
+    assert!(e.contains(key) && e.contains("[48, 40]"), "{e}");
+    let e = write(&|n, d| if n == key { Some(d[..d.len() - 8].to_vec()) } else { Some(d) });
+    assert!(e.contains(key) && e.contains("bytes"), "{e}");
+    let e = write(&|n, d| if n == format!("{key}.absmax") { Some(d[..d.len() - 1].to_vec()) } else { Some(d) });
+    assert!(e.contains("nested_absmax") || e.contains("absmax"), "{e}");
+    let e = write(&|n, d| if n == format!("{key}.nested_quant_map") { None } else { Some(d) });
+    assert!(e.contains("nested_quant_map"), "{e}");
+    // The model expects another shape than the checkpoint holds.
+    let ckpt = Checkpoint::open(&fixtures().join("quant/llama_bnb_nf4_dq")).unwrap();
+    let e = read_bnb_4bit(&ckpt, key, [48, 64]).unwrap_err().to_string();
+    assert!(e.contains(key) && e.contains("64"), "{e}");
+}

@@ -1,0 +1,111 @@
+//! 4-bit weights as bitsandbytes checkpoints store them (`quantization_config.quant_method:
+//! bitsandbytes`, `load_in_4bit`; the `unsloth/*-bnb-4bit` uploads): for a projection `P`,
+//! - `P.weight`: the packed codes, u8 `[n / 2, 1]`;
+//! - `P.weight.absmax`: f32 per block, or with double quantization u8 codes of the absmax, with
+//!   `P.weight.nested_absmax` (f32 per 256 blocks) and `P.weight.nested_quant_map` (256 f32);
+//! - `P.weight.quant_map`: the 16-value code book;
+//! - `P.weight.quant_state.bitsandbytes__nf4` (or `__fp4`): u8 bytes of a JSON object with
+//!   `quant_type`, `blocksize`, `dtype`, `shape`, and for double quantization
+//!   `nested_blocksize` and `nested_offset`.
+//!
+//! A nested absmax is dequantized as bitsandbytes does: `nested_quant_map[q] *
+//! nested_absmax[i / nested_blocksize] + nested_offset`, in f32.
+
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde::Deserialize;
+
+use crate::model::Checkpoint;
+use crate::quant::nf4::{FourBit, Quantized4Bit};
+use crate::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+struct QuantStateJson {
+    quant_type: String,
+    blocksize: usize,
+    shape: Vec<usize>,
+    #[serde(default)]
+    nested_blocksize: Option<usize>,
+    #[serde(default)]
+    nested_offset: Option<f32>,
+}
+
+/// A bitsandbytes 4-bit weight read from a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bnb4BitWeight {
+    pub quantized: Quantized4Bit,
+    /// `[out, in]`, as the quant state gives it.
+    pub shape: Vec<usize>,
+    /// Whether its absmax was itself quantized (double quantization).
+    pub double_quant: bool,
+}
+
+/// Read the 4-bit weight `name` (e.g. `model.layers.0.mlp.up_proj.weight`), checking its quant
+/// state against the tensors and against `expected` (`[out, in]` from the model's config).
+pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Result<Bnb4BitWeight> {
+    let path = ckpt.dir().to_path_buf();
+    let bad = |tensor: &str, reason: String| Error::InvalidConfig { path: path.clone(), key: tensor.to_string(), reason };
+    let (kind, state_name) = [(FourBit::Nf4, "nf4"), (FourBit::Fp4, "fp4")]
+        .into_iter()
+        .map(|(k, s)| (k, format!("{name}.quant_state.bitsandbytes__{s}")))
+        .find(|(_, s)| ckpt.contains(s))
+        .ok_or_else(|| Error::MissingTensor { path: path.clone(), tensor: format!("{name}.quant_state.bitsandbytes__nf4"), hint: " (or __fp4: the quant state of a bitsandbytes 4-bit weight)".into() })?;
+    let (_, _, state_bytes) = raw(ckpt, &path, &state_name, Dtype::U8)?;
+    let state: QuantStateJson = serde_json::from_slice(state_bytes).map_err(|e| bad(&state_name, format!("is not a bitsandbytes quant state: {e}")))?;
+    if state.quant_type != kind.name() {
+        return Err(bad(&state_name, format!("says quant_type {:?} under a {} name", state.quant_type, kind.name())));
+    }
+    if state.shape != expected {
+        return Err(Error::TensorShape { path: path.clone(), tensor: name.to_string(), expected: expected.to_vec(), actual: state.shape });
+    }
+    let n: usize = expected.iter().product();
+    let bs = state.blocksize;
+    if bs == 0 || !bs.is_power_of_two() {
+        return Err(bad(&state_name, format!("blocksize {bs} is not a power of two")));
+    }
+    let blocks = n.div_ceil(bs);
+    let (_, packed_shape, packed) = raw(ckpt, &path, name, Dtype::U8)?;
+    if packed.len() != n.div_ceil(2) {
+        return Err(bad(name, format!("holds {} bytes ({packed_shape:?}) but a {expected:?} 4-bit weight needs {}", packed.len(), n.div_ceil(2))));
+    }
+    let code_name = format!("{name}.quant_map");
+    let (_, _, code_bytes) = raw(ckpt, &path, &code_name, Dtype::F32)?;
+    let code = f32s(code_bytes);
+    if code.len() != 16 || code.iter().zip(kind.code()).any(|(a, b)| a.to_bits() != b.to_bits()) {
+        return Err(bad(&code_name, format!("is not bitsandbytes' {} code book", kind.name())));
+    }
+    let absmax_name = format!("{name}.absmax");
+    let double_quant = state.nested_blocksize.is_some();
+    let absmax = if double_quant {
+        let (_, _, q) = raw(ckpt, &path, &absmax_name, Dtype::U8)?;
+        let nbs = state.nested_blocksize.unwrap_or(256);
+        let offset = state.nested_offset.ok_or_else(|| bad(&state_name, "has nested_blocksize but no nested_offset".into()))?;
+        let (_, _, na) = raw(ckpt, &path, &format!("{name}.nested_absmax"), Dtype::F32)?;
+        let (_, _, nc) = raw(ckpt, &path, &format!("{name}.nested_quant_map"), Dtype::F32)?;
+        let (nested_absmax, nested_code) = (f32s(na), f32s(nc));
+        if nbs == 0 || nested_code.len() != 256 || nested_absmax.len() != q.len().div_ceil(nbs) {
+            return Err(bad(&format!("{name}.nested_absmax"), format!("{} values and a {}-entry code book do not fit {} absmax codes in blocks of {nbs}", nested_absmax.len(), nested_code.len(), q.len())));
+        }
+        q.iter().enumerate().map(|(i, &c)| nested_code[c as usize] * nested_absmax[i / nbs] + offset).collect()
+    } else {
+        let (_, _, a) = raw(ckpt, &path, &absmax_name, Dtype::F32)?;
+        f32s(a)
+    };
+    if absmax.len() != blocks {
+        return Err(bad(&absmax_name, format!("has {} blocks; {n} values in blocks of {bs} need {blocks}", absmax.len())));
+    }
+    Ok(Bnb4BitWeight { quantized: Quantized4Bit { packed: packed.to_vec(), absmax, blocksize: bs, kind, len: n }, shape: expected.to_vec(), double_quant })
+}
+
+fn raw<'a>(ckpt: &'a Checkpoint, path: &Path, name: &str, dtype: Dtype) -> Result<(Dtype, Vec<usize>, &'a [u8])> {
+    let (d, shape, bytes) = ckpt.raw(name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: name.to_string(), hint: " (part of a bitsandbytes 4-bit weight)".into() })?;
+    if d != dtype {
+        return Err(Error::TensorDtype { path: path.to_path_buf(), tensor: name.to_string(), dtype: format!("{d:?} (expected {dtype:?})") });
+    }
+    Ok((d, shape, bytes))
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
