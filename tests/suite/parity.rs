@@ -241,3 +241,51 @@ fn gemma3_and_olmo3_configs_resolve_local_and_global_rope() {
     let e = load(serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true})).unwrap_err().to_string();
     assert!(e.contains("use_bidirectional_attention"), "{e}");
 }
+
+/// The other vision-language layout (`model.language_model.*`, `model.vision_tower.*`,
+/// `lm_head`: the live transformers module names, as newer transformers may save them): the
+/// gemma3 and mistral3 fixtures with their tensors renamed so load to the same logits, and a
+/// merge keeps the renamed layout.
+#[test]
+fn vision_language_checkpoints_in_the_nested_layout_load_and_merge() {
+    use safetensors::SafeTensors;
+    for name in ["gemma3_vlm", "mistral3_vlm"] {
+        let src = fixtures().join("models").join(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("nested");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let rename = |k: &str| {
+            if let Some(rest) = k.strip_prefix("language_model.model.") {
+                format!("model.language_model.{rest}")
+            } else if let Some(rest) = k.strip_prefix("language_model.") {
+                rest.to_string()
+            } else {
+                format!("model.{k}")
+            }
+        };
+        let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().map(|(k, v)| (rename(&k), v)).collect();
+        assert!(views.iter().any(|(k, _)| k == "model.language_model.embed_tokens.weight"));
+        std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+        let device = Default::default();
+        let model = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap_or_else(|e| panic!("{name}: {e}")).model;
+        let entry = &manifest()["models"][name];
+        let reference = Reference::open(&fixtures().join(entry["reference"].as_str().unwrap()));
+        let (ids, shape) = reference.i64("input_ids");
+        let got: Vec<f32> = model.forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let diff = max_abs_diff(&got, &reference.f32("logits").0);
+        assert!(diff <= LOGITS_TOL, "{name} (nested layout): {diff:e}");
+        // Merging PEFT's adapter keeps the nested names and changes the adapted projections.
+        let adapter = fixtures().join(format!("peft/{name}/adapter"));
+        let out = tmp.path().join("merged");
+        let input = temper::export::MergeInput { adapter: temper::export::Adapter::read(&adapter).unwrap(), dir: adapter.clone(), weight: 1.0 };
+        let opts = temper::export::MergeOptions { dtype: temper::export::MergeDtype::Auto, untie: false };
+        let summary = temper::export::merge_model(&dir, &[input], opts, &out, temper::export::WriteMode::Refuse, &mut |_| {}).unwrap();
+        assert_eq!(summary.merged, manifest()["peft"][name]["merged_keys"].as_array().unwrap().len(), "{name}");
+        let merged = std::fs::read(out.join("model.safetensors")).unwrap();
+        let m = SafeTensors::deserialize(&merged).unwrap();
+        assert!(m.names().iter().all(|k| !k.starts_with("language_model.")), "{name}: layout kept");
+    }
+}
