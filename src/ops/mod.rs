@@ -24,6 +24,8 @@ use burn::tensor::{Tensor, TensorPrimitive};
 pub use attention::AttentionSpec;
 pub use cross_entropy::CrossEntropySpec;
 
+use crate::quant::device::Packed4Bit;
+
 /// A backend Temper can run on: Burn's `Backend` plus the custom operations.
 pub trait TemperBackend: Backend {
     /// Attention of `q` `[batch, heads, q_len, head_dim]` over `k`, `v`
@@ -37,6 +39,12 @@ pub trait TemperBackend: Backend {
     /// `[vocab, hidden]`, without holding `[tokens, vocab]` logits -> `[1]` (f32).
     fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
         unwrap(cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec))
+    }
+
+    /// `x` `[rows, in]` times a 4-bit weight's `dequant(W)ᵀ` -> `[rows, out]`. Under autodiff the
+    /// backward dequantizes again (no dense W is kept) and gives only `dx`: the base is frozen.
+    fn temper_linear_4bit(x: FloatTensor<Self>, w: &Packed4Bit<Self>) -> FloatTensor<Self> {
+        crate::quant::device::linear_4bit_forward::<Self>(x, w)
     }
 
     /// Which elements LoRA dropout zeroes in a `[rows, cols]` input (`true` = dropped). Default:
@@ -137,7 +145,34 @@ impl<B: TemperBackend> Backward<B, 2> for CrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct Linear4BitBackward;
+
+impl<B: TemperBackend> Backward<B, 1> for Linear4BitBackward {
+    /// The packed weight only: the backward dequantizes it again.
+    type State = Packed4Bit<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, crate::quant::device::linear_4bit_input_grad::<B>(grad, &ops.state));
+        }
+    }
+}
+
 impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
+    fn temper_linear_4bit(x: FloatTensor<Self>, w: &Packed4Bit<Self>) -> FloatTensor<Self> {
+        let inner = Packed4Bit::<B> { words: w.words.clone(), absmax: w.absmax.primitive.clone(), code: w.code.primitive.clone(), shape: w.shape, blocksize: w.blocksize };
+        match Linear4BitBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::temper_linear_4bit(x.primitive, &inner);
+                prep.finish(inner, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::temper_linear_4bit(x.primitive, &inner)),
+        }
+    }
+
     fn temper_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, spec: &AttentionSpec) -> FloatTensor<Self> {
         let prep = AttentionBackward
             .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
@@ -186,4 +221,9 @@ pub fn attention<B: TemperBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B
 /// [`TemperBackend::temper_cross_entropy`] on tensors.
 pub fn cross_entropy_sum<B: TemperBackend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec) -> Tensor<B, 1> {
     wrap(B::temper_cross_entropy(unwrap(hidden), unwrap(weight), spec))
+}
+
+/// [`TemperBackend::temper_linear_4bit`] on tensors: `x` `[rows, in]` -> `[rows, out]`.
+pub fn linear_4bit<B: TemperBackend>(x: Tensor<B, 2>, w: &Packed4Bit<B>) -> Tensor<B, 2> {
+    wrap(B::temper_linear_4bit(unwrap(x), w))
 }

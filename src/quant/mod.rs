@@ -3,6 +3,7 @@
 //! `bitsandbytes.functional.quantize_4bit` / `dequantize_4bit` (0.50, CPU).
 
 pub mod bnb;
+pub mod device;
 pub mod nf4;
 
 pub use bnb::{read_bnb_4bit, Bnb4BitWeight};

@@ -5,6 +5,7 @@
 use safetensors::{Dtype, SafeTensors};
 use temper::quant::{dequantize_4bit, quantize_4bit, FourBit};
 
+
 use crate::common::fixtures;
 
 fn f32s(view: &safetensors::tensor::TensorView) -> Vec<f32> {
@@ -114,4 +115,51 @@ fn broken_bitsandbytes_weights_are_named_errors() {
     let ckpt = Checkpoint::open(&fixtures().join("quant/llama_bnb_nf4_dq")).unwrap();
     let e = read_bnb_4bit(&ckpt, key, [48, 64]).unwrap_err().to_string();
     assert!(e.contains(key) && e.contains("64"), "{e}");
+}
+
+/// The 4-bit weight on a device: dequantized by tensor ops to exactly the host values (packed
+/// words, a short last block), and `linear_4bit` under autodiff gives the output and the input
+/// gradient of the dense product `x · dequant(W)ᵀ`, with no gradient for the weight.
+#[test]
+fn device_4bit_linear_matches_the_dense_product_and_its_input_gradient() {
+    use burn::tensor::{DType, Tensor, TensorData};
+    use temper::quant::device::Packed4Bit;
+    use temper::quant::Quantized4Bit;
+    fn check<B: temper::ops::TemperBackend>(q: &Quantized4Bit, shape: [usize; 2], what: &str) -> Vec<f32> {
+        let device = Default::default();
+        let w = Packed4Bit::<B>::upload(q, shape, &device);
+        let got: Vec<f32> = w.dequantize(DType::F32).into_data().to_vec().unwrap();
+        let want = dequantize_4bit(q);
+        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{what}");
+        got
+    }
+    for (shape, kind, bs) in [([24, 128], FourBit::Nf4, 64), ([7, 37], FourBit::Nf4, 64), ([9, 40], FourBit::Fp4, 128)] {
+        let n = shape[0] * shape[1];
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
+        let q = quantize_4bit(&values, bs, kind);
+        let what = format!("{shape:?} {kind:?}");
+        let dense = check::<crate::common::Cpu>(&q, shape, &what);
+        check::<burn::backend::NdArray<f32>>(&q, shape, &what);
+
+        // Autodiff: y = x · Wᵀ and dx for a loss sum(y * g), against the dense product.
+        type A = crate::common::CpuAutodiff;
+        let device = Default::default();
+        let rows = 5;
+        let xv: Vec<f32> = (0..rows * shape[1]).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
+        let gv: Vec<f32> = (0..rows * shape[0]).map(|i| ((i * 13 % 11) as f32 - 5.0) / 5.0).collect();
+        let g = Tensor::<A, 2>::from_data(TensorData::new(gv, [rows, shape[0]]), &device);
+        let x4 = Tensor::<A, 2>::from_data(TensorData::new(xv.clone(), [rows, shape[1]]), &device).require_grad();
+        let w4 = Packed4Bit::<A>::upload(&q, shape, &device);
+        let y4 = temper::ops::linear_4bit(x4.clone(), &w4);
+        let grads = (y4.clone() * g.clone()).sum().backward();
+        let dx4: Vec<f32> = x4.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let xd = Tensor::<A, 2>::from_data(TensorData::new(xv, [rows, shape[1]]), &device).require_grad();
+        let wd = Tensor::<A, 2>::from_data(TensorData::new(dense, shape), &device);
+        let yd = xd.clone().matmul(wd.transpose());
+        let grads = (yd.clone() * g).sum().backward();
+        let dxd: Vec<f32> = xd.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let (y4, yd): (Vec<f32>, Vec<f32>) = (y4.into_data().to_vec().unwrap(), yd.into_data().to_vec().unwrap());
+        assert!(diff(&y4, &yd) <= 1e-5 && diff(&dx4, &dxd) <= 1e-5, "{what}: y {:e}, dx {:e}", diff(&y4, &yd), diff(&dx4, &dxd));
+    }
 }

@@ -1,0 +1,79 @@
+//! A 4-bit weight on a device, and `y = x · dequant(W)ᵀ` whose backward gives
+//! `dx = dy · dequant(W)` without keeping a dense copy of W between the two (bitsandbytes'
+//! `MatMul4Bit` algorithm; shared/docs/QLORA-NOTES.md §1). The codes stay packed: 8 per 32-bit
+//! word (WGSL has no 8-bit type), the bitsandbytes bytes reinterpreted little-endian, so word j
+//! holds values 8j..8j+7 at shifts 4, 0, 12, 8, 20, 16, 28, 24. Dequantization is generic
+//! tensor code (shift, mask, code-book lookup, scale by absmax) and runs on every backend.
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{backend::Backend, DType, ElementConversion, Int, Tensor, TensorData, TensorPrimitive};
+
+use crate::quant::nf4::Quantized4Bit;
+
+const SHIFTS: [i64; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+
+/// The primitives of a 4-bit `[out, in]` weight on backend `B`.
+#[derive(Debug, Clone)]
+pub struct Packed4Bit<B: Backend> {
+    /// `ceil(n / 8)` words.
+    pub words: IntTensor<B>,
+    /// One f32 per block.
+    pub absmax: FloatTensor<B>,
+    /// The 16-entry code book, f32.
+    pub code: FloatTensor<B>,
+    pub shape: [usize; 2],
+    pub blocksize: usize,
+}
+
+impl<B: Backend> Packed4Bit<B> {
+    /// Upload a host weight of shape `[out, in]`.
+    pub fn upload(q: &Quantized4Bit, shape: [usize; 2], device: &B::Device) -> Self {
+        let mut bytes = q.packed.clone();
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let n = words.len();
+        let words = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), device).into_primitive();
+        let absmax = Tensor::<B, 1>::from_data(TensorData::new(q.absmax.clone(), [q.absmax.len()]), (device, DType::F32)).into_primitive().tensor();
+        let code = Tensor::<B, 1>::from_data(TensorData::new(q.kind.code().to_vec(), [16]), (device, DType::F32)).into_primitive().tensor();
+        Packed4Bit { words, absmax, code, shape, blocksize: q.blocksize }
+    }
+
+    /// dequant(W) `[out, in]` in `dtype`: `code[q] * absmax[block]` in f32, then cast (as
+    /// bitsandbytes).
+    pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
+        let [out, inp] = self.shape;
+        let n = out * inp;
+        let words: Tensor<B, 1, Int> = Tensor::from_primitive(self.words.clone());
+        let w = words.dims()[0];
+        let nibbles: Vec<Tensor<B, 2, Int>> = SHIFTS.iter().map(|&s| words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(15i64.elem()).reshape([w, 1])).collect();
+        let idx = Tensor::cat(nibbles, 1).reshape([w * 8]).slice([0..n]);
+        let code: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.code.clone()));
+        let values = code.select(0, idx);
+        let absmax: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone()));
+        let bs = self.blocksize;
+        let full = n - n % bs;
+        let blocks = full / bs;
+        let scaled = if full == n {
+            (values.reshape([blocks, bs]) * absmax.reshape([blocks, 1])).reshape([n])
+        } else {
+            let head = (values.clone().slice([0..full]).reshape([blocks, bs]) * absmax.clone().slice([0..blocks]).reshape([blocks, 1])).reshape([full]);
+            let tail = values.slice([full..n]) * absmax.slice([blocks..blocks + 1]);
+            Tensor::cat(vec![head, tail], 0)
+        };
+        scaled.reshape([out, inp]).cast(dtype)
+    }
+}
+
+/// `x · dequant(W)ᵀ` for `x` `[rows, in]` (generic forward, also the backward's building block).
+pub fn linear_4bit_forward<B: Backend>(x: FloatTensor<B>, w: &Packed4Bit<B>) -> FloatTensor<B> {
+    let x: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(x));
+    let dense = w.dequantize(x.dtype());
+    x.matmul(dense.transpose()).into_primitive().tensor()
+}
+
+/// `dy · dequant(W)` for `dy` `[rows, out]`: the input gradient.
+pub fn linear_4bit_input_grad<B: Backend>(dy: FloatTensor<B>, w: &Packed4Bit<B>) -> FloatTensor<B> {
+    let dy: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(dy));
+    let dense = w.dequantize(dy.dtype());
+    dy.matmul(dense).into_primitive().tensor()
+}
