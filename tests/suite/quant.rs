@@ -163,3 +163,20 @@ fn device_4bit_linear_matches_the_dense_product_and_its_input_gradient() {
         assert!(diff(&y4, &yd) <= 1e-5 && diff(&dx4, &dxd) <= 1e-5, "{what}: y {:e}, dx {:e}", diff(&y4, &yd), diff(&dx4, &dxd));
     }
 }
+
+/// Device dequantization equals the host's bit for bit on backend `B` (the wgpu group runs it
+/// on a GPU device: the packed words, shifts and masks in WGSL).
+pub fn check_device_dequantize_on<B: temper::ops::TemperBackend>(device: &B::Device) {
+    use burn::tensor::DType;
+    use temper::quant::device::Packed4Bit;
+    for (shape, kind, bs) in [([24, 128], FourBit::Nf4, 64), ([7, 37], FourBit::Nf4, 64), ([9, 40], FourBit::Fp4, 128)] {
+        let n = shape[0] * shape[1];
+        // Values whose top nibbles are >= 8, so sign-extending shifts would show.
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
+        let q = quantize_4bit(&values, bs, kind);
+        assert!(q.packed.iter().any(|b| b >> 4 >= 8), "{shape:?}: no high nibble >= 8");
+        let got: Vec<f32> = Packed4Bit::<B>::upload(&q, shape, device).dequantize(DType::F32).into_data().to_vec().unwrap();
+        let want = dequantize_4bit(&q);
+        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{shape:?} {kind:?}");
+    }
+}

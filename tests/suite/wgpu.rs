@@ -69,3 +69,9 @@ fn wgpu_dropout_curve_equals_the_cpu_curve() {
     let (_, gpu) = crate::train_parity::curve_on::<Autodiff<Gpu>>("llama_train", false, 0.1, &WgpuDevice::default());
     crate::train_parity::assert_same_curve("cpu vs wgpu, dropout 0.1", &cpu, &gpu, 1e-5);
 }
+
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_4bit_dequantization_matches_the_host() {
+    crate::quant::check_device_dequantize_on::<Gpu>(&Default::default());
+}
