@@ -102,6 +102,53 @@ def bnb_checkpoints() -> dict:
     return out
 
 
+def bnb_logit_fixtures() -> dict:
+    """A 2-layer Llama whose projections are multiples of 64 wide (bitsandbytes' CPU kernels are
+    exact there), quantized by transformers + bitsandbytes (nf4, nf4 + double quantization, fp4)
+    and saved, with the logits transformers + bitsandbytes compute on the CPU in f32."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    base = FIXTURES / "quant" / "llama64"
+    if base.exists():
+        shutil.rmtree(base)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1101)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1.0 + torch.randn_like(p) * 0.1 if p.dim() == 1 else torch.randn_like(p) * 0.15)
+    model.save_pretrained(str(base))
+    (base / "generation_config.json").unlink(missing_ok=True)
+    g = torch.Generator().manual_seed(6101)
+    ids = torch.randint(3, 512, (2, 13), generator=g)
+    out = {}
+    for name, qt, dq in [("llama64_nf4", "nf4", False), ("llama64_nf4_dq", "nf4", True), ("llama64_fp4", "fp4", False)]:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=q, device_map="cpu", dtype=torch.float32, attn_implementation="eager")
+        m.eval()
+        dest = FIXTURES / "quant" / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        # Saved before any forward: on an AVX512-BF16 CPU, bitsandbytes 0.50's first eval forward
+        # repacks the weight into a CPU-only layout (absmax rounded to bf16), and its inverse on
+        # save does not restore the standard layout (the saved weights dequantize up to 0.39 off).
+        m.save_pretrained(str(dest))
+        # The reference forward takes bitsandbytes' standard path (dequantize in f32, then the
+        # matmul), as on a CUDA device; the CPU-only repacking is switched off.
+        for mod in m.modules():
+            if hasattr(mod, "support_avx512bf16_for_cpu"):
+                mod.support_avx512bf16_for_cpu = False
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits.float()
+        (dest / "generation_config.json").unlink(missing_ok=True)
+        save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(dest / "reference.safetensors"))
+        out[name] = {"quant_type": qt, "double_quant": dq, "max_abs_logit": float(logits.abs().max())}
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
     tensors, meta = {}, {}
@@ -121,6 +168,7 @@ def main() -> None:
     save_file(tensors, str(out / "bnb4bit.safetensors"), metadata={"cases": json.dumps(meta), "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__})
     print(json.dumps(meta, indent=1))
     print(json.dumps(bnb_checkpoints(), indent=1))
+    print(json.dumps(bnb_logit_fixtures(), indent=1))
 
 
 if __name__ == "__main__":

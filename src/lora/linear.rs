@@ -7,6 +7,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::ops::{dropout, TemperBackend};
+use crate::quant::device::Weight4Bit;
 
 /// Trainable low-rank delta of one projection (PEFT's `lora_A` / `lora_B`), always f32.
 #[derive(Module, Debug)]
@@ -26,8 +27,10 @@ pub struct LoraDelta<B: Backend> {
 /// A projection with a frozen base weight and an optional LoRA delta.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    /// `[out, in]`, never trained.
+    /// `[out, in]`, never trained (`[0, 0]` when the base is `quant`).
     pub weight: Param<Tensor<B, 2>>,
+    /// A bitsandbytes 4-bit base (QLoRA) instead of `weight`.
+    pub quant: Option<Weight4Bit<B>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<LoraDelta<B>>,
 }
@@ -38,13 +41,27 @@ impl<B: Backend> LoraLinear<B> {
         Self {
             weight: Param::from_tensor(weight).set_require_grad(false),
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            quant: None,
+            lora: None,
+        }
+    }
+
+    /// A frozen projection on a 4-bit base.
+    pub fn frozen_4bit(weight: Weight4Bit<B>, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::zeros([0, 0], device)).set_require_grad(false),
+            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            quant: Some(weight),
             lora: None,
         }
     }
 
     /// `[out, in]`
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.shape().dims()
+        match &self.quant {
+            Some(q) => [q.out_features, q.in_features],
+            None => self.weight.shape().dims(),
+        }
     }
 }
 
@@ -54,7 +71,10 @@ impl<B: TemperBackend> LoraLinear<B> {
         let [b, t, d_in] = x.dims();
         let [d_out, _] = self.dims();
         let x2 = x.reshape([b * t, d_in]);
-        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        let mut y = match &self.quant {
+            Some(q) => crate::ops::linear_4bit(x2.clone(), &q.packed()),
+            None => x2.clone().matmul(self.weight.val().transpose()),
+        };
         if let Some(bias) = &self.bias {
             let dtype = y.dtype();
             y = y + bias.val().cast(dtype).unsqueeze_dim(0);

@@ -206,11 +206,18 @@ impl HfConfig {
             ));
         }
         if let Some(q) = &self.quantization_config {
-            return Err(unsupported(
-                "quantization_config",
-                compact(q),
-                "quantized checkpoints are not supported; use the unquantized weights",
-            ));
+            // bitsandbytes 4-bit (nf4 / fp4) is read as it is stored; anything else is refused.
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+            let four_bit = method == "bitsandbytes" && q.get("load_in_4bit").and_then(Value::as_bool) == Some(true);
+            let kind = q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4");
+            if !four_bit || !(kind == "nf4" || kind == "fp4") {
+                let what = if method == "bitsandbytes" { format!("bitsandbytes {}", if four_bit { kind } else { "8-bit" }) } else { method.to_string() };
+                return Err(unsupported(
+                    "quantization_config",
+                    compact(q),
+                    &format!("{what} checkpoints are not supported (bitsandbytes 4-bit nf4 / fp4 are); use the unquantized weights"),
+                ));
+            }
         }
         let invalid = |key: &str, reason: String| Error::InvalidConfig {
             path: path.to_path_buf(),

@@ -278,12 +278,16 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
     let h = cfg.hidden_size;
     let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
     let mut proj = |name: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear<B>> {
-        let weight = w.tensor::<B, 2>(&format!("{p}.{name}.weight"), [out, inp], dtype, device)?;
         let b = if bias {
             Some(w.tensor::<B, 1>(&format!("{p}.{name}.bias"), [out], dtype, device)?)
         } else {
             None
         };
+        // A bitsandbytes 4-bit checkpoint keeps the projection packed (QLoRA).
+        if let Some(q) = w.quant4::<B>(&format!("{p}.{name}.weight"), [out, inp], device)? {
+            return Ok(LoraLinear::frozen_4bit(q, b, device));
+        }
+        let weight = w.tensor::<B, 2>(&format!("{p}.{name}.weight"), [out, inp], dtype, device)?;
         Ok(LoraLinear::frozen(weight, b))
     };
     let (q_proj, k_proj, v_proj, qkv_proj) = if cfg.fused_projections {

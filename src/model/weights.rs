@@ -14,6 +14,8 @@ use safetensors::Dtype;
 use serde::Deserialize;
 
 use crate::model::names::TextLayout;
+use crate::quant::device::Weight4Bit;
+use crate::quant::read_bnb_4bit;
 use crate::{Error, Result};
 
 struct Shard {
@@ -291,6 +293,18 @@ impl WeightSource {
             }
         };
         Ok(Tensor::from_data(data, (device, dtype)))
+    }
+
+    /// The bitsandbytes 4-bit weight `name` (`[out, in]`), if the checkpoint stores it so.
+    pub fn quant4<B: Backend>(&self, name: &str, shape: [usize; 2], device: &B::Device) -> Result<Option<Weight4Bit<B>>> {
+        let WeightSource::Checkpoint(c) = self else { return Ok(None) };
+        let name = c.layout.checkpoint_name(name);
+        let quantized = ["nf4", "fp4"].iter().any(|t| c.contains(&format!("{name}.quant_state.bitsandbytes__{t}")));
+        if !quantized {
+            return Ok(None);
+        }
+        let w = read_bnb_4bit(c, &name, shape)?;
+        Ok(Some(Weight4Bit::new(&w.quantized, shape, device)))
     }
 
     /// A norm weight (always f32: tiny, and the norm is computed in f32).

@@ -70,9 +70,10 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
         return Err(bad(name, format!("holds {} bytes ({packed_shape:?}) but a {expected:?} 4-bit weight needs {}", packed.len(), n.div_ceil(2))));
     }
     let code_name = format!("{name}.quant_map");
-    let (_, _, code_bytes) = raw(ckpt, &path, &code_name, Dtype::F32)?;
-    let code = f32s(code_bytes);
-    if code.len() != 16 || code.iter().zip(kind.code()).any(|(a, b)| a.to_bits() != b.to_bits()) {
+    // bitsandbytes dequantizes with its own code book; the stored copy (f32, or rounded to
+    // 16 bits) only has to be that book.
+    let code = floats(ckpt, &path, &code_name)?;
+    if code.len() != 16 || code.iter().zip(kind.code()).any(|(a, b)| (a - b).abs() > 4e-3) {
         return Err(bad(&code_name, format!("is not bitsandbytes' {} code book", kind.name())));
     }
     let absmax_name = format!("{name}.absmax");
@@ -81,16 +82,15 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
         let (_, _, q) = raw(ckpt, &path, &absmax_name, Dtype::U8)?;
         let nbs = state.nested_blocksize.unwrap_or(256);
         let offset = state.nested_offset.ok_or_else(|| bad(&state_name, "has nested_blocksize but no nested_offset".into()))?;
-        let (_, _, na) = raw(ckpt, &path, &format!("{name}.nested_absmax"), Dtype::F32)?;
-        let (_, _, nc) = raw(ckpt, &path, &format!("{name}.nested_quant_map"), Dtype::F32)?;
-        let (nested_absmax, nested_code) = (f32s(na), f32s(nc));
+        let nested_absmax = floats(ckpt, &path, &format!("{name}.nested_absmax"))?;
+        let nested_code = floats(ckpt, &path, &format!("{name}.nested_quant_map"))?;
         if nbs == 0 || nested_code.len() != 256 || nested_absmax.len() != q.len().div_ceil(nbs) {
             return Err(bad(&format!("{name}.nested_absmax"), format!("{} values and a {}-entry code book do not fit {} absmax codes in blocks of {nbs}", nested_absmax.len(), nested_code.len(), q.len())));
         }
         q.iter().enumerate().map(|(i, &c)| nested_code[c as usize] * nested_absmax[i / nbs] + offset).collect()
     } else {
-        let (_, _, a) = raw(ckpt, &path, &absmax_name, Dtype::F32)?;
-        f32s(a)
+        // f32, or bf16 / f16 (bitsandbytes upcasts it to f32 before use).
+        floats(ckpt, &path, &absmax_name)?
     };
     if absmax.len() != blocks {
         return Err(bad(&absmax_name, format!("has {} blocks; {n} values in blocks of {bs} need {blocks}", absmax.len())));
@@ -106,6 +106,8 @@ fn raw<'a>(ckpt: &'a Checkpoint, path: &Path, name: &str, dtype: Dtype) -> Resul
     Ok((d, shape, bytes))
 }
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+/// A float tensor (f32, bf16 or f16) as f32.
+fn floats(ckpt: &Checkpoint, path: &Path, name: &str) -> Result<Vec<f32>> {
+    let (d, _, bytes) = ckpt.raw(name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: name.to_string(), hint: " (part of a bitsandbytes 4-bit weight)".into() })?;
+    crate::export::shard::bytes_to_f32(d, bytes).ok_or_else(|| Error::TensorDtype { path: path.to_path_buf(), tensor: name.to_string(), dtype: format!("{d:?} (expected a float tensor)") })
 }

@@ -64,6 +64,43 @@ impl<B: Backend> Packed4Bit<B> {
     }
 }
 
+/// A 4-bit weight as a module field: plain tensors, which Burn treats as constants (no
+/// optimizer, gradient or record touches them; `valid()` and `to_device` carry them).
+#[derive(burn::module::Module, Debug)]
+pub struct Weight4Bit<B: Backend> {
+    pub words: Tensor<B, 1, Int>,
+    pub absmax: Tensor<B, 1>,
+    pub code: Tensor<B, 1>,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub blocksize: usize,
+}
+
+impl<B: Backend> Weight4Bit<B> {
+    pub fn new(q: &Quantized4Bit, shape: [usize; 2], device: &B::Device) -> Self {
+        let p = Packed4Bit::<B>::upload(q, shape, device);
+        Weight4Bit {
+            words: Tensor::from_primitive(p.words),
+            absmax: Tensor::from_primitive(TensorPrimitive::Float(p.absmax)),
+            code: Tensor::from_primitive(TensorPrimitive::Float(p.code)),
+            out_features: shape[0],
+            in_features: shape[1],
+            blocksize: p.blocksize,
+        }
+    }
+
+    /// The primitives the 4-bit linear op takes (handles are shared, nothing is copied).
+    pub fn packed(&self) -> Packed4Bit<B> {
+        Packed4Bit {
+            words: self.words.clone().into_primitive(),
+            absmax: self.absmax.clone().into_primitive().tensor(),
+            code: self.code.clone().into_primitive().tensor(),
+            shape: [self.out_features, self.in_features],
+            blocksize: self.blocksize,
+        }
+    }
+}
+
 /// `x · dequant(W)ᵀ` for `x` `[rows, in]` (generic forward, also the backward's building block).
 pub fn linear_4bit_forward<B: Backend>(x: FloatTensor<B>, w: &Packed4Bit<B>) -> FloatTensor<B> {
     let x: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(x));
