@@ -64,6 +64,20 @@ pub struct ModelArgs {
     /// A LoRA adapter folder in the PEFT format (ours or one trained by PEFT).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Quantize the decoder projections to 4 bits as they are loaded (QLoRA), bit for bit as
+    /// bitsandbytes' quantize_4bit (blocks of 64). bitsandbytes 4-bit checkpoints are 4-bit
+    /// without it.
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// The 4-bit format for --load-in-4bit.
+    #[arg(long, value_enum, default_value = "nf4", requires = "load_in_4bit")]
+    pub quant_type: QuantTypeArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum QuantTypeArg {
+    Nf4,
+    Fp4,
 }
 
 impl ModelArgs {
@@ -75,7 +89,11 @@ impl ModelArgs {
     ) -> Result<temper::model::LoadedModel<B>> {
         use anyhow::Context;
         let dir = resolve_model(&self.model.to_string_lossy(), None)?;
-        let mut loaded = temper::model::load_model::<B>(&dir, precision, device).with_context(|| format!("loading {}", dir.display()))?;
+        let four_bit = self.load_in_4bit.then_some(match self.quant_type {
+            QuantTypeArg::Nf4 => temper::quant::FourBit::Nf4,
+            QuantTypeArg::Fp4 => temper::quant::FourBit::Fp4,
+        });
+        let mut loaded = temper::model::load_model_4bit::<B>(&dir, precision, four_bit, device).with_context(|| format!("loading {}", dir.display()))?;
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");
         }

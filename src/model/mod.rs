@@ -55,8 +55,15 @@ pub struct LoadedModel<B: Backend> {
 
 /// Load the model in a Hugging Face folder (config.json + safetensors).
 pub fn load_model<B: Backend>(dir: &Path, precision: WeightPrecision, device: &B::Device) -> Result<LoadedModel<B>> {
+    load_model_4bit(dir, precision, None, device)
+}
+
+/// [`load_model`], with the decoder projections quantized to `load_in_4bit` as they are read
+/// (QLoRA on an unquantized checkpoint; a bitsandbytes 4-bit checkpoint is 4-bit either way).
+pub fn load_model_4bit<B: Backend>(dir: &Path, precision: WeightPrecision, load_in_4bit: Option<crate::quant::FourBit>, device: &B::Device) -> Result<LoadedModel<B>> {
     let (hf_config, cfg) = DecoderConfig::from_model_dir(dir)?;
-    let checkpoint = Checkpoint::open(dir)?;
+    let mut checkpoint = Checkpoint::open(dir)?;
+    checkpoint.quantize_on_load(load_in_4bit);
     let dtype = precision.resolve(checkpoint.dominant_dtype());
     let mut source = WeightSource::Checkpoint(checkpoint);
     let model = CausalLm::load(&cfg, &mut source, dtype, device)?;

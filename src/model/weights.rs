@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::model::names::TextLayout;
 use crate::quant::device::Weight4Bit;
-use crate::quant::read_bnb_4bit;
+use crate::quant::{quantize_4bit, read_bnb_4bit, FourBit};
 use crate::{Error, Result};
 
 struct Shard {
@@ -32,6 +32,9 @@ pub struct Checkpoint {
     /// tensor name -> index into `shards`
     index: HashMap<String, usize>,
     layout: TextLayout,
+    /// Quantize the decoder projections to this 4-bit format as they are read (QLoRA on an
+    /// f32 / f16 / bf16 checkpoint), as bitsandbytes' `quantize_4bit` does.
+    quantize_on_load: Option<FourBit>,
 }
 
 #[derive(Deserialize)]
@@ -91,7 +94,14 @@ impl Checkpoint {
             shards,
             index,
             layout,
+            quantize_on_load: None,
         })
+    }
+
+    /// Quantize every decoder projection to `kind` (blocks of 64, no double quantization) as it
+    /// is loaded; checkpoints already in 4 bits are read as they are.
+    pub fn quantize_on_load(&mut self, kind: Option<FourBit>) {
+        self.quantize_on_load = kind;
     }
 
     /// Where the text decoder's tensors sit (`model.*`, or a vision-language model's prefix).
@@ -301,7 +311,11 @@ impl WeightSource {
         let name = c.layout.checkpoint_name(name);
         let quantized = ["nf4", "fp4"].iter().any(|t| c.contains(&format!("{name}.quant_state.bitsandbytes__{t}")));
         if !quantized {
-            return Ok(None);
+            let Some(kind) = c.quantize_on_load else { return Ok(None) };
+            let data = c.read(&name, &shape, DType::F32)?;
+            let values = data.to_vec::<f32>().map_err(|e| Error::InvalidArgument(format!("reading {name}: {e:?}")))?;
+            let q = quantize_4bit(&values, 64, kind);
+            return Ok(Some(Weight4Bit::new(&q, shape, device)));
         }
         let w = read_bnb_4bit(c, &name, shape)?;
         Ok(Some(Weight4Bit::new(&w.quantized, shape, device)))

@@ -224,3 +224,48 @@ fn bitsandbytes_4bit_models_match_transformers_and_train_lora() {
         }
     }
 }
+
+/// Quantizing an f32 checkpoint as it loads gives bitsandbytes' 4-bit model: the packed codes and
+/// absmax of every projection equal those transformers + bitsandbytes saved, and the logits
+/// equal theirs within 1e-4. `temper eval --load-in-4bit` reports that model's loss.
+#[test]
+fn quantize_on_load_is_the_bitsandbytes_model() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use temper::lora::projections_mut;
+    use temper::model::{load_model_4bit, Checkpoint, WeightPrecision};
+    use temper::quant::read_bnb_4bit;
+    let dense = fixtures().join("quant/llama64");
+    for (name, kind) in [("llama64_nf4", FourBit::Nf4), ("llama64_fp4", FourBit::Fp4)] {
+        let device = Default::default();
+        let mut model = load_model_4bit::<crate::common::Cpu>(&dense, WeightPrecision::F32, Some(kind), &device).unwrap().model;
+        let bnb = Checkpoint::open(&fixtures().join("quant").join(name)).unwrap();
+        let mut checked = 0;
+        for (module, proj) in projections_mut(&mut model) {
+            let Some(q) = &proj.quant else { continue };
+            let want = read_bnb_4bit(&bnb, &format!("{module}.weight"), [q.out_features, q.in_features]).unwrap();
+            let words: Vec<i32> = q.words.clone().into_data().convert::<i32>().to_vec().unwrap();
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).take(want.quantized.packed.len()).collect();
+            assert_eq!(bytes, want.quantized.packed, "{name}: {module} codes");
+            let absmax: Vec<f32> = q.absmax.clone().into_data().to_vec().unwrap();
+            assert_eq!(absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.quantized.absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{name}: {module} absmax");
+            checked += 1;
+        }
+        assert_eq!(checked, 14, "{name}");
+        let r = crate::common::Reference::open(&fixtures().join("quant").join(name).join("reference.safetensors"));
+        let (ids, shape) = r.i64("input_ids");
+        let got: Vec<f32> = model.forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
+        assert!(diff <= 1e-4, "{name}: quantized on load vs transformers + bitsandbytes: {diff:e}");
+    }
+    // The CLI flag, on the real stories260K model: a 4-bit loss close to, and not equal to, f32's.
+    let model = crate::common::shared("models/stories260K");
+    let eval = |extra: &[&str]| -> f64 {
+        let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--data", "tests/fixtures/eval.jsonl", "--device", "cpu", "--json"];
+        args.extend_from_slice(extra);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(&args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+    };
+    let (full, nf4) = (eval(&[]), eval(&["--load-in-4bit"]));
+    assert!(nf4 != full && (nf4 - full).abs() < 0.5, "f32 {full}, nf4 {nf4}");
+}
