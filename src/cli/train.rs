@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use temper::data::{prepare, TextTokenizer};
-use temper::model::load_model;
 use temper::ops::TemperAutodiff;
 use temper::recipe::{LoadedRecipe, Recipe};
 use temper::train::{train, RunConfig};
@@ -50,7 +49,11 @@ impl TrainTask for TrainJob {
         let r = &self.loaded.recipe;
         let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
         let tokenizer = TextTokenizer::from_dir(&dir)?;
-        let loaded = load_model::<B>(&dir, train_precision(r.train.precision, kind)?, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let four_bit = r.quantization.as_ref().map(|q| q.four_bit()).transpose().map_err(|(k, e)| anyhow::anyhow!("quantization.{k}: {e}"))?.flatten();
+        let loaded = temper::model::load_model_4bit::<B>(&dir, train_precision(r.train.precision, kind)?, four_bit, &device).with_context(|| format!("loading {}", dir.display()))?;
+        if let Some(k) = four_bit {
+            eprintln!("base quantized to {} as it loads (QLoRA)", k.name());
+        }
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");
         }

@@ -20,6 +20,41 @@ pub struct OutputConfig {
     pub dir: PathBuf,
 }
 
+/// `quantization:` in a recipe: a 4-bit frozen base (QLoRA), bit for bit as bitsandbytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationConfig {
+    /// Quantize the decoder projections to 4 bits as they load (a bitsandbytes 4-bit
+    /// checkpoint is 4-bit either way).
+    pub load_in_4bit: bool,
+    /// `nf4` (default) or `fp4`.
+    #[serde(default = "default_quant_type")]
+    pub quant_type: String,
+    /// Quantize the absmax values too (bitsandbytes' double quantization). Not yet offered when
+    /// quantizing on load; double-quantized checkpoints load.
+    #[serde(default)]
+    pub double_quant: bool,
+}
+
+fn default_quant_type() -> String {
+    "nf4".into()
+}
+
+impl QuantizationConfig {
+    /// The format to quantize to on load, or the key and what is wrong with it.
+    pub fn four_bit(&self) -> std::result::Result<Option<crate::quant::FourBit>, (&'static str, String)> {
+        let kind = match self.quant_type.as_str() {
+            "nf4" => crate::quant::FourBit::Nf4,
+            "fp4" => crate::quant::FourBit::Fp4,
+            other => return Err(("quant_type", format!("{other:?} is not a 4-bit format (nf4 or fp4)"))),
+        };
+        if self.double_quant && self.load_in_4bit {
+            return Err(("double_quant", "double quantization on load is not offered yet (bitsandbytes' 8-bit absmax quantizer is not reproduced bit for bit); set it to false, or train on a double-quantized *-bnb-4bit checkpoint".into()));
+        }
+        Ok(self.load_in_4bit.then_some(kind))
+    }
+}
+
 /// A training recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +70,9 @@ pub struct Recipe {
     #[serde(default)]
     pub train: TrainConfig,
     pub output: OutputConfig,
+    /// A 4-bit frozen base (QLoRA).
+    #[serde(default)]
+    pub quantization: Option<QuantizationConfig>,
     /// auto | cpu | cuda[:N] | wgpu
     #[serde(default = "default_device")]
     pub device: String,
@@ -92,6 +130,9 @@ impl Recipe {
         recipe.lora.validate().map_err(|r| invalid(format!("lora.{}", first_key(&r)), r))?;
         recipe.train.validate().map_err(|(k, r)| invalid(format!("train.{k}"), r))?;
         recipe.data.validate().map_err(|(k, r)| invalid(format!("data.{k}"), r))?;
+        if let Some(q) = &recipe.quantization {
+            q.four_bit().map_err(|(k, r)| invalid(format!("quantization.{k}"), r))?;
+        }
         let recipe_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let base_for = |key: &str| if overridden.iter().any(|k| k == key) { PathBuf::from(".") } else { recipe_dir.clone() };
         // Hub sources (`hub:owner/name/...`) are not paths.

@@ -269,3 +269,37 @@ fn quantize_on_load_is_the_bitsandbytes_model() {
     let (full, nf4) = (eval(&[]), eval(&["--load-in-4bit"]));
     assert!(nf4 != full && (nf4 - full).abs() < 0.5, "f32 {full}, nf4 {nf4}");
 }
+
+/// A recipe's `quantization:` section trains LoRA on a 4-bit base; its keys are checked like
+/// every other section's, with the key and line named.
+#[test]
+fn recipe_quantization_section_trains_on_a_4bit_base_and_is_validated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = crate::common::shared("models/stories260K");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/stories/train.jsonl");
+    let recipe = |quant: &str| {
+        let path = tmp.path().join("r.yaml");
+        let text = format!(
+            "base_model: {}\ndata:\n  train: {}\n  format: text\n  seq_len: 32\nlora:\n  r: 4\n  lora_alpha: 8\ntrain:\n  max_steps: 3\n  micro_batch_size: 2\n  learning_rate: 1.0e-2\noutput:\n  dir: {}\n{quant}device: cpu\n",
+            model.display(),
+            data.display(),
+            tmp.path().join("run").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", path.to_str().unwrap()]).output().unwrap()
+    };
+    let o = recipe("quantization:\n  load_in_4bit: true\n  quant_type: nf4\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("base quantized to nf4"), "{err}");
+    assert!(tmp.path().join("run/adapter/adapter_model.safetensors").is_file());
+    for (section, key) in [
+        ("quantization:\n  load_in_4bit: true\n  quant_type: int4\n", "quantization.quant_type"),
+        ("quantization:\n  load_in_4bit: true\n  double_quant: true\n", "quantization.double_quant"),
+        ("quantization:\n  load_in_4bit: true\n  bits: 4\n", "bits"),
+    ] {
+        let o = recipe(section);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(key) && err.contains("r.yaml"), "{section}: {err}");
+    }
+}
