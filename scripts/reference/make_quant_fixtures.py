@@ -34,7 +34,7 @@ import bitsandbytes  # noqa: E402
 import bitsandbytes.functional as F  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 from bitsandbytes.backends.utils import _get_4bit_code  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 # (name, shape, dtype, quant_type, blocksize, seed): row counts and sizes that are not multiples
 # of the block (a short last block, an odd number of values), tiny and exact-code values.
@@ -149,6 +149,44 @@ def bnb_logit_fixtures() -> dict:
     return out
 
 
+def bnb_peft_fixtures() -> dict:
+    """PEFT LoRA (r 4, alpha 8, all seven projections, A and B random) on each 4-bit llama64
+    model: logits, loss and every LoRA gradient for one batch, in train mode so bitsandbytes
+    takes its standard dequantize-then-matmul path (MatMul4Bit, backward dx = dy . dequant(W))."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for i, name in enumerate(["llama64_nf4", "llama64_nf4_dq", "llama64_fp4"]):
+        d = FIXTURES / "quant" / name
+        base = AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", dtype=torch.float32, attn_implementation="eager")
+        ref = load_file(str(d / "reference.safetensors"))
+        ids = ref["input_ids"]
+        labels = ids.clone()
+        labels[0, :4] = -100
+        torch.manual_seed(3301 + i)
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(base, cfg)
+        model.train()
+        outp = model(input_ids=ids, labels=labels)
+        outp.loss.backward()
+        adir = d / "peft_adapter"
+        if adir.exists():
+            import shutil
+            shutil.rmtree(adir)
+        model.save_pretrained(str(adir))
+        (adir / "README.md").unlink(missing_ok=True)
+        tensors = {"input_ids": ids, "labels": labels, "logits": outp.logits.detach().float().contiguous()}
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                key = n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+                tensors[f"grad.{key}"] = p.grad.detach().float().contiguous()
+        save_file(tensors, str(d / "peft_reference.safetensors"))
+        out[name] = {"loss": float(outp.loss), "lora_tensors": sum(1 for k in tensors if k.startswith("grad."))}
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
     tensors, meta = {}, {}
@@ -169,6 +207,7 @@ def main() -> None:
     print(json.dumps(meta, indent=1))
     print(json.dumps(bnb_checkpoints(), indent=1))
     print(json.dumps(bnb_logit_fixtures(), indent=1))
+    print(json.dumps(bnb_peft_fixtures(), indent=1))
 
 
 if __name__ == "__main__":

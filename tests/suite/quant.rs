@@ -303,3 +303,44 @@ fn recipe_quantization_section_trains_on_a_4bit_base_and_is_validated() {
         assert!(!o.status.success() && err.contains(key) && err.contains("r.yaml"), "{section}: {err}");
     }
 }
+
+/// PEFT LoRA on the bitsandbytes 4-bit models (nf4, nf4 + double quantization, fp4): Temper's
+/// logits and LoRA gradients for one batch equal PEFT + bitsandbytes' within 1e-4.
+#[test]
+fn lora_on_a_4bit_base_matches_peft_logits_and_gradients() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use temper::export::Adapter;
+    use temper::lora::{apply_adapter, projections_mut};
+    use temper::model::{load_model, WeightPrecision};
+    use temper::train::loss::{nll_sum, shift_labels};
+    type A = crate::common::CpuAutodiff;
+    for name in ["llama64_nf4", "llama64_nf4_dq", "llama64_fp4"] {
+        let dir = fixtures().join("quant").join(name);
+        let device = Default::default();
+        let mut model = load_model::<A>(&dir, WeightPrecision::F32, &device).unwrap().model;
+        let adapter = Adapter::read(&dir.join("peft_adapter")).unwrap();
+        apply_adapter(&mut model, &adapter).unwrap();
+        let r = crate::common::Reference::open(&dir.join("peft_reference.safetensors"));
+        let (ids, shape) = r.i64("input_ids");
+        let (labels, _) = r.i64("labels");
+        let logits = model.forward(Tensor::<A, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device));
+        let got: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
+        let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
+        assert!(diff <= 1e-4, "{name}: logits vs PEFT + bitsandbytes {diff:e}");
+        let rows: Vec<Vec<i64>> = labels.chunks(shape[1]).map(<[i64]>::to_vec).collect();
+        let (targets, count) = shift_labels(&rows);
+        let grads = nll_sum(logits, &targets).div_scalar(count as f32).backward();
+        let mut checked = 0;
+        for (module, proj) in projections_mut(&mut model) {
+            let Some(lora) = &proj.lora else { continue };
+            for (which, p) in [("A", &lora.lora_a), ("B", &lora.lora_b)] {
+                let g: Vec<f32> = p.val().grad(&grads).unwrap().into_data().to_vec().unwrap();
+                let want = r.f32(&format!("grad.base_model.model.{module}.lora_{which}.weight")).0;
+                let d = crate::common::max_abs_diff(&g, &want);
+                assert!(d <= 1e-4, "{name}: {module}.lora_{which} gradient {d:e}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 28, "{name}");
+    }
+}
