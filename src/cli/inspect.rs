@@ -46,6 +46,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "sliding_layers": cfg.layer_windows.iter().filter(|w| w.is_some()).count(),
         "local_rope_theta": cfg.local_rope.as_ref().map(|r| r.theta),
         "vision_language": cfg.composite,
+        "quantization": quantization(&hf),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "tokenizer": tokenizer.is_some(),
         "chat_template": chat_template,
@@ -73,6 +74,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
     if let Some(notice) = cfg.composite_notice() {
         println!("vision       {notice}");
     }
+    if let Some(q) = info["quantization"].as_str() {
+        println!("quantized    {q}");
+    }
     println!(
         "tokenizer    {}",
         match (&tokenizer, chat_template) {
@@ -82,6 +86,21 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// A bitsandbytes 4-bit checkpoint's scheme, e.g. "bitsandbytes 4-bit nf4, double quantization, compute dtype bfloat16".
+fn quantization(hf: &temper::model::HfConfig) -> Option<String> {
+    let q = hf.quantization_config.as_ref()?;
+    let s = |k: &str| q.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let method = s("quant_method").unwrap_or_else(|| "?".into());
+    let mut out = format!("{method} 4-bit {}", s("bnb_4bit_quant_type").unwrap_or_else(|| "fp4".into()));
+    if q.get("bnb_4bit_use_double_quant").and_then(|v| v.as_bool()) == Some(true) {
+        out.push_str(", double quantization");
+    }
+    if let Some(d) = s("bnb_4bit_compute_dtype") {
+        out.push_str(&format!(", compute dtype {d}"));
+    }
+    Some(out)
 }
 
 fn human(n: usize) -> String {

@@ -344,3 +344,11 @@ fn lora_on_a_4bit_base_matches_peft_logits_and_gradients() {
         assert_eq!(checked, 28, "{name}");
     }
 }
+
+#[test]
+fn inspect_shows_a_4bit_checkpoints_scheme() {
+    let dir = fixtures().join("quant/llama64_nf4_dq");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["inspect", dir.to_str().unwrap()]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("quantized    bitsandbytes 4-bit nf4, double quantization, compute dtype float32"), "{out}");
+}
