@@ -95,6 +95,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         summary.bytes,
         args.out.display()
     );
+    if summary.dequantized > 0 {
+        eprintln!(
+            "the base is bitsandbytes 4-bit: {} weights were dequantized, merged in f32 and written as {} (quantize the merged model again to serve it in 4 bits)",
+            summary.dequantized,
+            temper::model::Checkpoint::open(&args.out).ok().and_then(|c| c.dominant_dtype()).map_or("?".to_string(), |d| format!("{d:?}"))
+        );
+    }
     let verify = if args.verify || (!args.no_verify && small_enough(&args.model)) {
         let task = VerifyTask { model: args.model.clone(), out: args.out.clone(), inputs };
         let report = dispatch(&args.device, task)?;

@@ -15,6 +15,7 @@ use crate::export::model_card;
 use crate::export::peft::{Adapter, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
 use crate::export::shard::{all_finite, bytes_to_f32, f32_to_bytes, ShardReader, ShardWriter};
 use crate::model::Checkpoint;
+use crate::quant::{dequantize_4bit, read_bnb_4bit};
 use crate::{Error, Result};
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -78,6 +79,8 @@ pub struct MergeSummary {
     pub merged: usize,
     pub bytes: u64,
     pub untied: bool,
+    /// bitsandbytes 4-bit weights written dequantized (a 4-bit base merges into 16 / 32 bits).
+    pub dequantized: usize,
 }
 
 /// One LoRA term of a base tensor: `scale · B @ A`.
@@ -95,6 +98,11 @@ struct Plan<'a> {
     /// The head's and the embeddings' names in this checkpoint's layout.
     lm_head: String,
     embed: String,
+    /// A bitsandbytes 4-bit base: its 4-bit weights (name -> `[out, in]` and the dtype to write),
+    /// the quant-state tensors that go away, and the checkpoint to dequantize from.
+    four_bit: HashMap<String, (Vec<usize>, Dtype)>,
+    quant_aux: std::collections::HashSet<String>,
+    quant_source: Option<Checkpoint>,
 }
 
 /// Merge into `out` atomically: a failure leaves no partial folder, and an existing `out` is
@@ -124,11 +132,16 @@ pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out
     let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
     let mut config: Value = serde_json::from_str(&config_text).map_err(|source| Error::Json { path: config_path.clone(), source })?;
     let checkpoint = Checkpoint::open(model)?;
-    let plan = plan(model, &config, &checkpoint, inputs, opts)?;
+    let mut plan = plan(model, &config, &checkpoint, inputs, opts)?;
     let files: Vec<PathBuf> = checkpoint.files().iter().map(|p| p.to_path_buf()).collect();
-    drop(checkpoint);
+    let four_bit_dtype = plan.four_bit.values().next().map(|(_, d)| *d);
+    if plan.four_bit.is_empty() {
+        drop(checkpoint);
+    } else {
+        plan.quant_source = Some(checkpoint);
+    }
 
-    let mut summary = MergeSummary { shards: files.len(), tensors: 0, merged: 0, bytes: 0, untied: plan.untie };
+    let mut summary = MergeSummary { shards: files.len(), tensors: 0, merged: 0, bytes: 0, untied: plan.untie, dequantized: 0 };
     let mut weight_map = BTreeMap::new();
     for src in &files {
         let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -145,6 +158,15 @@ pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out
     if let Some(name) = opts.dtype.torch_name() {
         let key = if config.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
         config[key] = Value::from(name);
+        config_changed = true;
+    }
+    if let Some(d) = four_bit_dtype {
+        // The merged model is a plain 16 / 32-bit checkpoint.
+        if let Some(obj) = config.as_object_mut() {
+            obj.remove("quantization_config");
+            let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+            obj.insert(key.into(), Value::from(dtype_name(d)));
+        }
         config_changed = true;
     }
     if plan.untie {
@@ -172,6 +194,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
     let tied = text_config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(!ckpt.contains(&lm_head));
     let mut terms: HashMap<String, Vec<Term<'a>>> = HashMap::new();
     let mut untie = false;
+    let (four_bit, quant_aux) = four_bit_weights(model, ckpt, opts.dtype)?;
     let mut new_lm_head = false;
     for input in inputs {
         if !input.weight.is_finite() {
@@ -198,7 +221,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
                     key = lm_head.clone();
                 }
             }
-            let (dtype, shape) = ckpt.info(&base_key).ok_or_else(|| {
+            let (dtype, shape) = four_bit.get(&base_key).map(|(s, d)| (*d, s.clone())).or_else(|| ckpt.info(&base_key)).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "adapter {} has weights for `{module}`, but {} has no tensor `{base_key}`: was the adapter trained on another base model?",
                     input.dir.display(),
@@ -230,7 +253,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
             terms.entry(key).or_default().push(Term { pair, scale });
         }
     }
-    Ok(Plan { terms, untie, new_lm_head, lm_head, embed })
+    Ok(Plan { terms, untie, new_lm_head, lm_head, embed, four_bit, quant_aux, quant_source: None })
 }
 
 /// Stream one shard: header first, then each tensor read, merged, cast, checked and written.
@@ -240,6 +263,9 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
     // (name in the output, index of the source tensor in `reader`)
     let mut order: Vec<(String, usize)> = Vec::with_capacity(reader.tensors.len() + 1);
     for (i, (name, _)) in reader.tensors.iter().enumerate() {
+        if plan.quant_aux.contains(name) {
+            continue;
+        }
         order.push((name.clone(), i));
         if *name == plan.embed && plan.new_lm_head {
             order.push((plan.lm_head.clone(), i));
@@ -249,15 +275,36 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
         .iter()
         .map(|(name, i)| {
             let e = &reader.tensors[*i].1;
-            (name.clone(), dtype.resolve(e.dtype), e.shape.clone())
+            match plan.four_bit.get(name) {
+                Some((shape, d)) => (name.clone(), *d, shape.clone()),
+                None => (name.clone(), dtype.resolve(e.dtype), e.shape.clone()),
+            }
         })
         .collect();
     let mut metadata = reader.metadata.clone().unwrap_or_default();
     metadata.insert("format".into(), "pt".into());
     let mut writer = ShardWriter::create(dst, &header, &metadata)?;
     for ((name, i), (_, out_dtype, shape)) in order.iter().zip(&header) {
-        let (src_dtype, raw) = (reader.tensors[*i].1.dtype, reader.read_bytes(*i)?);
         let terms = plan.terms.get(name);
+        if let (Some(_), Some(ckpt)) = (plan.four_bit.get(name), &plan.quant_source) {
+            let q = read_bnb_4bit(ckpt, name, [shape[0], shape[1]])?;
+            let mut w = dequantize_4bit(&q.quantized);
+            if let Some(terms) = terms {
+                for t in terms {
+                    add_lora(&mut w, shape[1], t)?;
+                }
+                summary.merged += 1;
+            }
+            let bytes = f32_to_bytes(*out_dtype, &w);
+            if !all_finite(*out_dtype, &bytes) {
+                return Err(Error::NonFinite(format!("tensor `{name}` would contain NaN or infinity as {out_dtype:?}: nothing was written")));
+            }
+            writer.write(name, &bytes)?;
+            summary.tensors += 1;
+            summary.dequantized += 1;
+            continue;
+        }
+        let (src_dtype, raw) = (reader.tensors[*i].1.dtype, reader.read_bytes(*i)?);
         let bytes = if terms.is_none() && src_dtype == *out_dtype {
             raw
         } else {
@@ -305,6 +352,44 @@ fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A bitsandbytes 4-bit checkpoint's 4-bit weights (name -> `[out, in]` from its quant state,
+/// and the dtype to write: `--dtype`, or the dtype it was quantized from), and the quant-state
+/// tensors a dequantized checkpoint drops. Empty for any other checkpoint.
+fn four_bit_weights(model: &Path, ckpt: &Checkpoint, dtype: MergeDtype) -> Result<(HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>)> {
+    let mut weights = HashMap::new();
+    let mut aux = std::collections::HashSet::new();
+    let states: Vec<String> = ckpt.tensor_names().filter(|n| n.contains(".quant_state.bitsandbytes__")).cloned().collect();
+    for state in states {
+        let Some((weight, _)) = state.split_once(".quant_state.") else { continue };
+        let bad = |reason: String| Error::InvalidConfig { path: model.to_path_buf(), key: state.clone(), reason };
+        let bytes = ckpt.raw(&state).map(|(_, _, b)| b.to_vec()).unwrap_or_default();
+        let json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("is not a bitsandbytes quant state: {e}")))?;
+        let shape: Vec<usize> = json["shape"].as_array().map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect()).unwrap_or_default();
+        if shape.len() != 2 {
+            return Err(bad(format!("gives shape {} (expected [out, in])", json["shape"])));
+        }
+        let stored = match json["dtype"].as_str() {
+            Some("bfloat16") => Dtype::BF16,
+            Some("float16") => Dtype::F16,
+            _ => Dtype::F32,
+        };
+        weights.insert(weight.to_string(), (shape, dtype.resolve(stored)));
+        for suffix in ["absmax", "quant_map", "nested_absmax", "nested_quant_map"] {
+            aux.insert(format!("{weight}.{suffix}"));
+        }
+        aux.insert(state);
+    }
+    Ok((weights, aux))
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    }
 }
 
 fn write_index(src: &Path, dst: &Path, weight_map: BTreeMap<String, String>, total: u64) -> Result<()> {

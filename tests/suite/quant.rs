@@ -352,3 +352,46 @@ fn inspect_shows_a_4bit_checkpoints_scheme() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && out.contains("quantized    bitsandbytes 4-bit nf4, double quantization, compute dtype float32"), "{out}");
 }
+
+/// `temper merge` onto a bitsandbytes 4-bit base: the 4-bit weights are dequantized, merged in
+/// f32 and written in 16 / 32 bits, their quant-state tensors and quantization_config go; the f32
+/// merge's logits equal the 4-bit base + adapter's (PEFT's) within 1e-4, and a bf16 merge is that
+/// f32 merge rounded once.
+#[test]
+fn merge_onto_a_4bit_base_writes_a_dequantized_model() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use temper::model::{load_model, WeightPrecision};
+    for name in ["llama64_nf4", "llama64_nf4_dq"] {
+        let dir = fixtures().join("quant").join(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let merge = |dtype: &str| {
+            let out = tmp.path().join(dtype);
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+                .args(["merge", "--model", dir.to_str().unwrap(), "--adapter", dir.join("peft_adapter").to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", dtype, "--no-verify"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            assert!(o.status.success() && err.contains("14 weights were dequantized"), "{name}: {err}");
+            let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+            assert!(config.get("quantization_config").is_none(), "{name}");
+            out
+        };
+        let (f32_dir, bf16_dir) = (merge("f32"), merge("bf16"));
+        let (a, b) = (std::fs::read(f32_dir.join("model.safetensors")).unwrap(), std::fs::read(bf16_dir.join("model.safetensors")).unwrap());
+        let (full, half) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
+        assert_eq!(full.names().len(), 2 * 9 + 3, "{name}: 7 projections + 2 norms per layer, embeddings, norm, head; no quant tensors");
+        for (k, v) in full.tensors() {
+            assert_eq!(v.dtype(), Dtype::F32, "{name}: {k}");
+            let h = half.tensor(&k).unwrap();
+            let rounded: Vec<u8> = f32s(&v).iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+            assert_eq!(h.data(), &rounded[..], "{name}: {k} bf16 = the f32 merge rounded once");
+        }
+        let device = Default::default();
+        let merged = load_model::<crate::common::Cpu>(&f32_dir, WeightPrecision::F32, &device).unwrap().model;
+        let r = crate::common::Reference::open(&dir.join("peft_reference.safetensors"));
+        let (ids, shape) = r.i64("input_ids");
+        let got: Vec<f32> = merged.forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
+        assert!(diff <= 1e-4, "{name}: merged logits vs 4-bit base + adapter {diff:e}");
+    }
+}
