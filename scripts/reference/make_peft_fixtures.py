@@ -255,12 +255,18 @@ def train_batches(seed: int):
     return input_ids, labels
 
 
-def build_train(base_name: str, seed: int) -> dict:
+def build_train(base_name: str, seed: int, base_dir: str | None = None) -> dict:
+    """`base_dir` (relative to tests/fixtures): a base outside models/, e.g. a 4-bit checkpoint."""
     name = f"{base_name}_train"
     tdir = FIXTURES / "peft" / name
     if tdir.exists():
         shutil.rmtree(tdir)
-    base = load_fixture_model(base_name)
+    if base_dir is None:
+        base = load_fixture_model(base_name)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(FIXTURES / base_dir), device_map="cpu", dtype=torch.float32, attn_implementation="eager")
     torch.manual_seed(seed)
     targets = PHI3 if base_name == "phi3" else ALL7
     cfg = LoraConfig(
@@ -270,6 +276,11 @@ def build_train(base_name: str, seed: int) -> dict:
     for n, p in model.named_parameters():
         assert p.requires_grad == ("lora_" in n), n
     save_adapter(model, tdir / "initial_adapter", base_name)
+    if base_dir is not None:
+        cfg_path = tdir / "initial_adapter" / "adapter_config.json"
+        c = json.loads(cfg_path.read_text())
+        c["base_model_name_or_path"] = base_dir
+        cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True))
 
     input_ids, labels = train_batches(seed + 1)
     params = [p for _, p in lora_params(model)]
@@ -292,13 +303,14 @@ def build_train(base_name: str, seed: int) -> dict:
     with torch.no_grad():
         final_losses = [float(model(input_ids=input_ids[s], labels=labels[s]).loss) for s in range(TRAIN_STEPS)]
     save_adapter(model, tdir / "final_adapter", base_name)
+    base_model = base_dir or f"models/{base_name}"
     save_file(
         {"input_ids": input_ids, "labels": labels},
         str(tdir / "reference.safetensors"),
         metadata={"fixture": f"peft/{name}"},
     )
     return {
-        "base_model": f"models/{base_name}",
+        "base_model": base_model,
         "initial_adapter": rel(tdir / "initial_adapter"),
         "final_adapter": rel(tdir / "final_adapter"),
         "reference": rel(tdir / "reference.safetensors"),

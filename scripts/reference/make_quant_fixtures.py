@@ -187,6 +187,19 @@ def bnb_peft_fixtures() -> dict:
     return out
 
 
+def bnb_train_fixture() -> None:
+    """A 10-step PEFT + bitsandbytes training curve on the nf4 base (train mode: bitsandbytes'
+    standard path), recorded as `llama64_nf4_train` in the manifest's train section."""
+    import make_peft_fixtures
+    from common import load_manifest, update_manifest
+
+    entry = make_peft_fixtures.build_train("llama64_nf4", 4101, base_dir="quant/llama64_nf4")
+    train = dict(load_manifest().get("train", {}))
+    train["llama64_nf4_train"] = entry
+    update_manifest({"train": train})
+    print("llama64_nf4_train losses", [round(x, 4) for x in entry["losses"]])
+
+
 def main() -> None:
     torch.manual_seed(0)
     tensors, meta = {}, {}
@@ -208,6 +221,7 @@ def main() -> None:
     print(json.dumps(bnb_checkpoints(), indent=1))
     print(json.dumps(bnb_logit_fixtures(), indent=1))
     print(json.dumps(bnb_peft_fixtures(), indent=1))
+    bnb_train_fixture()
 
 
 if __name__ == "__main__":

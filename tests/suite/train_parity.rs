@@ -135,6 +135,14 @@ fn ten_step_loss_curve_matches_pytorch_gemma3_text() {
     run("gemma3_text_train", true);
 }
 
+/// QLoRA: the 10-step curve on a bitsandbytes nf4 base against PyTorch + PEFT + bitsandbytes,
+/// with and without gradient checkpointing.
+#[test]
+fn ten_step_loss_curve_matches_pytorch_on_a_4bit_base() {
+    run("llama64_nf4_train", false);
+    run("llama64_nf4_train", true);
+}
+
 #[test]
 fn gradient_checkpointing_gives_the_same_curve() {
     run("llama_train", true);
