@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// QLoRA: the decoder projections in NF4 (packed 4-bit, as bitsandbytes), the rest in the
+    /// run's precision.
+    #[arg(long)]
+    pub load_in_4bit: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,7 +113,7 @@ impl TrainTask for BenchArgs {
         };
         // The dtype training would hold this base in (a random base has no stored dtype).
         let dtype = train_precision(requested, kind).with_context(|| format!("--precision {}", self.precision))?.resolve(None);
-        let mut weights = WeightSource::random(0, cfg.norm_offset);
+        let mut weights = if self.load_in_4bit { WeightSource::random_4bit(0, cfg.norm_offset, temper::quant::FourBit::Nf4) } else { WeightSource::random(0, cfg.norm_offset) };
         let mut model = CausalLm::<B>::load(&cfg, &mut weights, dtype, &device)?;
         let mut rng = StdRng::seed_from_u64(1);
         let ids: Vec<Vec<u32>> = (0..self.batch).map(|_| (0..self.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();

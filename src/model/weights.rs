@@ -47,7 +47,7 @@ pub enum WeightSource {
     Checkpoint(Checkpoint),
     /// Random normal weights (std 0.02, norms at their identity value): for benchmarks and
     /// tests that need a model of a real shape but not its values.
-    Random { rng: StdRng, norm_offset: f64 },
+    Random { rng: StdRng, norm_offset: f64, quantize_4bit: Option<FourBit> },
 }
 
 impl Checkpoint {
@@ -276,7 +276,13 @@ impl WeightSource {
         WeightSource::Random {
             rng: StdRng::seed_from_u64(seed),
             norm_offset,
+            quantize_4bit: None,
         }
+    }
+
+    /// A random base whose decoder projections are 4-bit (benchmarks of QLoRA).
+    pub fn random_4bit(seed: u64, norm_offset: f64, kind: FourBit) -> Self {
+        WeightSource::Random { rng: StdRng::seed_from_u64(seed), norm_offset, quantize_4bit: Some(kind) }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -306,8 +312,15 @@ impl WeightSource {
     }
 
     /// The bitsandbytes 4-bit weight `name` (`[out, in]`), if the checkpoint stores it so.
-    pub fn quant4<B: Backend>(&self, name: &str, shape: [usize; 2], device: &B::Device) -> Result<Option<Weight4Bit<B>>> {
-        let WeightSource::Checkpoint(c) = self else { return Ok(None) };
+    pub fn quant4<B: Backend>(&mut self, name: &str, shape: [usize; 2], device: &B::Device) -> Result<Option<Weight4Bit<B>>> {
+        let c = match self {
+            WeightSource::Checkpoint(c) => c,
+            WeightSource::Random { quantize_4bit: None, .. } => return Ok(None),
+            WeightSource::Random { rng, quantize_4bit: Some(kind), .. } => {
+                let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| normal(rng) * 0.02).collect();
+                return Ok(Some(Weight4Bit::new(&quantize_4bit(&values, 64, *kind), shape, device)));
+            }
+        };
         let name = c.layout.checkpoint_name(name);
         let quantized = ["nf4", "fp4"].iter().any(|t| c.contains(&format!("{name}.quant_state.bitsandbytes__{t}")));
         if !quantized {
