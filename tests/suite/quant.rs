@@ -308,15 +308,20 @@ fn recipe_quantization_section_trains_on_a_4bit_base_and_is_validated() {
 /// logits and LoRA gradients for one batch equal PEFT + bitsandbytes' within 1e-4.
 #[test]
 fn lora_on_a_4bit_base_matches_peft_logits_and_gradients() {
+    check_4bit_peft_on::<crate::common::CpuAutodiff>(&Default::default());
+}
+
+/// [`lora_on_a_4bit_base_matches_peft_logits_and_gradients`] on backend `A` (the wgpu group
+/// runs it on a GPU device).
+pub fn check_4bit_peft_on<A: temper::ops::TemperAutodiff>(device: &A::Device) {
     use burn::tensor::{Int, Tensor, TensorData};
     use temper::export::Adapter;
     use temper::lora::{apply_adapter, projections_mut};
     use temper::model::{load_model, WeightPrecision};
     use temper::train::loss::{nll_sum, shift_labels};
-    type A = crate::common::CpuAutodiff;
     for name in ["llama64_nf4", "llama64_nf4_dq", "llama64_fp4"] {
         let dir = fixtures().join("quant").join(name);
-        let device = Default::default();
+        let device = device.clone();
         let mut model = load_model::<A>(&dir, WeightPrecision::F32, &device).unwrap().model;
         let adapter = Adapter::read(&dir.join("peft_adapter")).unwrap();
         apply_adapter(&mut model, &adapter).unwrap();

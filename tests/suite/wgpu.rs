@@ -75,3 +75,9 @@ fn wgpu_dropout_curve_equals_the_cpu_curve() {
 fn wgpu_4bit_dequantization_matches_the_host() {
     crate::quant::check_device_dequantize_on::<Gpu>(&Default::default());
 }
+
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_lora_on_a_4bit_base_matches_peft() {
+    crate::quant::check_4bit_peft_on::<burn::backend::Autodiff<Gpu>>(&Default::default());
+}
