@@ -95,11 +95,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         summary.bytes,
         args.out.display()
     );
+    // The dtype the merged weights were written in.
+    let written = temper::model::Checkpoint::open(&args.out).ok().and_then(|c| c.dominant_dtype());
     if summary.dequantized > 0 {
         eprintln!(
             "the base is bitsandbytes 4-bit: {} weights were dequantized, merged in f32 and written as {} (quantize the merged model again to serve it in 4 bits)",
             summary.dequantized,
-            temper::model::Checkpoint::open(&args.out).ok().and_then(|c| c.dominant_dtype()).map_or("?".to_string(), |d| format!("{d:?}"))
+            written.map_or("?".to_string(), |d| format!("{d:?}"))
         );
     }
     let verify = if args.verify || (!args.no_verify && small_enough(&args.model)) {
@@ -110,7 +112,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             report.tokens,
             report.max_abs_logit_diff,
             report.max_abs_logit,
-            if summary_is_half(&args.out) { "; the merged weights are rounded to 16 bits: merge with --dtype f32 to tell rounding from a wrong merge" } else { "" }
+            if matches!(written, Some(safetensors::Dtype::BF16 | safetensors::Dtype::F16)) { "; the merged weights are rounded to 16 bits: merge with --dtype f32 to tell rounding from a wrong merge" } else { "" }
         );
         Some(report)
     } else {
@@ -120,11 +122,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         println!("{}", serde_json::json!({ "summary": summary, "seconds": secs, "verify": verify }));
     }
     Ok(())
-}
-
-/// Whether the merged model is stored in bf16 / f16 (its verify difference is then rounding).
-fn summary_is_half(out: &std::path::Path) -> bool {
-    temper::model::Checkpoint::open(out).is_ok_and(|c| matches!(c.dominant_dtype(), Some(safetensors::Dtype::BF16 | safetensors::Dtype::F16)))
 }
 
 /// Models up to this many parameters are verified after merging unless `--no-verify`: the

@@ -15,7 +15,7 @@ use crate::export::model_card;
 use crate::export::peft::{Adapter, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
 use crate::export::shard::{all_finite, bytes_to_f32, f32_to_bytes, ShardReader, ShardWriter};
 use crate::model::Checkpoint;
-use crate::quant::{dequantize_4bit, read_bnb_4bit};
+use crate::quant::{bnb_4bit_weights, dequantize_4bit, read_bnb_4bit};
 use crate::{Error, Result};
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -194,7 +194,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
     let tied = text_config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(!ckpt.contains(&lm_head));
     let mut terms: HashMap<String, Vec<Term<'a>>> = HashMap::new();
     let mut untie = false;
-    let (four_bit, quant_aux) = four_bit_weights(model, ckpt, opts.dtype)?;
+    let (four_bit, quant_aux) = four_bit_weights(ckpt, opts.dtype)?;
     let mut new_lm_head = false;
     for input in inputs {
         if !input.weight.is_finite() {
@@ -286,37 +286,21 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
     let mut writer = ShardWriter::create(dst, &header, &metadata)?;
     for ((name, i), (_, out_dtype, shape)) in order.iter().zip(&header) {
         let terms = plan.terms.get(name);
-        if let (Some(_), Some(ckpt)) = (plan.four_bit.get(name), &plan.quant_source) {
-            let q = read_bnb_4bit(ckpt, name, [shape[0], shape[1]])?;
-            let mut w = dequantize_4bit(&q.quantized);
-            if let Some(terms) = terms {
-                for t in terms {
-                    add_lora(&mut w, shape[1], t)?;
-                }
-                summary.merged += 1;
+        let src_dtype = reader.tensors[*i].1.dtype;
+        let bytes = match (plan.four_bit.get(name), &plan.quant_source) {
+            // A 4-bit weight: dequantized, then merged and cast like any other.
+            (Some(_), Some(ckpt)) => {
+                summary.dequantized += 1;
+                let w = dequantize_4bit(&read_bnb_4bit(ckpt, name, [shape[0], shape[1]])?.quantized);
+                with_terms(w, terms, shape, *out_dtype, summary)?
             }
-            let bytes = f32_to_bytes(*out_dtype, &w);
-            if !all_finite(*out_dtype, &bytes) {
-                return Err(Error::NonFinite(format!("tensor `{name}` would contain NaN or infinity as {out_dtype:?}: nothing was written")));
+            _ if terms.is_none() && src_dtype == *out_dtype => reader.read_bytes(*i)?,
+            _ => {
+                let raw = reader.read_bytes(*i)?;
+                let w = bytes_to_f32(src_dtype, &raw).ok_or_else(|| Error::TensorDtype { path: src.to_path_buf(), tensor: name.clone(), dtype: format!("{src_dtype:?}") })?;
+                drop(raw);
+                with_terms(w, terms, shape, *out_dtype, summary)?
             }
-            writer.write(name, &bytes)?;
-            summary.tensors += 1;
-            summary.dequantized += 1;
-            continue;
-        }
-        let (src_dtype, raw) = (reader.tensors[*i].1.dtype, reader.read_bytes(*i)?);
-        let bytes = if terms.is_none() && src_dtype == *out_dtype {
-            raw
-        } else {
-            let mut w = bytes_to_f32(src_dtype, &raw).ok_or_else(|| Error::TensorDtype { path: src.to_path_buf(), tensor: name.clone(), dtype: format!("{src_dtype:?}") })?;
-            drop(raw);
-            if let Some(terms) = terms {
-                for t in terms {
-                    add_lora(&mut w, shape[1], t)?;
-                }
-                summary.merged += 1;
-            }
-            f32_to_bytes(*out_dtype, &w)
         };
         if !all_finite(*out_dtype, &bytes) {
             return Err(Error::NonFinite(format!(
@@ -329,6 +313,19 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
     }
     summary.bytes += writer.finish()?;
     Ok(order.into_iter().map(|(n, _)| n).collect())
+}
+
+/// `w` (f32, of `shape`) with its LoRA terms added (a merged tensor is `[out, in]`), as
+/// `out_dtype` bytes.
+fn with_terms(mut w: Vec<f32>, terms: Option<&Vec<Term>>, shape: &[usize], out_dtype: Dtype, summary: &mut MergeSummary) -> Result<Vec<u8>> {
+    if let Some(terms) = terms {
+        let d_in = shape.get(1).copied().ok_or_else(|| Error::InvalidArgument(format!("LoRA terms for a tensor of shape {shape:?}")))?;
+        for t in terms {
+            add_lora(&mut w, d_in, t)?;
+        }
+        summary.merged += 1;
+    }
+    Ok(f32_to_bytes(out_dtype, &w))
 }
 
 /// `W += scale · (B @ A)` for a row-major `[out, in]` f32 matrix, in one sgemm call
@@ -354,32 +351,20 @@ fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
     Ok(())
 }
 
-/// A bitsandbytes 4-bit checkpoint's 4-bit weights (name -> `[out, in]` from its quant state,
-/// and the dtype to write: `--dtype`, or the dtype it was quantized from), and the quant-state
-/// tensors a dequantized checkpoint drops. Empty for any other checkpoint.
-fn four_bit_weights(model: &Path, ckpt: &Checkpoint, dtype: MergeDtype) -> Result<(HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>)> {
+/// A bitsandbytes 4-bit checkpoint's 4-bit weights (name -> `[out, in]`, and the dtype to write:
+/// `--dtype`, or the dtype it was quantized from), and the quant-state tensors a dequantized
+/// checkpoint drops. Empty for any other checkpoint.
+fn four_bit_weights(ckpt: &Checkpoint, dtype: MergeDtype) -> Result<(HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>)> {
     let mut weights = HashMap::new();
     let mut aux = std::collections::HashSet::new();
-    let states: Vec<String> = ckpt.tensor_names().filter(|n| n.contains(".quant_state.bitsandbytes__")).cloned().collect();
-    for state in states {
-        let Some((weight, _)) = state.split_once(".quant_state.") else { continue };
-        let bad = |reason: String| Error::InvalidConfig { path: model.to_path_buf(), key: state.clone(), reason };
-        let bytes = ckpt.raw(&state).map(|(_, _, b)| b.to_vec()).unwrap_or_default();
-        let json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("is not a bitsandbytes quant state: {e}")))?;
-        let shape: Vec<usize> = json["shape"].as_array().map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect()).unwrap_or_default();
-        if shape.len() != 2 {
-            return Err(bad(format!("gives shape {} (expected [out, in])", json["shape"])));
-        }
-        let stored = match json["dtype"].as_str() {
+    for entry in bnb_4bit_weights(ckpt)? {
+        let stored = match entry.dtype.as_deref() {
             Some("bfloat16") => Dtype::BF16,
             Some("float16") => Dtype::F16,
             _ => Dtype::F32,
         };
-        weights.insert(weight.to_string(), (shape, dtype.resolve(stored)));
-        for suffix in ["absmax", "quant_map", "nested_absmax", "nested_quant_map"] {
-            aux.insert(format!("{weight}.{suffix}"));
-        }
-        aux.insert(state);
+        weights.insert(entry.name, (entry.shape, dtype.resolve(stored)));
+        aux.extend(entry.parts);
     }
     Ok((weights, aux))
 }

@@ -54,41 +54,13 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
     out
 }
 
-/// Read-only view of the projections, same order and names as [`projections_mut`].
+/// The projections' names, same order as [`projections_mut`] (from the model's config: see
+/// [`module_names`]).
 pub fn projection_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, layer) in model.model.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        for (n, present) in [
-            ("q_proj", a.q_proj.is_some()),
-            ("k_proj", a.k_proj.is_some()),
-            ("v_proj", a.v_proj.is_some()),
-            ("qkv_proj", a.qkv_proj.is_some()),
-            ("o_proj", true),
-        ] {
-            if present {
-                names.push(format!("model.layers.{i}.self_attn.{n}"));
-            }
-        }
-        let m = &layer.mlp;
-        for (n, present) in [
-            ("gate_proj", m.gate_proj.is_some()),
-            ("up_proj", m.up_proj.is_some()),
-            ("gate_up_proj", m.gate_up_proj.is_some()),
-            ("down_proj", true),
-        ] {
-            if present {
-                names.push(format!("model.layers.{i}.mlp.{n}"));
-            }
-        }
-    }
-    if model.lm_head.is_some() {
-        names.push("lm_head".into());
-    }
-    names
+    module_names(&model.config)
 }
 
-/// The projections a model of this config has, by Temper's names, in [`projection_names`]'s
+/// The projections a model of this config has, by Temper's names, in [`projections_mut`]'s
 /// order, without loading it.
 pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
     let mut names = Vec::new();

@@ -210,7 +210,7 @@ impl HfConfig {
             let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
             let four_bit = method == "bitsandbytes" && q.get("load_in_4bit").and_then(Value::as_bool) == Some(true);
             let kind = q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4");
-            if !four_bit || !(kind == "nf4" || kind == "fp4") {
+            if !four_bit || crate::quant::FourBit::from_name(kind).is_none() {
                 let what = if method == "bitsandbytes" { format!("bitsandbytes {}", if four_bit { kind } else { "8-bit" }) } else { method.to_string() };
                 return Err(unsupported(
                     "quantization_config",

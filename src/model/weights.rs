@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::model::names::TextLayout;
 use crate::quant::device::Weight4Bit;
-use crate::quant::{quantize_4bit, read_bnb_4bit, FourBit};
+use crate::quant::{is_bnb_4bit, quantize_4bit, read_bnb_4bit, FourBit};
 use crate::{Error, Result};
 
 struct Shard {
@@ -133,9 +133,7 @@ impl Checkpoint {
     pub fn raw(&self, name: &str) -> Option<(Dtype, Vec<usize>, &[u8])> {
         let shard = &self.shards[*self.index.get(name)?];
         let info = shard.metadata.info(name)?;
-        let (start, end) = info.data_offsets;
-        let base = 8 + shard.header_len;
-        Some((info.dtype, info.shape.clone(), shard.mmap.get(base + start..base + end)?))
+        Some((info.dtype, info.shape.clone(), shard.bytes(info)?))
     }
 
     /// The folder the checkpoint was opened from.
@@ -180,9 +178,7 @@ impl Checkpoint {
                 actual: info.shape.clone(),
             });
         }
-        let (start, end) = info.data_offsets;
-        let base = 8 + shard.header_len;
-        let bytes = &shard.mmap[base + start..base + end];
+        let bytes = shard.bytes(info).ok_or_else(|| Error::Safetensors { path: shard.path.clone(), reason: format!("tensor `{name}` lies outside the file") })?;
         let src = match info.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -196,6 +192,15 @@ impl Checkpoint {
             }
         };
         Ok(convert(bytes, shape, src, dtype))
+    }
+}
+
+impl Shard {
+    /// A tensor's bytes in the map (`None` if its offsets lie outside the file).
+    fn bytes(&self, info: &safetensors::tensor::TensorInfo) -> Option<&[u8]> {
+        let (start, end) = info.data_offsets;
+        let base = 8 + self.header_len;
+        self.mmap.get(base + start..base + end)
     }
 }
 
@@ -322,8 +327,7 @@ impl WeightSource {
             }
         };
         let name = c.layout.checkpoint_name(name);
-        let quantized = ["nf4", "fp4"].iter().any(|t| c.contains(&format!("{name}.quant_state.bitsandbytes__{t}")));
-        if !quantized {
+        if !is_bnb_4bit(c, &name) {
             let Some(kind) = c.quantize_on_load else { return Ok(None) };
             let data = c.read(&name, &shape, DType::F32)?;
             let values = data.to_vec::<f32>().map_err(|e| Error::InvalidArgument(format!("reading {name}: {e:?}")))?;

@@ -29,6 +29,65 @@ struct QuantStateJson {
     nested_blocksize: Option<usize>,
     #[serde(default)]
     nested_offset: Option<f32>,
+    /// The dtype the weight was quantized from (`float32`, `bfloat16`, ...).
+    #[serde(default)]
+    dtype: Option<String>,
+}
+
+/// The tensors besides the codes that make up a 4-bit weight (`<name>.<suffix>`).
+const PARTS: [&str; 4] = ["absmax", "quant_map", "nested_absmax", "nested_quant_map"];
+
+/// A 4-bit weight of a bitsandbytes checkpoint, as its quant state describes it (no tensor data
+/// read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bnb4BitEntry {
+    /// `model.layers.0.mlp.up_proj.weight`: the packed codes.
+    pub name: String,
+    /// `[out, in]`.
+    pub shape: Vec<usize>,
+    /// The dtype it was quantized from, as the quant state names it (`bfloat16`, ...).
+    pub dtype: Option<String>,
+    /// Its other tensors: absmax, code books, the quant state (those present or not).
+    pub parts: Vec<String>,
+}
+
+/// Every 4-bit weight of a bitsandbytes checkpoint (none for any other checkpoint).
+pub fn bnb_4bit_weights(ckpt: &Checkpoint) -> Result<Vec<Bnb4BitEntry>> {
+    let path = ckpt.dir().to_path_buf();
+    let mut names: Vec<&String> = ckpt.tensor_names().filter(|n| n.contains(".quant_state.bitsandbytes__")).collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|state| state.split_once(".quant_state.").map(|(weight, _)| weight.to_string()))
+        .map(|name| {
+            let (_, state_name, state) = quant_state(ckpt, &path, &name)?;
+            if state.shape.len() != 2 {
+                return Err(Error::InvalidConfig { path: path.clone(), key: state_name, reason: format!("gives shape {:?} (expected [out, in])", state.shape) });
+            }
+            let mut parts: Vec<String> = PARTS.iter().map(|p| format!("{name}.{p}")).collect();
+            parts.push(state_name);
+            Ok(Bnb4BitEntry { name, shape: state.shape, dtype: state.dtype, parts })
+        })
+        .collect()
+}
+
+/// Whether the checkpoint stores `name` as a bitsandbytes 4-bit weight.
+pub fn is_bnb_4bit(ckpt: &Checkpoint, name: &str) -> bool {
+    state_tensor(ckpt, name).is_some()
+}
+
+/// The format and the quant-state tensor of the 4-bit weight `name`, if it is one.
+fn state_tensor(ckpt: &Checkpoint, name: &str) -> Option<(FourBit, String)> {
+    [FourBit::Nf4, FourBit::Fp4].into_iter().map(|k| (k, format!("{name}.quant_state.bitsandbytes__{}", k.name()))).find(|(_, s)| ckpt.contains(s))
+}
+
+/// The quant state of the 4-bit weight `name`: its format, its tensor's name and its contents.
+fn quant_state(ckpt: &Checkpoint, path: &Path, name: &str) -> Result<(FourBit, String, QuantStateJson)> {
+    let (kind, state_name) = state_tensor(ckpt, name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: format!("{name}.quant_state.bitsandbytes__nf4"), hint: " (or __fp4: the quant state of a bitsandbytes 4-bit weight)".into() })?;
+    let (_, _, state_bytes) = raw(ckpt, path, &state_name, Dtype::U8)?;
+    let state: QuantStateJson = serde_json::from_slice(state_bytes)
+        .map_err(|e| Error::InvalidConfig { path: path.to_path_buf(), key: state_name.clone(), reason: format!("is not a bitsandbytes quant state: {e}") })?;
+    Ok((kind, state_name, state))
 }
 
 /// A bitsandbytes 4-bit weight read from a checkpoint.
@@ -46,13 +105,7 @@ pub struct Bnb4BitWeight {
 pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Result<Bnb4BitWeight> {
     let path = ckpt.dir().to_path_buf();
     let bad = |tensor: &str, reason: String| Error::InvalidConfig { path: path.clone(), key: tensor.to_string(), reason };
-    let (kind, state_name) = [(FourBit::Nf4, "nf4"), (FourBit::Fp4, "fp4")]
-        .into_iter()
-        .map(|(k, s)| (k, format!("{name}.quant_state.bitsandbytes__{s}")))
-        .find(|(_, s)| ckpt.contains(s))
-        .ok_or_else(|| Error::MissingTensor { path: path.clone(), tensor: format!("{name}.quant_state.bitsandbytes__nf4"), hint: " (or __fp4: the quant state of a bitsandbytes 4-bit weight)".into() })?;
-    let (_, _, state_bytes) = raw(ckpt, &path, &state_name, Dtype::U8)?;
-    let state: QuantStateJson = serde_json::from_slice(state_bytes).map_err(|e| bad(&state_name, format!("is not a bitsandbytes quant state: {e}")))?;
+    let (kind, state_name, state) = quant_state(ckpt, &path, name)?;
     if state.quant_type != kind.name() {
         return Err(bad(&state_name, format!("says quant_type {:?} under a {} name", state.quant_type, kind.name())));
     }

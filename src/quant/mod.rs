@@ -6,5 +6,5 @@ pub mod bnb;
 pub mod device;
 pub mod nf4;
 
-pub use bnb::{read_bnb_4bit, Bnb4BitWeight};
+pub use bnb::{bnb_4bit_weights, is_bnb_4bit, read_bnb_4bit, Bnb4BitEntry, Bnb4BitWeight};
 pub use nf4::{dequantize_4bit, quantize_4bit, FourBit, Quantized4Bit};

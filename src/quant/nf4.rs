@@ -71,6 +71,11 @@ impl FourBit {
         }
     }
 
+    /// The format a `quant_type` string names (`nf4`, `fp4`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [FourBit::Nf4, FourBit::Fp4].into_iter().find(|k| k.name() == name)
+    }
+
     /// The `quant_type` string bitsandbytes and transformers use.
     pub fn name(self) -> &'static str {
         match self {

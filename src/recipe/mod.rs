@@ -43,11 +43,7 @@ fn default_quant_type() -> String {
 impl QuantizationConfig {
     /// The format to quantize to on load, or the key and what is wrong with it.
     pub fn four_bit(&self) -> std::result::Result<Option<crate::quant::FourBit>, (&'static str, String)> {
-        let kind = match self.quant_type.as_str() {
-            "nf4" => crate::quant::FourBit::Nf4,
-            "fp4" => crate::quant::FourBit::Fp4,
-            other => return Err(("quant_type", format!("{other:?} is not a 4-bit format (nf4 or fp4)"))),
-        };
+        let kind = crate::quant::FourBit::from_name(&self.quant_type).ok_or_else(|| ("quant_type", format!("{:?} is not a 4-bit format (nf4 or fp4)", self.quant_type)))?;
         if self.double_quant && self.load_in_4bit {
             return Err(("double_quant", "double quantization on load is not offered yet (bitsandbytes' 8-bit absmax quantizer is not reproduced bit for bit); set it to false, or train on a double-quantized *-bnb-4bit checkpoint".into()));
         }
