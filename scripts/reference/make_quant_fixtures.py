@@ -3,6 +3,7 @@
 
     pip install -r scripts/reference/requirements.txt "bitsandbytes==0.50.2"
     python scripts/reference/make_quant_fixtures.py
+    python scripts/reference/make_quant_fixtures.py --only double_quant   # bnb4bit_dq.safetensors alone
 
 tests/fixtures/quant/bnb4bit.safetensors, per case NAME (in its metadata, with shape, dtype,
 quant_type and blocksize):
@@ -61,6 +62,40 @@ def weight(shape, dtype, seed):
     flat[17] = -flat[17]
     flat[-1] = flat.abs().max() * 3
     return w.to(dtype)
+
+
+# Double quantization (compress_statistics=True): (name, shape, dtype, quant_type, seed). Absmax
+# counts of 4 (the scalar mean path), 96, 512 (two nested blocks) and 938 (a short last nested
+# block); all under torch's 32,768-value threshold for a multi-threaded sum.
+DQ_CASES = [
+    ("dq_nf4_128x256_f32", (128, 256), torch.float32, "nf4", 11),
+    ("dq_nf4_300x200_bf16", (300, 200), torch.bfloat16, "nf4", 12),
+    ("dq_nf4_96x64_f16", (96, 64), torch.float16, "nf4", 13),
+    ("dq_fp4_5x40_f32", (5, 40), torch.float32, "fp4", 14),
+]
+
+
+def double_quant_cases() -> dict:
+    """tests/fixtures/quant/bnb4bit_dq.safetensors, per case NAME: NAME.input, NAME.packed (the
+    4-bit codes), NAME.absmax_codes (u8), NAME.nested_absmax (f32 per 256 codes), NAME.offset
+    (f32 [1], the mean subtracted before the 8-bit quantization) and NAME.absmax (the
+    dequantized absmax bitsandbytes computes with: dequantize_blockwise + offset)."""
+    tensors, meta = {}, {}
+    for name, shape, dtype, qt, seed in DQ_CASES:
+        w = weight(shape, dtype, seed)
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=True)
+        assert state.nested
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        tensors[f"{name}.input"] = w.contiguous()
+        tensors[f"{name}.packed"] = packed.reshape(-1).contiguous()
+        tensors[f"{name}.absmax_codes"] = state.absmax.contiguous()
+        tensors[f"{name}.nested_absmax"] = state.state2.absmax.float().contiguous()
+        tensors[f"{name}.offset"] = state.offset.reshape(1).float().contiguous()
+        tensors[f"{name}.absmax"] = absmax.float().contiguous()
+        meta[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "quant_type": qt, "blocksize": 64,
+                      "nested_blocksize": state.state2.blocksize, "blocks": int(state.absmax.numel())}
+    save_file(tensors, str(FIXTURES / "quant" / "bnb4bit_dq.safetensors"), metadata={"cases": json.dumps(meta), "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__})
+    return meta
 
 
 def bnb_checkpoints() -> dict:
@@ -201,6 +236,9 @@ def bnb_train_fixture() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--only", "double_quant"]:
+        print(json.dumps(double_quant_cases(), indent=1))
+        return
     torch.manual_seed(0)
     tensors, meta = {}, {}
     for name, shape, dtype, qt, bs, seed in CASES:
@@ -218,6 +256,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "bnb4bit.safetensors"), metadata={"cases": json.dumps(meta), "bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__})
     print(json.dumps(meta, indent=1))
+    print(json.dumps(double_quant_cases(), indent=1))
     print(json.dumps(bnb_checkpoints(), indent=1))
     print(json.dumps(bnb_logit_fixtures(), indent=1))
     print(json.dumps(bnb_peft_fixtures(), indent=1))

@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// run's precision.
     #[arg(long)]
     pub load_in_4bit: bool,
+    /// With --load-in-4bit: the absmax values double-quantized (8-bit, blocks of 256).
+    #[arg(long, requires = "load_in_4bit")]
+    pub double_quant: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,7 +116,7 @@ impl TrainTask for BenchArgs {
         };
         // The dtype training would hold this base in (a random base has no stored dtype).
         let dtype = train_precision(requested, kind).with_context(|| format!("--precision {}", self.precision))?.resolve(None);
-        let mut weights = if self.load_in_4bit { WeightSource::random_4bit(0, cfg.norm_offset, temper::quant::FourBit::Nf4) } else { WeightSource::random(0, cfg.norm_offset) };
+        let mut weights = if self.load_in_4bit { WeightSource::random_4bit(0, cfg.norm_offset, temper::quant::LoadIn4Bit { kind: temper::quant::FourBit::Nf4, double_quant: self.double_quant }) } else { WeightSource::random(0, cfg.norm_offset) };
         let mut model = CausalLm::<B>::load(&cfg, &mut weights, dtype, &device)?;
         let mut rng = StdRng::seed_from_u64(1);
         let ids: Vec<Vec<u32>> = (0..self.batch).map(|_| (0..self.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();

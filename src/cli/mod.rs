@@ -72,6 +72,19 @@ pub struct ModelArgs {
     /// The 4-bit format for --load-in-4bit.
     #[arg(long, value_enum, default_value = "nf4", requires = "load_in_4bit")]
     pub quant_type: QuantTypeArg,
+    /// With --load-in-4bit: quantize the absmax values too (bitsandbytes' double quantization,
+    /// `bnb_4bit_use_double_quant`).
+    #[arg(long, requires = "load_in_4bit")]
+    pub double_quant: bool,
+}
+
+impl QuantTypeArg {
+    pub fn four_bit(self) -> temper::quant::FourBit {
+        match self {
+            QuantTypeArg::Nf4 => temper::quant::FourBit::Nf4,
+            QuantTypeArg::Fp4 => temper::quant::FourBit::Fp4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -89,10 +102,7 @@ impl ModelArgs {
     ) -> Result<temper::model::LoadedModel<B>> {
         use anyhow::Context;
         let dir = resolve_model(&self.model.to_string_lossy(), None)?;
-        let four_bit = self.load_in_4bit.then_some(match self.quant_type {
-            QuantTypeArg::Nf4 => temper::quant::FourBit::Nf4,
-            QuantTypeArg::Fp4 => temper::quant::FourBit::Fp4,
-        });
+        let four_bit = self.load_in_4bit.then_some(temper::quant::LoadIn4Bit { kind: self.quant_type.four_bit(), double_quant: self.double_quant });
         let mut loaded = temper::model::load_model_4bit::<B>(&dir, precision, four_bit, device).with_context(|| format!("loading {}", dir.display()))?;
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");

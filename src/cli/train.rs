@@ -52,7 +52,7 @@ impl TrainTask for TrainJob {
         let four_bit = r.quantization.as_ref().map(|q| q.four_bit()).transpose().map_err(|(k, e)| anyhow::anyhow!("quantization.{k}: {e}"))?.flatten();
         let loaded = temper::model::load_model_4bit::<B>(&dir, train_precision(r.train.precision, kind)?, four_bit, &device).with_context(|| format!("loading {}", dir.display()))?;
         if let Some(k) = four_bit {
-            eprintln!("base quantized to {} as it loads (QLoRA)", k.name());
+            eprintln!("base quantized to {} as it loads (QLoRA)", k.describe());
         }
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::model::names::TextLayout;
 use crate::quant::device::Weight4Bit;
-use crate::quant::{is_bnb_4bit, quantize_4bit, read_bnb_4bit, FourBit};
+use crate::quant::{is_bnb_4bit, read_bnb_4bit, LoadIn4Bit};
 use crate::{Error, Result};
 
 struct Shard {
@@ -34,7 +34,7 @@ pub struct Checkpoint {
     layout: TextLayout,
     /// Quantize the decoder projections to this 4-bit format as they are read (QLoRA on an
     /// f32 / f16 / bf16 checkpoint), as bitsandbytes' `quantize_4bit` does.
-    quantize_on_load: Option<FourBit>,
+    quantize_on_load: Option<LoadIn4Bit>,
 }
 
 #[derive(Deserialize)]
@@ -47,7 +47,7 @@ pub enum WeightSource {
     Checkpoint(Checkpoint),
     /// Random normal weights (std 0.02, norms at their identity value): for benchmarks and
     /// tests that need a model of a real shape but not its values.
-    Random { rng: StdRng, norm_offset: f64, quantize_4bit: Option<FourBit> },
+    Random { rng: StdRng, norm_offset: f64, quantize_4bit: Option<LoadIn4Bit> },
 }
 
 impl Checkpoint {
@@ -98,9 +98,9 @@ impl Checkpoint {
         })
     }
 
-    /// Quantize every decoder projection to `kind` (blocks of 64, no double quantization) as it
-    /// is loaded; checkpoints already in 4 bits are read as they are.
-    pub fn quantize_on_load(&mut self, kind: Option<FourBit>) {
+    /// Quantize every decoder projection to `kind` (blocks of 64, double quantization if asked)
+    /// as it is loaded; checkpoints already in 4 bits are read as they are.
+    pub fn quantize_on_load(&mut self, kind: Option<LoadIn4Bit>) {
         self.quantize_on_load = kind;
     }
 
@@ -286,7 +286,7 @@ impl WeightSource {
     }
 
     /// A random base whose decoder projections are 4-bit (benchmarks of QLoRA).
-    pub fn random_4bit(seed: u64, norm_offset: f64, kind: FourBit) -> Self {
+    pub fn random_4bit(seed: u64, norm_offset: f64, kind: LoadIn4Bit) -> Self {
         WeightSource::Random { rng: StdRng::seed_from_u64(seed), norm_offset, quantize_4bit: Some(kind) }
     }
 
@@ -323,7 +323,7 @@ impl WeightSource {
             WeightSource::Random { quantize_4bit: None, .. } => return Ok(None),
             WeightSource::Random { rng, quantize_4bit: Some(kind), .. } => {
                 let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| normal(rng) * 0.02).collect();
-                return Ok(Some(Weight4Bit::new(&quantize_4bit(&values, 64, *kind), shape, device)));
+                return Ok(Some(Weight4Bit::new(&kind.quantize(&values), shape, device)));
             }
         };
         let name = c.layout.checkpoint_name(name);
@@ -331,7 +331,7 @@ impl WeightSource {
             let Some(kind) = c.quantize_on_load else { return Ok(None) };
             let data = c.read(&name, &shape, DType::F32)?;
             let values = data.to_vec::<f32>().map_err(|e| Error::InvalidArgument(format!("reading {name}: {e:?}")))?;
-            let q = quantize_4bit(&values, 64, kind);
+            let q = kind.quantize(&values);
             return Ok(Some(Weight4Bit::new(&q, shape, device)));
         }
         let w = read_bnb_4bit(c, &name, shape)?;

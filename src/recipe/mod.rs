@@ -30,8 +30,8 @@ pub struct QuantizationConfig {
     /// `nf4` (default) or `fp4`.
     #[serde(default = "default_quant_type")]
     pub quant_type: String,
-    /// Quantize the absmax values too (bitsandbytes' double quantization). Not yet offered when
-    /// quantizing on load; double-quantized checkpoints load.
+    /// Quantize the absmax values too (bitsandbytes' double quantization: 8-bit absmax in
+    /// blocks of 256, about 0.37 bits per weight less).
     #[serde(default)]
     pub double_quant: bool,
 }
@@ -42,12 +42,12 @@ fn default_quant_type() -> String {
 
 impl QuantizationConfig {
     /// The format to quantize to on load, or the key and what is wrong with it.
-    pub fn four_bit(&self) -> std::result::Result<Option<crate::quant::FourBit>, (&'static str, String)> {
+    pub fn four_bit(&self) -> std::result::Result<Option<crate::quant::LoadIn4Bit>, (&'static str, String)> {
         let kind = crate::quant::FourBit::from_name(&self.quant_type).ok_or_else(|| ("quant_type", format!("{:?} is not a 4-bit format (nf4 or fp4)", self.quant_type)))?;
-        if self.double_quant && self.load_in_4bit {
-            return Err(("double_quant", "double quantization on load is not offered yet (bitsandbytes' 8-bit absmax quantizer is not reproduced bit for bit); set it to false, or train on a double-quantized *-bnb-4bit checkpoint".into()));
+        if self.double_quant && !self.load_in_4bit {
+            return Err(("double_quant", "is true but load_in_4bit is false: double quantization applies to a 4-bit base (set load_in_4bit: true, or drop double_quant)".into()));
         }
-        Ok(self.load_in_4bit.then_some(kind))
+        Ok(self.load_in_4bit.then_some(crate::quant::LoadIn4Bit { kind, double_quant: self.double_quant }))
     }
 }
 

@@ -40,6 +40,33 @@ fn nf4_and_fp4_codes_absmax_and_dequantization_are_bitsandbytes_bit_for_bit() {
     }
 }
 
+/// Double quantization (`compress_statistics=True`): the 4-bit codes, the 8-bit absmax codes,
+/// the nested absmax and the offset equal bitsandbytes' bit for bit, and so do the absmax it
+/// computes with (tests/fixtures/quant/bnb4bit_dq.safetensors: 4 to 938 absmax values).
+#[test]
+fn double_quantization_is_bitsandbytes_bit_for_bit() {
+    use temper::quant::{quantize_absmax, LoadIn4Bit};
+    let bytes = std::fs::read(fixtures().join("quant/bnb4bit_dq.safetensors")).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["cases"]).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cases = cases.as_object().unwrap();
+    assert_eq!(cases.len(), 4);
+    for (name, c) in cases {
+        let kind = if c["quant_type"] == "nf4" { FourBit::Nf4 } else { FourBit::Fp4 };
+        let input = f32s(&st.tensor(&format!("{name}.input")).unwrap());
+        let plain = quantize_4bit(&input, 64, kind);
+        let nested = quantize_absmax(&plain.absmax);
+        assert_eq!(nested.codes, st.tensor(&format!("{name}.absmax_codes")).unwrap().data(), "{name}: 8-bit absmax codes");
+        assert_eq!(bits(&nested.nested_absmax), bits(&f32s(&st.tensor(&format!("{name}.nested_absmax")).unwrap())), "{name}: nested absmax");
+        assert_eq!(nested.offset.to_bits(), f32s(&st.tensor(&format!("{name}.offset")).unwrap())[0].to_bits(), "{name}: offset");
+        let q = LoadIn4Bit { kind, double_quant: true }.quantize(&input);
+        assert_eq!(q.packed, st.tensor(&format!("{name}.packed")).unwrap().data(), "{name}: 4-bit codes");
+        assert_eq!(bits(&q.absmax), bits(&f32s(&st.tensor(&format!("{name}.absmax")).unwrap())), "{name}: dequantized absmax");
+    }
+}
+
 /// `*-bnb-4bit` checkpoints as transformers + bitsandbytes save them (NF4 with and without double
 /// quantization, FP4): every 4-bit projection of the llama fixture reads back to exactly the
 /// weights bitsandbytes dequantizes.
@@ -225,8 +252,9 @@ fn bitsandbytes_4bit_models_match_transformers_and_train_lora() {
     }
 }
 
-/// Quantizing an f32 checkpoint as it loads gives bitsandbytes' 4-bit model: the packed codes and
-/// absmax of every projection equal those transformers + bitsandbytes saved, and the logits
+/// Quantizing an f32 checkpoint as it loads gives bitsandbytes' 4-bit model (nf4, nf4 with double
+/// quantization, fp4): the packed codes and absmax of every projection equal those
+/// transformers + bitsandbytes saved, and the logits
 /// equal theirs within 1e-4. `temper eval --load-in-4bit` reports that model's loss.
 #[test]
 fn quantize_on_load_is_the_bitsandbytes_model() {
@@ -235,9 +263,10 @@ fn quantize_on_load_is_the_bitsandbytes_model() {
     use temper::model::{load_model_4bit, Checkpoint, WeightPrecision};
     use temper::quant::read_bnb_4bit;
     let dense = fixtures().join("quant/llama64");
-    for (name, kind) in [("llama64_nf4", FourBit::Nf4), ("llama64_fp4", FourBit::Fp4)] {
+    for (name, kind, double_quant) in [("llama64_nf4", FourBit::Nf4, false), ("llama64_nf4_dq", FourBit::Nf4, true), ("llama64_fp4", FourBit::Fp4, false)] {
         let device = Default::default();
-        let mut model = load_model_4bit::<crate::common::Cpu>(&dense, WeightPrecision::F32, Some(kind), &device).unwrap().model;
+        let spec = temper::quant::LoadIn4Bit { kind, double_quant };
+        let mut model = load_model_4bit::<crate::common::Cpu>(&dense, WeightPrecision::F32, Some(spec), &device).unwrap().model;
         let bnb = Checkpoint::open(&fixtures().join("quant").join(name)).unwrap();
         let mut checked = 0;
         for (module, proj) in projections_mut(&mut model) {
@@ -266,8 +295,10 @@ fn quantize_on_load_is_the_bitsandbytes_model() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
     };
-    let (full, nf4) = (eval(&[]), eval(&["--load-in-4bit"]));
+    let (full, nf4, dq) = (eval(&[]), eval(&["--load-in-4bit"]), eval(&["--load-in-4bit", "--double-quant"]));
     assert!(nf4 != full && (nf4 - full).abs() < 0.5, "f32 {full}, nf4 {nf4}");
+    // Double quantization moves each absmax by at most half an 8-bit step: the loss barely moves.
+    assert!(dq != full && (dq - nf4).abs() < 0.05, "nf4 {nf4}, nf4 + double quantization {dq}");
 }
 
 /// A recipe's `quantization:` section trains LoRA on a 4-bit base; its keys are checked like
@@ -288,14 +319,14 @@ fn recipe_quantization_section_trains_on_a_4bit_base_and_is_validated() {
         std::fs::write(&path, text).unwrap();
         std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", path.to_str().unwrap()]).output().unwrap()
     };
-    let o = recipe("quantization:\n  load_in_4bit: true\n  quant_type: nf4\n");
+    let o = recipe("quantization:\n  load_in_4bit: true\n  quant_type: nf4\n  double_quant: true\n");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("base quantized to nf4"), "{err}");
+    assert!(err.contains("base quantized to nf4 with double quantization"), "{err}");
     assert!(tmp.path().join("run/adapter/adapter_model.safetensors").is_file());
     for (section, key) in [
         ("quantization:\n  load_in_4bit: true\n  quant_type: int4\n", "quantization.quant_type"),
-        ("quantization:\n  load_in_4bit: true\n  double_quant: true\n", "quantization.double_quant"),
+        ("quantization:\n  load_in_4bit: false\n  double_quant: true\n", "quantization.double_quant"),
         ("quantization:\n  load_in_4bit: true\n  bits: 4\n", "bits"),
     ] {
         let o = recipe(section);
