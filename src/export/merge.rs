@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::export::atomic::{write_dir_atomically, WriteMode};
 use crate::export::model_card;
-use crate::export::peft::{Adapter, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
+use crate::export::peft::{Adapter, HostTensor, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
 use crate::export::shard::{all_finite, bytes_to_f32, f32_to_bytes, ShardReader, ShardWriter};
 use crate::model::Checkpoint;
 use crate::quant::{bnb_4bit_weights, dequantize_4bit, read_bnb_4bit};
@@ -85,8 +85,11 @@ pub struct MergeSummary {
 
 /// One LoRA term of a base tensor: `scale · B @ A`.
 struct Term<'a> {
-    pair: &'a LoraPair,
+    pair: std::borrow::Cow<'a, LoraPair>,
     scale: f32,
+    /// Where the `[out, in]` update starts in the tensor (an expert's slice of a fused 3-D
+    /// `experts.gate_up_proj`; 0 otherwise).
+    offset: usize,
 }
 
 /// Everything validated: which base tensors get which terms.
@@ -202,6 +205,13 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
         }
         let cfg_path = input.dir.join(CONFIG_FILE);
         for (module, pair) in &input.adapter.modules {
+            if let Some(parts) = moe_terms(model, ckpt, module, pair)? {
+                let scale = (input.weight * input.adapter.config.scaling(module)) as f32;
+                for (key, part, offset) in parts {
+                    terms.entry(key).or_default().push(Term { pair: part, scale, offset });
+                }
+                continue;
+            }
             // Adapter modules are Temper's names; the base may hold them under a prefix.
             let mut key = layout.checkpoint_name(&format!("{module}.weight"));
             let mut base_key = key.clone();
@@ -250,7 +260,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
                 });
             }
             let scale = (input.weight * input.adapter.config.scaling(module)) as f32;
-            terms.entry(key).or_default().push(Term { pair, scale });
+            terms.entry(key).or_default().push(Term { pair: std::borrow::Cow::Borrowed(pair), scale, offset: 0 });
         }
     }
     Ok(Plan { terms, untie, new_lm_head, lm_head, embed, four_bit, quant_aux, quant_source: None })
@@ -319,7 +329,7 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
 /// `out_dtype` bytes.
 fn with_terms(mut w: Vec<f32>, terms: Option<&Vec<Term>>, shape: &[usize], out_dtype: Dtype, summary: &mut MergeSummary) -> Result<Vec<u8>> {
     if let Some(terms) = terms {
-        let d_in = shape.get(1).copied().ok_or_else(|| Error::InvalidArgument(format!("LoRA terms for a tensor of shape {shape:?}")))?;
+        let d_in = shape.last().copied().filter(|_| shape.len() >= 2).ok_or_else(|| Error::InvalidArgument(format!("LoRA terms for a tensor of shape {shape:?}")))?;
         for t in terms {
             add_lora(&mut w, d_in, t)?;
         }
@@ -333,7 +343,8 @@ fn with_terms(mut w: Vec<f32>, terms: Option<&Vec<Term>>, shape: &[usize], out_d
 /// PEFT's `get_delta_weight` followed by `weight += delta`).
 fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
     let (a, b) = (&t.pair.a, &t.pair.b);
-    let (r, d_out) = (a.shape[0], w.len() / d_in.max(1));
+    let (r, d_out) = (a.shape[0], b.shape[0]);
+    let w = w.get_mut(t.offset..t.offset + d_out * d_in).ok_or_else(|| Error::InvalidArgument(format!("LoRA update of {d_out} x {d_in} at {} does not fit the tensor", t.offset)))?;
     if a.shape != [r, d_in] || b.shape != [d_out, r] || a.data.len() != r * d_in || b.data.len() != d_out * r || w.len() != d_out * d_in {
         return Err(Error::InvalidArgument(format!("LoRA shapes A {:?}, B {:?} do not fit a [{d_out}, {d_in}] weight", a.shape, b.shape)));
     }
@@ -414,4 +425,57 @@ fn pretty(v: &Value) -> Result<Vec<u8>> {
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// A mixture-of-experts module's merge terms in the base's own layout: an expert's gate_up
+/// delta `[2I, H]` splits into the Hub's per-expert `gate_proj` / `up_proj` (Mixtral: `w1` /
+/// `w3`) rows, or lands in its slice of transformers 5's fused `experts.gate_up_proj`
+/// `[E, 2I, H]`; down into `down_proj` (`w2`) or its slice of `experts.down_proj`. Mixtral's
+/// router is `block_sparse_moe.gate`. `None` for any other module.
+fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPair) -> Result<Option<Vec<(String, std::borrow::Cow<'a, LoraPair>, usize)>>> {
+    use std::borrow::Cow;
+    let layout = ckpt.layout();
+    let name = |n: &str| layout.checkpoint_name(n);
+    let mismatch = |key: &str, shape: &[usize], want: [usize; 2]| {
+        Error::InvalidArgument(format!("adapter module `{module}` is a [{}, {}] update, but `{key}` in {} is {shape:?}: was the adapter trained on another base model?", want[0], want[1], model.display()))
+    };
+    let (out_f, in_f) = (pair.b.shape[0], pair.a.shape[1]);
+    if module.ends_with(".mlp.gate") {
+        let mixtral = name(&format!("{}.block_sparse_moe.gate.weight", module.trim_end_matches(".mlp.gate")));
+        if ckpt.contains(&mixtral) {
+            return Ok(Some(vec![(mixtral, Cow::Borrowed(pair), 0)]));
+        }
+        return Ok(None);
+    }
+    let Some((prefix, e, proj)) = crate::export::experts::split_expert_name(module) else { return Ok(None) };
+    let layer = prefix.trim_end_matches(".mlp.experts");
+    let fused = name(&format!("{prefix}.{proj}"));
+    if let Some((_, shape)) = ckpt.info(&fused) {
+        if shape.len() != 3 || shape[1] != out_f || shape[2] != in_f || e >= shape[0] {
+            return Err(mismatch(&fused, &shape, [out_f, in_f]));
+        }
+        return Ok(Some(vec![(fused, Cow::Borrowed(pair), e * out_f * in_f)]));
+    }
+    let mixtral = ckpt.contains(&name(&format!("{layer}.block_sparse_moe.experts.{e}.w2.weight")));
+    let key = |qwen: &str, mx: &str| if mixtral { name(&format!("{layer}.block_sparse_moe.experts.{e}.{mx}.weight")) } else { name(&format!("{prefix}.{e}.{qwen}.weight")) };
+    let check = |key: &String, want: [usize; 2]| -> Result<()> {
+        match ckpt.info(key) {
+            Some((_, shape)) if shape == want => Ok(()),
+            Some((_, shape)) => Err(mismatch(key, &shape, want)),
+            None => Err(Error::InvalidArgument(format!("adapter module `{module}`: {} has no tensor `{key}`: was the adapter trained on another base model?", model.display()))),
+        }
+    };
+    if proj == "down_proj" {
+        let k = key("down_proj", "w2");
+        check(&k, [out_f, in_f])?;
+        return Ok(Some(vec![(k, Cow::Borrowed(pair), 0)]));
+    }
+    // gate_up: B's first half of the rows is gate's, the second up's.
+    let half = out_f / 2;
+    let r = pair.a.shape[0];
+    let rows = |lo: usize| LoraPair { a: pair.a.clone(), b: HostTensor { shape: vec![half, r], data: pair.b.data[lo * r..(lo + half) * r].to_vec() } };
+    let (g, u) = (key("gate_proj", "w1"), key("up_proj", "w3"));
+    check(&g, [half, in_f])?;
+    check(&u, [half, in_f])?;
+    Ok(Some(vec![(g, Cow::Owned(rows(0)), 0), (u, Cow::Owned(rows(half)), 0)]))
 }

@@ -1,6 +1,7 @@
 //! Writing and reading what leaves Temper: PEFT adapters and merged models, atomically.
 
 pub mod atomic;
+pub mod experts;
 pub mod gguf;
 pub mod merge;
 pub mod model_card;

@@ -105,7 +105,12 @@ impl Adapter {
         })?;
         let config = file.to_lora_config(&cfg_path)?;
         let base_model = file.base_model_name_or_path.clone().unwrap_or_default();
-        let (modules, nested) = read_tensors(&dir.join(WEIGHTS_FILE))?;
+        let (mut modules, nested) = read_tensors(&dir.join(WEIGHTS_FILE))?;
+        let targets = |fused: &str| {
+            let hit = config.target_parameters.iter().flatten().any(|t| fused == t || fused.ends_with(&format!(".{t}")));
+            if hit { config.rank_alpha(fused).0 } else { 0 }
+        };
+        crate::export::experts::split_experts(&mut modules, targets, &dir.join(WEIGHTS_FILE))?;
         Ok(Adapter {
             config,
             base_model,
@@ -138,7 +143,15 @@ impl Adapter {
     /// The conservative key set of PEFT-FORMAT.md; `target_modules` as an explicit list of the
     /// module names adapted (what vLLM and mistral.rs check tensors against).
     pub fn config_json(&self) -> Value {
-        let targets: std::collections::BTreeSet<&str> = self.modules.keys().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+        use crate::lora::inject::moe_parameter;
+        // Experts and routers are parameters in transformers 5: `target_parameters`.
+        let targets: std::collections::BTreeSet<&str> = self.modules.keys().filter(|m| moe_parameter(m).is_none()).map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+        let params: std::collections::BTreeSet<String> = self
+            .modules
+            .keys()
+            .filter_map(|m| moe_parameter(m))
+            .map(|p| if p.ends_with(".mlp.gate.weight") { "mlp.gate.weight".to_string() } else { format!("mlp.experts.{}", p.rsplit('.').next().unwrap_or_default()) })
+            .collect();
         // A list of names would also match the vision tower's q_proj / k_proj / v_proj in PEFT.
         let targets = if self.nested {
             let names: Vec<&str> = targets.into_iter().collect();
@@ -148,7 +161,7 @@ impl Adapter {
         };
         let c = &self.config;
         let int_or_float = |x: f64| if x.fract() == 0.0 && x.abs() < 1e15 { json!(x as i64) } else { json!(x) };
-        json!({
+        let mut out = json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": self.base_model,
@@ -168,12 +181,17 @@ impl Adapter {
             "layers_to_transform": c.layers_to_transform,
             "layers_pattern": null,
             "revision": null,
-        })
+        });
+        if !params.is_empty() {
+            out["target_parameters"] = json!(params);
+        }
+        out
     }
 
     fn safetensors_bytes(&self) -> Result<Vec<u8>> {
         let mut entries: Vec<(String, &HostTensor)> = Vec::new();
-        for (module, pair) in &self.modules {
+        let (fused, _) = crate::export::experts::fuse_experts(&self.modules)?;
+        for (module, pair) in &fused {
             let module = peft_module(module, self.nested);
             entries.push((format!("{KEY_PREFIX}{module}.lora_A.weight"), &pair.a));
             entries.push((format!("{KEY_PREFIX}{module}.lora_B.weight"), &pair.b));
@@ -230,7 +248,6 @@ impl PeftConfigFile {
         }
         for (key, v) in [
             ("layer_replication", &self.layer_replication),
-            ("target_parameters", &self.target_parameters),
             ("trainable_token_indices", &self.trainable_token_indices),
             ("alora_invocation_tokens", &self.alora_invocation_tokens),
         ] {
@@ -260,6 +277,11 @@ impl PeftConfigFile {
             layers_to_transform,
             rank_pattern: self.rank_pattern.clone().unwrap_or_default(),
             alpha_pattern: self.alpha_pattern.clone().unwrap_or_default(),
+            target_parameters: match &self.target_parameters {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) => Some(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
+                Some(other) => return Err(refuse("target_parameters", other.to_string(), "expected a list of parameter names")),
+            },
         })
     }
 }

@@ -61,6 +61,11 @@ pub struct LoraConfig {
     /// Per-module alpha overrides, matched like `rank_pattern`.
     #[serde(default)]
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// PEFT's `target_parameters`: parameters matched as suffixes of their full names. Temper
+    /// reads it for the experts of a mixture-of-experts model (`mlp.experts.gate_up_proj`,
+    /// `mlp.experts.down_proj`, as transformers 5 names them) and the router (`mlp.gate.weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<Vec<String>>,
 }
 
 fn default_r() -> usize {
@@ -83,6 +88,7 @@ impl Default for LoraConfig {
             layers_to_transform: None,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            target_parameters: None,
         }
     }
 }
@@ -106,6 +112,15 @@ impl LoraConfig {
             LoraInit::Flag(_) => {}
             LoraInit::Named(n) if n == "gaussian" => {}
             LoraInit::Named(n) => return Err(format!("`init_lora_weights` {n:?} is not supported (true, false or \"gaussian\")")),
+        }
+        if self.target_parameters.as_ref().is_some_and(|t| !t.is_empty()) && self.lora_dropout > 0.0 {
+            return Err(format!("`lora_dropout` {} with `target_parameters`: PEFT's LoRA on parameters has no dropout (it refuses to load such an adapter); set lora_dropout: 0", self.lora_dropout));
+        }
+        for t in self.target_parameters.iter().flatten() {
+            let known = ["experts.gate_up_proj", "experts.down_proj", "gate.weight"];
+            if !known.iter().any(|k| t.ends_with(k)) {
+                return Err(format!("`target_parameters` entry {t:?} is not an expert or router parameter (supported: mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight)"));
+            }
         }
         if let TargetModules::Pattern(p) = &self.target_modules {
             if p != "all-linear" {

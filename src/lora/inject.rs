@@ -8,6 +8,7 @@ use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::linear::{LoraDelta, LoraLinear};
 use crate::model::names::peft_module;
 use crate::model::decoder::DecoderLayer;
+use crate::model::mlp::Mlp;
 use crate::model::{CausalLm, DecoderConfig};
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -40,7 +41,28 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
             out.push((format!("model.layers.{i}.self_attn.{name}"), p));
         }
     }
-    let m = &mut layer.mlp;
+    if let Some(m) = layer.mlp.as_mut() {
+        out.extend(mlp_projections_mut(m, &format!("model.layers.{i}.mlp")));
+    }
+    if let Some(moe) = layer.moe.as_mut() {
+        let p = format!("model.layers.{i}.mlp");
+        out.push((format!("{p}.gate"), &mut moe.gate));
+        for (e, expert) in moe.experts.iter_mut().enumerate() {
+            out.push((format!("{p}.experts.{e}.gate_up_proj"), &mut expert.gate_up_proj));
+            out.push((format!("{p}.experts.{e}.down_proj"), &mut expert.down_proj));
+        }
+        if let Some(shared) = moe.shared_expert.as_mut() {
+            out.extend(mlp_projections_mut(shared, &format!("{p}.shared_expert")));
+        }
+        if let Some(g) = moe.shared_expert_gate.as_mut() {
+            out.push((format!("{p}.shared_expert_gate"), g));
+        }
+    }
+    out
+}
+
+fn mlp_projections_mut<'a, B: Backend>(m: &'a mut Mlp<B>, prefix: &str) -> Vec<(String, &'a mut LoraLinear<B>)> {
+    let mut out = Vec::new();
     for (name, p) in [
         ("gate_proj", m.gate_proj.as_mut()),
         ("up_proj", m.up_proj.as_mut()),
@@ -48,7 +70,7 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
         ("down_proj", Some(&mut m.down_proj)),
     ] {
         if let Some(p) = p {
-            out.push((format!("model.layers.{i}.mlp.{name}"), p));
+            out.push((format!("{prefix}.{name}"), p));
         }
     }
     out
@@ -68,7 +90,21 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
         let attn: &[&str] = if cfg.fused_projections { &["qkv_proj", "o_proj"] } else { &["q_proj", "k_proj", "v_proj", "o_proj"] };
         names.extend(attn.iter().map(|n| format!("model.layers.{i}.self_attn.{n}")));
         let mlp: &[&str] = if cfg.fused_projections { &["gate_up_proj", "down_proj"] } else { &["gate_proj", "up_proj", "down_proj"] };
-        names.extend(mlp.iter().map(|n| format!("model.layers.{i}.mlp.{n}")));
+        match &cfg.moe {
+            Some(m) if m.is_sparse(i) => {
+                let p = format!("model.layers.{i}.mlp");
+                names.push(format!("{p}.gate"));
+                for e in 0..m.num_experts {
+                    names.push(format!("{p}.experts.{e}.gate_up_proj"));
+                    names.push(format!("{p}.experts.{e}.down_proj"));
+                }
+                if m.shared_expert_intermediate.is_some() {
+                    names.extend(mlp.iter().map(|n| format!("{p}.shared_expert.{n}")));
+                    names.push(format!("{p}.shared_expert_gate"));
+                }
+            }
+            _ => names.extend(mlp.iter().map(|n| format!("model.layers.{i}.mlp.{n}"))),
+        }
     }
     if !cfg.tie_word_embeddings {
         names.push("lm_head".into());
@@ -76,8 +112,25 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
     names
 }
 
-/// PEFT's `check_target_module_exists` for one module name.
+/// The parameter PEFT's `target_parameters` names for a mixture-of-experts module: an expert's
+/// projection `model.layers.3.mlp.experts.5.down_proj` is the slice of the fused
+/// `model.layers.3.mlp.experts.down_proj`; the router `model.layers.3.mlp.gate` is
+/// `model.layers.3.mlp.gate.weight`. `None` for every other module.
+pub fn moe_parameter(module: &str) -> Option<String> {
+    if let Some((head, tail)) = module.split_once(".mlp.experts.") {
+        let (_, proj) = tail.split_once('.')?;
+        return Some(format!("{head}.mlp.experts.{proj}"));
+    }
+    module.ends_with(".mlp.gate").then(|| format!("{module}.weight"))
+}
+
+/// PEFT's `check_target_module_exists` for one module name. Experts and routers are parameters
+/// in transformers 5, so only `target_parameters` reaches them.
 pub fn is_target(cfg: &LoraConfig, module: &str) -> bool {
+    if let Some(param) = moe_parameter(module) {
+        let hit = cfg.target_parameters.iter().flatten().any(|t| param == *t || param.ends_with(&format!(".{t}")));
+        return hit && layer_allowed(cfg, module);
+    }
     match &cfg.target_modules {
         TargetModules::Pattern(p) if p == "all-linear" => module != "lm_head" && layer_allowed(cfg, module),
         // A regex ignores layers_to_transform in PEFT.

@@ -39,7 +39,10 @@ pub fn apply_to<B: Backend>(projections: Vec<(String, &mut LoraLinear<B>)>, adap
             return Err(shape_error(&name, 'B', vec![d_out, r], &pair.b.shape));
         }
         let (cfg_r, _) = adapter.config.rank_alpha(&name);
-        if cfg_r != r {
+        // A per-expert adapter's gate and up pairs become one gate_up pair of twice the rank
+        // (export::experts), with the scaling of rank r.
+        let fused_halves = name.ends_with(".gate_up_proj") && crate::export::experts::split_expert_name(&name).is_some() && r == 2 * cfg_r;
+        if cfg_r != r && !fused_halves {
             return Err(Error::InvalidArgument(format!(
                 "adapter tensor {name}.lora_A has rank {r} but adapter_config.json gives rank {cfg_r} for this module"
             )));

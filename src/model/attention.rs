@@ -54,6 +54,8 @@ pub struct Attention<B: Backend> {
     pub local_rope: bool,
     /// OLMo 2: `q_norm` / `k_norm` span the whole projection, not each head.
     pub qk_norm_whole: bool,
+    /// OLMoE: q, k and v clamped to `[-c, c]` (after the whole-projection norms).
+    pub clip_qkv: Option<f64>,
 }
 
 impl<B: TemperBackend> Attention<B> {
@@ -68,10 +70,13 @@ impl<B: TemperBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (mut q, mut k, v) = self.project(x);
+        let (mut q, mut k, mut v) = self.project(x);
         if let (Some(qn), Some(kn), true) = (&self.q_norm, &self.k_norm, self.qk_norm_whole) {
             q = qn.forward(q);
             k = kn.forward(k);
+        }
+        if let Some(c) = self.clip_qkv {
+            (q, k, v) = (q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c));
         }
         let mut q = q.reshape([b, t, h, hd]);
         let mut k = k.reshape([b, t, kv, hd]);

@@ -14,7 +14,10 @@ use crate::{Error, Result};
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3"];
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
+
+/// The sparse mixture-of-experts families among them.
+pub const MOE_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
 
 /// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
 /// its own; the vision tower is left out of the model and copied unchanged by merge.
@@ -73,6 +76,22 @@ pub struct HfConfig {
     pub dtype: Option<String>,
     pub quantization_config: Option<Value>,
     pub architectures: Option<Vec<String>>,
+    /// Mixture of experts (qwen2_moe, qwen3_moe, olmoe: `num_experts`; mixtral: `num_local_experts`).
+    pub num_experts: Option<usize>,
+    pub num_local_experts: Option<usize>,
+    pub num_experts_per_tok: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    pub norm_topk_prob: Option<bool>,
+    pub decoder_sparse_step: Option<usize>,
+    pub mlp_only_layers: Option<Vec<usize>>,
+    pub shared_expert_intermediate_size: Option<usize>,
+    pub router_aux_loss_coef: Option<f64>,
+    pub output_router_logits: Option<bool>,
+    pub router_jitter_noise: Option<f64>,
+    /// Qwen2-MoE: q/k/v biases (transformers >= 5 spells it out; always on before).
+    pub qkv_bias: Option<bool>,
+    /// OLMoE: q, k and v are clamped to [-clip_qkv, clip_qkv] after their projections (and norms).
+    pub clip_qkv: Option<f64>,
     /// Set when this is the `text_config` of a vision-language checkpoint: its `model_type`.
     #[serde(skip)]
     pub composite: Option<String>,
@@ -87,6 +106,40 @@ pub enum Activation {
     GeluTanh,
     /// `gelu`: the exact erf form.
     Gelu,
+}
+
+/// Where a sparse family's expert tensors sit in a checkpoint as the Hub ships it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNaming {
+    /// `mlp.gate.weight`, `mlp.experts.{e}.{gate,up,down}_proj.weight` (Qwen, OLMoE).
+    Qwen,
+    /// `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`.
+    Mixtral,
+}
+
+/// A sparse mixture-of-experts MLP: a softmax router picks `top_k` of `num_experts` experts per
+/// token (transformers' `*TopKRouter`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub expert_intermediate: usize,
+    /// Renormalise the top-k probabilities to sum to one (Mixtral always does).
+    pub norm_topk_prob: bool,
+    /// Per layer: whether its MLP is the sparse block (`decoder_sparse_step`, `mlp_only_layers`).
+    pub sparse_layers: Vec<bool>,
+    /// Qwen2-MoE: an always-on shared expert of this size, gated by sigmoid(shared_expert_gate).
+    pub shared_expert_intermediate: Option<usize>,
+    /// The load-balancing loss coefficient (used only when a recipe turns the loss on).
+    pub router_aux_loss_coef: f64,
+    pub naming: ExpertNaming,
+}
+
+impl MoeConfig {
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.sparse_layers.get(layer).copied().unwrap_or(false)
+    }
 }
 
 /// Everything the decoder needs, derived once from `config.json`.
@@ -144,6 +197,10 @@ pub struct DecoderConfig {
     pub torch_dtype: Option<String>,
     /// The vision-language `model_type` (gemma3, mistral3) whose text decoder this is.
     pub composite: Option<String>,
+    /// Sparse mixture-of-experts layers.
+    pub moe: Option<MoeConfig>,
+    /// OLMoE: q, k, v clamped to this magnitude.
+    pub clip_qkv: Option<f64>,
 }
 
 impl HfConfig {
@@ -248,6 +305,7 @@ impl HfConfig {
 
         let is_gemma = mt.starts_with("gemma");
         let is_olmo = mt == "olmo2" || mt == "olmo3";
+        let moe = self.moe_config(path)?;
         if self.use_bidirectional_attention == Some(true) {
             return Err(unsupported("use_bidirectional_attention", "true".into(), "this is an embedding model (attention is not causal); Temper trains causal language models"));
         }
@@ -257,7 +315,8 @@ impl HfConfig {
         let sandwich = mt == "gemma2" || mt == "gemma3_text";
         let (qkv_bias, o_bias) = match mt {
             "qwen2" => (true, false),
-            "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" => {
+            "qwen2_moe" => (self.qkv_bias.unwrap_or(true), false),
+            "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
@@ -307,8 +366,8 @@ impl HfConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: mt == "qwen3" || mt == "gemma3_text" || is_olmo,
-            qk_norm_whole: is_olmo,
+            qk_norm: mt == "qwen3" || mt == "qwen3_moe" || mt == "gemma3_text" || is_olmo || mt == "olmoe",
+            qk_norm_whole: is_olmo || mt == "olmoe",
             post_norms: is_olmo,
             fused_projections: mt == "phi3",
             sandwich_norms: sandwich,
@@ -328,7 +387,58 @@ impl HfConfig {
             eos_token_ids: all_ids(&self.eos_token_id),
             torch_dtype: self.torch_dtype.clone().or_else(|| self.dtype.clone()),
             composite: self.composite.clone(),
+            moe,
+            clip_qkv: if mt == "olmoe" { self.clip_qkv } else { None },
         })
+    }
+
+    /// The MoE switches of a sparse family, with the defaults of its transformers 5 config class.
+    fn moe_config(&self, path: &Path) -> Result<Option<MoeConfig>> {
+        let mt = self.model_type.as_str();
+        if !MOE_MODEL_TYPES.contains(&mt) {
+            return Ok(None);
+        }
+        let invalid = |key: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: key.to_string(), reason };
+        let (experts_key, default_experts, default_k) = match mt {
+            "qwen3_moe" => ("num_experts", 128, 8),
+            "qwen2_moe" => ("num_experts", 60, 4),
+            "olmoe" => ("num_experts", 64, 8),
+            _ => ("num_local_experts", 8, 2),
+        };
+        // transformers 5 writes `num_local_experts` for every family (an attribute alias).
+        let num_experts = if mt == "mixtral" { self.num_local_experts.or(self.num_experts) } else { self.num_experts.or(self.num_local_experts) }.unwrap_or(default_experts);
+        let top_k = self.num_experts_per_tok.unwrap_or(default_k);
+        if num_experts == 0 || top_k == 0 || top_k > num_experts {
+            return Err(invalid("num_experts_per_tok", format!("{top_k} experts per token of {num_experts} ({experts_key}): need 1 <= k <= experts")));
+        }
+        let expert_intermediate = match mt {
+            "qwen3_moe" | "qwen2_moe" => self.moe_intermediate_size.unwrap_or(if mt == "qwen3_moe" { 768 } else { 1408 }),
+            _ => self.intermediate_size,
+        };
+        let n = self.num_hidden_layers;
+        let (step, only) = match mt {
+            "qwen3_moe" | "qwen2_moe" => (self.decoder_sparse_step.unwrap_or(1), self.mlp_only_layers.clone().unwrap_or_default()),
+            _ => (1, Vec::new()),
+        };
+        if step == 0 {
+            return Err(invalid("decoder_sparse_step", "must be positive".into()));
+        }
+        if let Some(&l) = only.iter().find(|&&l| l >= n) {
+            return Err(invalid("mlp_only_layers", format!("names layer {l}, but the model has {n} layers")));
+        }
+        if let Some(j) = self.router_jitter_noise.filter(|j| *j != 0.0) {
+            return Err(Error::Unsupported { path: path.to_path_buf(), key: "router_jitter_noise".into(), value: j.to_string(), reason: "router jitter (random input scaling while training) is not implemented; set it to 0".into() });
+        }
+        Ok(Some(MoeConfig {
+            num_experts,
+            top_k,
+            expert_intermediate,
+            norm_topk_prob: mt == "mixtral" || self.norm_topk_prob.unwrap_or(false),
+            sparse_layers: (0..n).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect(),
+            shared_expert_intermediate: if mt == "qwen2_moe" { Some(self.shared_expert_intermediate_size.unwrap_or(5632)) } else { None },
+            router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(if mt == "olmoe" { 0.01 } else { 0.001 }),
+            naming: if mt == "mixtral" { ExpertNaming::Mixtral } else { ExpertNaming::Qwen },
+        }))
     }
 
     fn activation(&self, path: &Path) -> Result<Activation> {
@@ -492,8 +602,8 @@ impl HfConfig {
                 }
                 (0..n).map(|i| if (i + 1) % every != 0 { window } else { None }).collect()
             }
-            "mistral" | "phi3" => vec![window; n],
-            "qwen2" | "qwen3" if self.use_sliding_window == Some(true) => {
+            "mistral" | "phi3" | "mixtral" => vec![window; n],
+            "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" if self.use_sliding_window == Some(true) => {
                 let first_full = self.max_window_layers.unwrap_or(n);
                 (0..n).map(|i| if i >= first_full { window } else { None }).collect()
             }
@@ -543,7 +653,14 @@ impl DecoderConfig {
         let norms = h * if self.sandwich_norms { 4 } else { 2 } + qk_norms;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        self.num_layers * (attn + mlp + norms) + embed + head + h
+        let layer_mlp = |l: usize| match &self.moe {
+            Some(m) if m.is_sparse(l) => {
+                let shared = m.shared_expert_intermediate.map_or(0, |si| 3 * h * si + h);
+                m.num_experts * (3 * h * m.expert_intermediate + h) + shared
+            }
+            _ => mlp,
+        };
+        (0..self.num_layers).map(|l| attn + layer_mlp(l) + norms).sum::<usize>() + embed + head + h
     }
 }
 

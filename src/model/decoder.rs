@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::model::attention::{Attention, AttentionMask, LayerCache};
 use crate::model::config::DecoderConfig;
 use crate::model::mlp::Mlp;
+use crate::model::moe::{Expert, MoeBlock};
 use crate::model::norm::RmsNorm;
 use crate::model::rope::{RopeConfig, RopeTables};
 use crate::model::weights::WeightSource;
@@ -33,12 +34,25 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
-    pub mlp: Mlp<B>,
+    /// The dense MLP (`None` on a sparse layer).
+    pub mlp: Option<Mlp<B>>,
+    /// A sparse mixture-of-experts layer's MLP (named `mlp.*` as in transformers 5).
+    pub moe: Option<MoeBlock<B>>,
     /// Granite: each branch's output is multiplied by this before the residual add.
     pub residual_scale: Option<f64>,
 }
 
 impl<B: TemperBackend> DecoderLayer<B> {
+    /// The feed-forward branch: the dense MLP or the mixture of experts.
+    pub fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match (&self.moe, &self.mlp) {
+            (Some(moe), _) => moe.forward(x),
+            (None, Some(mlp)) => mlp.forward(x),
+            // The loader always builds one of the two.
+            (None, None) => x,
+        }
+    }
+
     /// `[batch, seq, hidden]` -> same.
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
         let scaled = |t: Tensor<B, 3>| match self.residual_scale {
@@ -57,18 +71,18 @@ impl<B: TemperBackend> DecoderLayer<B> {
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(h);
-                let m = self.mlp.forward(pre.forward(x.clone()));
+                let m = self.feed_forward(pre.forward(x.clone()));
                 x + post.forward(m)
             }
             (None, Some(post)) => {
                 // OLMo 2: the branch outputs are normed, their inputs are not.
                 let x = x + self.post_attention_layernorm.forward(h);
-                let m = self.mlp.forward(x.clone());
+                let m = self.feed_forward(x.clone());
                 x + post.forward(m)
             }
             _ => {
                 let x = x + scaled(h);
-                let m = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+                let m = self.feed_forward(self.post_attention_layernorm.forward(x.clone()));
                 x + scaled(m)
             }
         }
@@ -301,17 +315,29 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
         )
     };
     let o_proj = proj("self_attn.o_proj", h, q_dim, cfg.o_bias)?;
-    let inter = cfg.intermediate_size;
-    let (gate_proj, up_proj, gate_up_proj) = if cfg.fused_projections {
-        (None, None, Some(proj("mlp.gate_up_proj", 2 * inter, h, false)?))
-    } else {
-        (
-            Some(proj("mlp.gate_proj", inter, h, cfg.mlp_bias)?),
-            Some(proj("mlp.up_proj", inter, h, cfg.mlp_bias)?),
-            None,
-        )
+    let mut dense = |prefix: &str, inter: usize| -> Result<Mlp<B>> {
+        let (gate_proj, up_proj, gate_up_proj) = if cfg.fused_projections {
+            (None, None, Some(proj(&format!("{prefix}.gate_up_proj"), 2 * inter, h, false)?))
+        } else {
+            (
+                Some(proj(&format!("{prefix}.gate_proj"), inter, h, cfg.mlp_bias)?),
+                Some(proj(&format!("{prefix}.up_proj"), inter, h, cfg.mlp_bias)?),
+                None,
+            )
+        };
+        let down_proj = proj(&format!("{prefix}.down_proj"), h, inter, cfg.mlp_bias)?;
+        Ok(Mlp { gate_proj, up_proj, gate_up_proj, down_proj, activation: cfg.activation })
     };
-    let down_proj = proj("mlp.down_proj", h, inter, cfg.mlp_bias)?;
+    let (mlp, moe) = match &cfg.moe {
+        Some(m) if m.is_sparse(i) => {
+            let shared_expert = match m.shared_expert_intermediate {
+                Some(si) => Some(dense("mlp.shared_expert", si)?),
+                None => None,
+            };
+            (None, Some(load_moe(cfg, m, w, &p, shared_expert, dtype, device)?))
+        }
+        _ => (Some(dense("mlp", cfg.intermediate_size)?), None),
+    };
     let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
     let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(w.norm(&format!("{p}.{name}.weight"), dim, device)?, eps, off))
@@ -347,17 +373,69 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
             rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
             local_rope: cfg.local_rope.is_some() && cfg.layer_windows.get(i).copied().flatten().is_some(),
             qk_norm_whole: cfg.qk_norm_whole,
+            clip_qkv: cfg.clip_qkv,
         },
         post_attention_layernorm: norm("post_attention_layernorm", h)?,
         pre_feedforward_layernorm: pre_ff,
         post_feedforward_layernorm: post_ff,
-        mlp: Mlp {
-            gate_proj,
-            up_proj,
-            gate_up_proj,
-            down_proj,
-            activation: cfg.activation,
-        },
+        mlp,
+        moe,
         residual_scale: cfg.residual_scale,
+    })
+}
+
+/// Layer `p`'s mixture of experts: the router, each expert's gate/up (stacked) and down
+/// projections from the Hub's per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
+/// `block_sparse_moe.experts.{e}.w1/w3/w2.weight`) or transformers 5's fused 3-D ones
+/// (`mlp.experts.gate_up_proj` `[E, 2I, H]`, `mlp.experts.down_proj` `[E, H, I]`).
+fn load_moe<B: Backend>(
+    cfg: &DecoderConfig,
+    m: &crate::model::config::MoeConfig,
+    w: &mut WeightSource,
+    p: &str,
+    shared_expert: Option<Mlp<B>>,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<MoeBlock<B>> {
+    use crate::model::config::ExpertNaming;
+    let (h, inter, e_count) = (cfg.hidden_size, m.expert_intermediate, m.num_experts);
+    let fused_gu = format!("{p}.mlp.experts.gate_up_proj");
+    let (block, names) = match m.naming {
+        ExpertNaming::Mixtral if !w.contains(&fused_gu) => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+    };
+    let router = w.tensor::<B, 2>(&format!("{p}.{block}.gate.weight"), [e_count, h], dtype, device)?;
+    let mut experts = Vec::with_capacity(e_count);
+    if w.contains(&fused_gu) {
+        let gu = w.tensor::<B, 3>(&fused_gu, [e_count, 2 * inter, h], dtype, device)?;
+        let down = w.tensor::<B, 3>(&format!("{p}.mlp.experts.down_proj"), [e_count, h, inter], dtype, device)?;
+        for e in 0..e_count {
+            experts.push(Expert {
+                gate_up_proj: LoraLinear::frozen(gu.clone().slice([e..e + 1]).reshape([2 * inter, h]), None),
+                down_proj: LoraLinear::frozen(down.clone().slice([e..e + 1]).reshape([h, inter]), None),
+            });
+        }
+    } else {
+        for e in 0..e_count {
+            let q = format!("{p}.{block}.experts.{e}");
+            let gate = w.tensor::<B, 2>(&format!("{q}.{}.weight", names[0]), [inter, h], dtype, device)?;
+            let up = w.tensor::<B, 2>(&format!("{q}.{}.weight", names[1]), [inter, h], dtype, device)?;
+            let down = w.tensor::<B, 2>(&format!("{q}.{}.weight", names[2]), [h, inter], dtype, device)?;
+            experts.push(Expert { gate_up_proj: LoraLinear::frozen(Tensor::cat(vec![gate, up], 0), None), down_proj: LoraLinear::frozen(down, None) });
+        }
+    }
+    let shared_expert_gate = if shared_expert.is_some() {
+        Some(LoraLinear::frozen(w.tensor::<B, 2>(&format!("{p}.mlp.shared_expert_gate.weight"), [1, h], dtype, device)?, None))
+    } else {
+        None
+    };
+    Ok(MoeBlock {
+        gate: LoraLinear::frozen(router, None),
+        experts,
+        shared_expert,
+        shared_expert_gate,
+        top_k: m.top_k,
+        norm_topk_prob: m.norm_topk_prob,
+        activation: cfg.activation,
     })
 }

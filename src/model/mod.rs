@@ -5,6 +5,7 @@ pub mod config;
 pub mod decoder;
 pub mod generate;
 pub mod mlp;
+pub mod moe;
 pub mod names;
 pub mod norm;
 pub mod rope;

@@ -13,6 +13,7 @@ mod lora_parity;
 mod export_gguf;
 mod export_serving;
 mod merge;
+mod moe;
 mod ops;
 mod parity;
 mod quant;

@@ -1,0 +1,153 @@
+//! The sparse mixture-of-experts MLP (qwen3_moe, qwen2_moe, mixtral, olmoe): one more kind of
+//! MLP inside the decoder layer. A router picks `top_k` experts per token; only those run.
+//!
+//! Compute follows shared/docs/MOE-NOTES.md §7.2 (dropless, sort-based, split LoRA):
+//! 1. router logits `[T, E]` -> softmax in f32; the top-k experts are chosen on the host (one
+//!    device read per layer), the weights gathered on the device so gradients reach the router
+//!    logits through the softmax (and the renormalisation), as in transformers;
+//! 2. the `T * k` (token, expert) assignments are sorted by expert (stable), the tokens gathered
+//!    into that order once, and each expert with work runs its two projections on its slice
+//!    (a `LoraLinear` each, so its LoRA delta applies to its routed rows only, and `W + BA` is
+//!    never formed);
+//! 3. the outputs are weighted, put back in assignment order with the inverse permutation (a
+//!    gather, no scatter-add) and summed over k.
+//!
+//! Time and memory scale with `T * k`, never with the number of experts.
+
+use burn::module::Module;
+use burn::tensor::{activation, backend::Backend, DType, Int, Tensor, TensorData};
+
+use crate::lora::LoraLinear;
+use crate::model::config::Activation;
+use crate::model::mlp::{apply_activation, Mlp};
+use crate::ops::TemperBackend;
+
+/// One expert: transformers 5's `experts.gate_up_proj[e]` (`[2I, H]`, gate rows then up rows)
+/// and `experts.down_proj[e]` (`[H, I]`).
+#[derive(Module, Debug)]
+pub struct Expert<B: Backend> {
+    pub gate_up_proj: LoraLinear<B>,
+    pub down_proj: LoraLinear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct MoeBlock<B: Backend> {
+    /// The router, `mlp.gate`: `[E, H]`.
+    pub gate: LoraLinear<B>,
+    pub experts: Vec<Expert<B>>,
+    /// Qwen2-MoE: an always-on expert, scaled by `sigmoid(shared_expert_gate(x))`.
+    pub shared_expert: Option<Mlp<B>>,
+    pub shared_expert_gate: Option<LoraLinear<B>>,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+/// The routing of one call, for the load-balancing loss and for tests.
+#[derive(Debug, Clone)]
+pub struct Routing<B: Backend> {
+    /// Raw router logits `[T, E]` (f32).
+    pub logits: Tensor<B, 2>,
+    /// Per token, the chosen experts in transformers' top-k order (descending probability).
+    pub experts: Vec<Vec<usize>>,
+}
+
+impl<B: TemperBackend> MoeBlock<B> {
+    /// `[batch, seq, hidden]` -> same.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_routed(x).0
+    }
+
+    /// The output and the routing that produced it.
+    pub fn forward_routed(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Routing<B>) {
+        let [b, t, h] = x.dims();
+        let n = b * t;
+        let k = self.top_k;
+        let e_count = self.experts.len();
+        let device = x.device();
+        let dtype = x.dtype();
+        let logits = self.gate.forward(x.clone()).reshape([n, e_count]).cast(DType::F32);
+        let probs = activation::softmax(logits.clone(), 1);
+        // Top-k on the host: one read of [T, E] per layer. Ties keep the lower expert id.
+        let host: Vec<f32> = probs.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(n);
+        for row in host.chunks(e_count.max(1)).take(n) {
+            let mut order: Vec<usize> = (0..e_count).collect();
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            order.truncate(k);
+            chosen.push(order);
+        }
+        let flat: Vec<i64> = chosen.iter().flatten().map(|&e| e as i64).collect();
+        let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, k]), &device);
+        let mut weights = probs.gather(1, idx);
+        if self.norm_topk_prob {
+            let sum = weights.clone().sum_dim(1);
+            weights = weights / sum;
+        }
+        let weights = weights.cast(dtype);
+
+        // Assignment a = token * k + j, sorted stably by expert.
+        let s = n * k;
+        let mut perm: Vec<usize> = (0..s).collect();
+        perm.sort_by_key(|&a| chosen[a / k][a % k]);
+        let mut counts = vec![0usize; e_count];
+        for &a in &perm {
+            counts[chosen[a / k][a % k]] += 1;
+        }
+        let mut inv = vec![0i64; s];
+        for (pos, &a) in perm.iter().enumerate() {
+            inv[a] = pos as i64;
+        }
+        let ints = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [s]), &device);
+        let tokens_sorted = ints(perm.iter().map(|&a| (a / k) as i64).collect());
+        let x2 = x.clone().reshape([n, h]);
+        let x_sorted = x2.select(0, tokens_sorted);
+        let mut outputs = Vec::new();
+        let mut offset = 0;
+        // An expert no token chose still gets a (zero) gradient for its LoRA delta, as in PEFT,
+        // whose 3-D delta covers every expert: AdamW then decays and moves it the same way.
+        let mut idle: Option<Tensor<B, 1>> = None;
+        for (e, &count) in counts.iter().enumerate() {
+            if count == 0 {
+                for proj in [&self.experts[e].gate_up_proj, &self.experts[e].down_proj] {
+                    if let Some(l) = &proj.lora {
+                        let z = (l.lora_a.val().sum() + l.lora_b.val().sum()).mul_scalar(0.0);
+                        idle = Some(match idle {
+                            Some(acc) => acc + z,
+                            None => z,
+                        });
+                    }
+                }
+                continue;
+            }
+            let rows = x_sorted.clone().slice([offset..offset + count]).reshape([1, count, h]);
+            outputs.push(self.experts[e].forward(rows, self.activation).reshape([count, h]));
+            offset += count;
+        }
+        let mut y_sorted = Tensor::cat(outputs, 0);
+        if let Some(z) = idle {
+            y_sorted = y_sorted + z.cast(dtype).unsqueeze::<2>();
+        }
+        let w_sorted = weights.reshape([s]).select(0, ints(perm.iter().map(|&a| a as i64).collect()));
+        let y = (y_sorted * w_sorted.unsqueeze_dim(1)).select(0, ints(inv)).reshape([n, k, h]).sum_dim(1).reshape([b, t, h]);
+        let y = match (&self.shared_expert, &self.shared_expert_gate) {
+            (Some(shared), Some(gate)) => y + activation::sigmoid(gate.forward(x.clone())) * shared.forward(x),
+            (Some(shared), None) => y + shared.forward(x),
+            _ => y,
+        };
+        (y, Routing { logits, experts: chosen })
+    }
+}
+
+impl<B: TemperBackend> Expert<B> {
+    /// `[1, rows, hidden]` -> same: `down(act(gate) * up)`.
+    pub fn forward(&self, x: Tensor<B, 3>, act: Activation) -> Tensor<B, 3> {
+        let both = self.gate_up_proj.forward(x);
+        let [b, t, two_i] = both.dims();
+        let i = two_i / 2;
+        let gate = both.clone().slice([0..b, 0..t, 0..i]);
+        let up = both.slice([0..b, 0..t, i..two_i]);
+        self.down_proj.forward(apply_activation(act, gate) * up)
+    }
+}
