@@ -16,14 +16,26 @@ use crate::common::{fixtures, manifest, max_abs_diff, CpuAutodiff, Reference};
 
 const LOSS_TOL: f64 = 1e-4;
 
+/// The manifest entry of training fixture `name` and the folder its paths are relative to:
+/// `moe/NAME` is in tests/fixtures/moe's own manifest (transformers 5 fixtures).
+fn train_entry(name: &str) -> (std::path::PathBuf, serde_json::Value) {
+    match name.strip_prefix("moe/") {
+        Some(n) => {
+            let root = fixtures().join("moe");
+            let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
+            (root, m["train"][n].clone())
+        }
+        None => (fixtures(), manifest()["train"][name].clone()),
+    }
+}
+
 fn run(name: &str, checkpointing: bool) {
     run_on::<CpuAutodiff>(name, checkpointing, &Default::default());
 }
 
 /// The 10-step curve of fixture `name` against PyTorch, on backend `B`.
 pub fn run_on<B: TemperAutodiff>(name: &str, checkpointing: bool, device: &B::Device) {
-    let m = manifest();
-    let e = &m["train"][name];
+    let (root, e) = train_entry(name);
     let (mut model, curve) = curve_on::<B>(name, checkpointing, 0.0, device);
     let want = |k: &str| -> Vec<f64> { e[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
     let (want_loss, want_norm, want_lr) = (want("losses"), want("grad_norms"), want("lrs"));
@@ -34,8 +46,8 @@ pub fn run_on<B: TemperAutodiff>(name: &str, checkpointing: bool, device: &B::De
         assert!((stats.grad_norm - want_norm[s]).abs() <= 1e-4 * want_norm[s].max(1.0), "{name} step {s}: grad norm {} vs torch {}", stats.grad_norm, want_norm[s]);
     }
     let ours = temper::lora::extract_adapter(&mut model, &temper::lora::LoraConfig::default(), "x").unwrap();
-    let theirs = Adapter::read(&fixtures().join(e["final_adapter"].as_str().unwrap())).unwrap();
-    let initial = Adapter::read(&fixtures().join(e["initial_adapter"].as_str().unwrap())).unwrap();
+    let theirs = Adapter::read(&root.join(e["final_adapter"].as_str().unwrap())).unwrap();
+    let initial = Adapter::read(&root.join(e["initial_adapter"].as_str().unwrap())).unwrap();
     // Final weights: within 0.5% of how far training moved them (AdamW amplifies last-bit
     // differences where the second moment is tiny; Gemma 2's soft-capped loss is ~24).
     let moved = theirs
@@ -67,10 +79,9 @@ pub fn curve_on<B: TemperAutodiff>(name: &str, checkpointing: bool, dropout: f64
 /// The fixture run's model (base in `precision`, PEFT-initialised adapter with `dropout`),
 /// optimizer, and each step's batch and learning rate.
 fn fixture_run<B: TemperAutodiff>(name: &str, precision: WeightPrecision, dropout: f64, device: &B::Device) -> (CausalLm<B>, Optimizer<B>, Vec<(Batch, f64)>) {
-    let m = manifest();
-    let e = &m["train"][name];
-    let mut model = load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), precision, device).unwrap().model;
-    apply_adapter(&mut model, &Adapter::read(&fixtures().join(e["initial_adapter"].as_str().unwrap())).unwrap()).unwrap();
+    let (root, e) = train_entry(name);
+    let mut model = load_model::<B>(&root.join(e["base_model"].as_str().unwrap()), precision, device).unwrap().model;
+    apply_adapter(&mut model, &Adapter::read(&root.join(e["initial_adapter"].as_str().unwrap())).unwrap()).unwrap();
     for (_, proj) in temper::lora::projections_mut(&mut model) {
         if let Some(lora) = proj.lora.as_mut() {
             lora.dropout = dropout;
@@ -87,7 +98,7 @@ fn fixture_run<B: TemperAutodiff>(name: &str, precision: WeightPrecision, dropou
         ..TrainConfig::default()
     };
     let opt = Optimizer::new(&mut model, &cfg);
-    let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
+    let r = Reference::open(&root.join(e["reference"].as_str().unwrap()));
     let (ids, shape) = r.i64("input_ids");
     let (labels, _) = r.i64("labels");
     let (steps, rows, t) = (shape[0], shape[1], shape[2]);
@@ -141,6 +152,13 @@ fn ten_step_loss_curve_matches_pytorch_gemma3_text() {
 fn ten_step_loss_curve_matches_pytorch_on_a_4bit_base() {
     run("llama64_nf4_train", false);
     run("llama64_nf4_train", true);
+}
+
+/// Qwen3-MoE with LoRA on attention, the dense layer and the experts (`target_parameters`):
+/// losses, gradient norms and final weights against PyTorch + PEFT 0.21 on transformers 5.
+#[test]
+fn ten_step_loss_curve_matches_pytorch_qwen3_moe() {
+    run("moe/qwen3_moe_train", false);
 }
 
 #[test]
