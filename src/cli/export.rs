@@ -12,6 +12,10 @@ use temper::export::{Adapter, WriteMode};
 pub enum Format {
     /// adapter_config.json + adapter_model.safetensors with the conservative PEFT key set.
     Peft,
+    /// PEFT, with mixture-of-experts deltas in the 2-D per-expert form (`experts.{e}.gate_proj`,
+    /// Mixtral `block_sparse_moe.experts.{e}.w1`) that vLLM and llama.cpp's converter read for
+    /// Mixtral, Qwen-MoE and OLMoE models, instead of PEFT's 3-D `target_parameters` form.
+    PeftPerExpert,
     /// One llama.cpp LoRA adapter file (`llama-cli --lora FILE`).
     Gguf,
     /// A folder with adapter.gguf and a Modelfile (`ollama create NAME -f Modelfile`).
@@ -70,6 +74,20 @@ pub fn run(args: ExportArgs) -> Result<()> {
             adapter.write(&args.out, WriteMode::Replace, &[])?;
             args.base.as_ref().map(PathBuf::from).or_else(recorded)
         }
+        Format::PeftPerExpert => {
+            let base = args.base.as_ref().map(PathBuf::from).or_else(recorded);
+            let Some(dir) = base.as_ref() else {
+                bail!("--format peft-per-expert needs the base model folder (--base DIR): Mixtral names its experts differently from the other families");
+            };
+            let (_, cfg) = temper::model::DecoderConfig::from_model_dir(dir).with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+            if cfg.moe.is_none() {
+                bail!("{} is not a mixture-of-experts model ({}): use --format peft", dir.display(), cfg.model_type);
+            }
+            let mut per = adapter.clone();
+            per.expert_format = temper::export::experts::ExpertFormat::PerExpert { mixtral: cfg.model_type == "mixtral" };
+            per.write(&args.out, WriteMode::Replace, &[])?;
+            base
+        }
         Format::Gguf => {
             let Some(base) = args.base.as_ref().map(PathBuf::from).or_else(recorded) else {
                 bail!("base model {:?} of {} is not a local folder: pass --base DIR (only its config.json is read)", adapter.base_model, args.adapter.display());
@@ -105,7 +123,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         }
     };
     eprintln!("wrote {}", args.out.display());
-    let checked = if matches!(args.format, Format::Peft) { args.out.clone() } else { args.adapter.clone() };
+    let checked = if matches!(args.format, Format::Peft | Format::PeftPerExpert) { args.out.clone() } else { args.adapter.clone() };
     super::print_servability(&checked, base_dir.as_deref());
     Ok(())
 }

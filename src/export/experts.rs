@@ -18,14 +18,14 @@ use std::collections::BTreeMap;
 use crate::export::{HostTensor, LoraPair};
 use crate::{Error, Result};
 
-/// How an adapter stored its expert deltas.
+/// How an adapter stores its expert deltas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertFormat {
-    /// No expert deltas, or the 3-D `target_parameters` form (what Temper writes).
+    /// No expert deltas, or the 3-D `target_parameters` form (what Temper writes by default).
     #[default]
     Fused,
-    /// The 2-D per-expert form.
-    PerExpert,
+    /// The 2-D per-expert form; `mixtral`: Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`.
+    PerExpert { mixtral: bool },
 }
 
 const GATE_UP: &str = "gate_up_proj";
@@ -97,7 +97,7 @@ pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(
     for key in per_expert {
         let Some((base, role)) = per_expert_role(&key) else { continue };
         let Some(pair) = modules.remove(&key) else { continue };
-        format = ExpertFormat::PerExpert;
+        format = ExpertFormat::PerExpert { mixtral: key.contains(".block_sparse_moe.") };
         match role {
             "gate" => halves.entry(base).or_default()[0] = Some(pair),
             "up" => halves.entry(base).or_default()[1] = Some(pair),
@@ -209,4 +209,29 @@ pub fn fuse_experts(modules: &BTreeMap<String, LoraPair>) -> Result<(BTreeMap<St
 /// Whether any module is an expert projection.
 pub fn has_experts(modules: &BTreeMap<String, LoraPair>) -> bool {
     modules.keys().any(|k| split_expert_name(k).is_some())
+}
+
+/// The adapter's modules with each expert's gate_up delta split into PEFT's 2-D per-expert
+/// `gate_proj` and `up_proj` pairs (the same A; B's first and second halves of the rows) and
+/// down as `down_proj`; Mixtral: `block_sparse_moe.experts.{e}.w1`, `w3`, `w2`. Exact. Routers
+/// and every other module are kept as they are.
+pub fn per_expert(modules: &BTreeMap<String, LoraPair>, mixtral: bool) -> BTreeMap<String, LoraPair> {
+    let mut out = BTreeMap::new();
+    for (name, pair) in modules {
+        let Some((prefix, e, proj)) = split_expert_name(name) else {
+            out.insert(name.clone(), pair.clone());
+            continue;
+        };
+        let base = if mixtral { format!("{}.block_sparse_moe.experts.{e}", prefix.trim_end_matches(".mlp.experts")) } else { format!("{prefix}.{e}") };
+        let n = |qwen: &str, mx: &str| format!("{base}.{}", if mixtral { mx } else { qwen });
+        if proj == DOWN {
+            out.insert(n("down_proj", "w2"), pair.clone());
+            continue;
+        }
+        let (r, half) = (pair.a.shape[0], pair.b.shape[0] / 2);
+        let rows = |lo: usize| LoraPair { a: pair.a.clone(), b: HostTensor { shape: vec![half, r], data: pair.b.data[lo * r..(lo + half) * r].to_vec() } };
+        out.insert(n("gate_proj", "w1"), rows(0));
+        out.insert(n("up_proj", "w3"), rows(half));
+    }
+    out
 }

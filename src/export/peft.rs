@@ -41,6 +41,8 @@ pub struct Adapter {
     /// Trained on the text decoder of a vision-language model: PEFT names its modules
     /// `model.language_model.*` ([`peft_module`]); `modules` keeps Temper's names either way.
     pub nested: bool,
+    /// How mixture-of-experts deltas are written: PEFT's 3-D form (default) or per expert.
+    pub expert_format: crate::export::experts::ExpertFormat,
 }
 
 /// `adapter_config.json` as PEFT and others write it; unknown keys are accepted.
@@ -110,12 +112,13 @@ impl Adapter {
             let hit = config.target_parameters.iter().flatten().any(|t| fused == t || fused.ends_with(&format!(".{t}")));
             if hit { config.rank_alpha(fused).0 } else { 0 }
         };
-        crate::export::experts::split_experts(&mut modules, targets, &dir.join(WEIGHTS_FILE))?;
+        let expert_format = crate::export::experts::split_experts(&mut modules, targets, &dir.join(WEIGHTS_FILE))?;
         Ok(Adapter {
             config,
             base_model,
             modules,
             nested,
+            expert_format,
         })
     }
 
@@ -143,12 +146,19 @@ impl Adapter {
     /// The conservative key set of PEFT-FORMAT.md; `target_modules` as an explicit list of the
     /// module names adapted (what vLLM and mistral.rs check tensors against).
     pub fn config_json(&self) -> Value {
+        use crate::export::experts::{per_expert, ExpertFormat};
         use crate::lora::inject::moe_parameter;
-        // Experts and routers are parameters in transformers 5: `target_parameters`.
-        let targets: std::collections::BTreeSet<&str> = self.modules.keys().filter(|m| moe_parameter(m).is_none()).map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
-        let params: std::collections::BTreeSet<String> = self
-            .modules
-            .keys()
+        // Experts and routers are parameters in transformers 5: `target_parameters`; written per
+        // expert, the experts are modules again (`gate_proj`, ... or Mixtral's `w1`, ...).
+        let per = match self.expert_format {
+            ExpertFormat::PerExpert { mixtral } => Some(per_expert(&self.modules, mixtral)),
+            ExpertFormat::Fused => None,
+        };
+        let names: Vec<&String> = per.as_ref().map_or_else(|| self.modules.keys().collect(), |p| p.keys().collect());
+        let targets: std::collections::BTreeSet<&str> = names.iter().filter(|m| per.is_some() || moe_parameter(m).is_none()).map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+        let params: std::collections::BTreeSet<String> = names
+            .iter()
+            .filter(|m| per.is_none() || m.ends_with(".mlp.gate"))
             .filter_map(|m| moe_parameter(m))
             .map(|p| if p.ends_with(".mlp.gate.weight") { "mlp.gate.weight".to_string() } else { format!("mlp.experts.{}", p.rsplit('.').next().unwrap_or_default()) })
             .collect();
@@ -190,7 +200,10 @@ impl Adapter {
 
     fn safetensors_bytes(&self) -> Result<Vec<u8>> {
         let mut entries: Vec<(String, &HostTensor)> = Vec::new();
-        let (fused, _) = crate::export::experts::fuse_experts(&self.modules)?;
+        let (fused, _) = match self.expert_format {
+            crate::export::experts::ExpertFormat::PerExpert { mixtral } => (crate::export::experts::per_expert(&self.modules, mixtral), Vec::new()),
+            crate::export::experts::ExpertFormat::Fused => crate::export::experts::fuse_experts(&self.modules)?,
+        };
         for (module, pair) in &fused {
             let module = peft_module(module, self.nested);
             entries.push((format!("{KEY_PREFIX}{module}.lora_A.weight"), &pair.a));

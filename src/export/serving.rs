@@ -24,6 +24,10 @@
 //! - M5 no adapter on lm_head. M6 lora_A `[rank, in]`, lora_B `[out, rank]` for the module's rank.
 //! - M7 every tensor belongs to a module of the model; at least one. M8 ranks at most 256.
 //!
+//! LoRA on the experts of a mixture-of-experts model in PEFT's 3-D form (V9, L4, M9): one
+//! verdict per server (shared/docs/MOE-NOTES.md §1c: vLLM reads the 2-D per-expert form for the
+//! non-fused families, llama.cpp's converter maps only that form).
+//!
 //! llama.cpp (`--lora FILE.gguf`): the architecture has a GGUF mapping in `temper export
 //! --format gguf` (L1) and every module a GGUF tensor name (L2); no DoRA, biases or
 //! modules_to_save (L3). The GGUF Temper writes folds rsLoRA and alpha_pattern into B, so the
@@ -125,7 +129,21 @@ pub fn check_adapter(dir: &Path, base: Option<&ServingBase>) -> Result<Vec<Verdi
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors { path: weights.clone(), reason: e.to_string() })?;
     let mut tensors: Vec<TensorInfo> = meta.tensors().into_iter().map(|(name, info)| TensorInfo { name, shape: info.shape.clone() }).collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(vec![vllm(&cfg, &tensors, base), llama_cpp(&cfg, &tensors, base), mistral_rs(&cfg, &tensors, base)])
+    // PEFT's 3-D expert LoRA (`target_parameters`) is one verdict per server, not one per tensor.
+    let (experts, tensors): (Vec<TensorInfo>, Vec<TensorInfo>) = tensors.into_iter().partition(|t| t.name.contains(".mlp.experts.lora_") || t.name.contains(".mlp.experts.base_layer.lora_"));
+    let mut verdicts = vec![vllm(&cfg, &tensors, base), llama_cpp(&cfg, &tensors, base), mistral_rs(&cfg, &tensors, base)];
+    if !experts.is_empty() {
+        let layers = experts.iter().filter(|t| t.name.ends_with("lora_A.weight")).count();
+        let why = [
+            ("V9", format!("{layers} expert LoRA pairs are PEFT's 3-D form (target_parameters); for Mixtral / Qwen-MoE / OLMoE models vLLM reads the 2-D per-expert form, which Temper does not write yet")),
+            ("L4", format!("{layers} expert LoRA pairs are PEFT's 3-D form, which llama.cpp's convert_lora_to_gguf.py does not map")),
+            ("M9", format!("{layers} expert LoRA pairs are PEFT's 3-D form; mistral.rs's LoRA loader takes per-module Linear pairs")),
+        ];
+        for (v, (rule, what)) in verdicts.iter_mut().zip(why) {
+            v.problems.push((rule, what));
+        }
+    }
+    Ok(verdicts)
 }
 
 /// `base_model.model.<module>.lora_{A,B}.weight` -> (module, "lora_A" / "lora_B").

@@ -117,5 +117,5 @@ pub fn combine(inputs: &[MergeInput]) -> Result<Adapter> {
         rank_pattern: odd,
         ..LoraConfig::default()
     };
-    Ok(Adapter { config, base_model: first.adapter.base_model.clone(), modules, nested: first.adapter.nested })
+    Ok(Adapter { config, base_model: first.adapter.base_model.clone(), modules, nested: first.adapter.nested, expert_format: first.adapter.expert_format })
 }

@@ -87,6 +87,7 @@ pub fn extract_adapter<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig,
         base_model: base_model.to_string(),
         modules,
         nested: model.config.composite.is_some(),
+        expert_format: Default::default(),
     })
 }
 

@@ -213,3 +213,85 @@ fn merge_writes_experts_in_the_base_layout() {
         assert!(diff <= LOGITS_TOL, "{name}: merged model's logits differ from the adapter's by {diff:e}");
     }
 }
+
+/// `temper train` on a Qwen3-MoE checkpoint with `target_parameters` on the experts: the
+/// adapter is PEFT's 3-D form (experts under `mlp.experts[.base_layer]`, none on the dense layer)
+/// and reads back as every sparse layer's experts. Dropout with `target_parameters` is refused,
+/// naming the key.
+#[test]
+fn recipe_trains_lora_on_the_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("qwen3_moe");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(moe_dir().join("models/qwen3_moe").join(f), model.join(f)).unwrap();
+    }
+    // The fixture's vocabulary is 512, as the stories260K tokenizer's.
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(crate::common::shared("models/stories260K").join(f), model.join(f)).unwrap();
+    }
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/stories/train.jsonl");
+    let recipe = |lora: &str| {
+        let path = tmp.path().join("r.yaml");
+        let text = format!(
+            "base_model: {}\ndata:\n  train: {}\n  format: text\n  seq_len: 32\nlora:\n{lora}train:\n  max_steps: 8\n  micro_batch_size: 2\n  learning_rate: 1.0e-2\noutput:\n  dir: {}\ndevice: cpu\n",
+            model.display(),
+            data.display(),
+            tmp.path().join("run").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", path.to_str().unwrap()]).output().unwrap()
+    };
+    let o = recipe("  r: 4\n  lora_alpha: 8\n  target_modules: [q_proj, v_proj]\n  target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let adapter = tmp.path().join("run/adapter");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["target_parameters"], serde_json::json!(["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]));
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let shape = |k: &str| st.tensor(k).unwrap().shape().to_vec();
+    assert_eq!(shape("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"), vec![24, 48]);
+    assert_eq!(shape("base_model.model.model.layers.0.mlp.experts.lora_B.weight"), vec![48, 24]);
+    assert!(st.names().iter().all(|k| !k.contains("layers.1.mlp.experts")), "layer 1 is dense");
+    let read = Adapter::read(&adapter).unwrap();
+    assert_eq!(read.modules.keys().filter(|k| k.contains(".experts.")).count(), 3 * 6 * 2);
+    let o = recipe("  r: 4\n  lora_dropout: 0.1\n  target_parameters: [mlp.experts.down_proj]\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("lora_dropout") && err.contains("target_parameters"), "{err}");
+}
+
+/// `temper export --format peft-per-expert` writes the 2-D per-expert form (Mixtral's
+/// `block_sparse_moe.experts.{e}.w1/w3/w2`, the others' `experts.{e}.gate_proj/up_proj/down_proj`)
+/// that reads back to the same logits; the serving check then has no 3-D complaint.
+#[test]
+fn export_writes_the_per_expert_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = moe_manifest();
+    let device = Default::default();
+    for (name, expect) in [("qwen3_moe", "mlp.experts.3.up_proj.lora_B.weight"), ("mixtral", "block_sparse_moe.experts.3.w3.lora_B.weight")] {
+        let src = moe_dir().join(m["peft"][name]["adapter"].as_str().unwrap());
+        let base = moe_dir().join(m["models"][name]["path"].as_str().unwrap());
+        let out = tmp.path().join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+            .args(["export", "--adapter", src.to_str().unwrap(), "--format", "peft-per-expert", "--out", out.to_str().unwrap(), "--base", base.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(!err.contains("(V9)"), "{name}: {err}");
+        let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.names().iter().any(|k| k.ends_with(&format!("layers.0.{expect}"))), "{name}: {:?}", st.names());
+        assert!(st.names().iter().all(|k| !k.contains(".mlp.experts.lora_") && !k.contains("base_layer")), "{name}: 3-D keys left");
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert!(cfg.get("target_parameters").is_none(), "{name}: {cfg}");
+        let mut model = load_model::<Cpu>(&base, WeightPrecision::F32, &device).unwrap().model;
+        apply_adapter(&mut model, &Adapter::read(&out).unwrap()).unwrap();
+        let r = Reference::open(&moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
+        let got: Vec<f32> = model.forward(ids::<Cpu>(&r, &device)).into_data().to_vec().unwrap();
+        let diff = max_abs_diff(&got, &r.f32("logits").0);
+        assert!(diff <= LOGITS_TOL, "{name}: per-expert export's logits differ by {diff:e}");
+    }
+}
