@@ -122,7 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let config = LoraConfig { r: RANK, lora_alpha: 32.0, target_modules: TargetModules::Pattern("all-linear".into()), ..LoraConfig::default() };
-    Adapter { config, base_model: "random-llama-1.1b".into(), modules, nested: false }.write(&out.join("adapter"), WriteMode::Replace, &[])?;
+    Adapter { config, base_model: "random-llama-1.1b".into(), modules, nested: false, expert_format: Default::default() }.write(&out.join("adapter"), WriteMode::Replace, &[])?;
     println!("{} parameters-worth of bf16 ({total} bytes) in {} shard(s) under {}", total / 2, shards.len(), model.display());
     Ok(())
 }

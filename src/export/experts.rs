@@ -44,6 +44,27 @@ pub fn split_expert_name(module: &str) -> Option<(&str, usize, &str)> {
 pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(&str) -> usize, path: &std::path::Path) -> Result<ExpertFormat> {
     let bad = |tensor: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: tensor.to_string(), reason };
     let mut format = ExpertFormat::Fused;
+    // 2-D per expert: gate/up (w1/w3) pairs become one gate_up pair; w2 is down.
+    let per_expert: Vec<String> = modules.keys().filter(|k| per_expert_role(k).is_some()).cloned().collect();
+    let mut halves: BTreeMap<String, [Option<LoraPair>; 2]> = BTreeMap::new();
+    for key in per_expert {
+        let Some((base, role)) = per_expert_role(&key) else { continue };
+        let Some(pair) = modules.remove(&key) else { continue };
+        format = ExpertFormat::PerExpert { mixtral: key.contains(".block_sparse_moe.") };
+        match role {
+            "gate" => halves.entry(base).or_default()[0] = Some(pair),
+            "up" => halves.entry(base).or_default()[1] = Some(pair),
+            _ => {
+                modules.insert(format!("{base}.{DOWN}"), pair);
+            }
+        }
+    }
+    for (base, [gate, up]) in halves {
+        let (Some(g), Some(u)) = (gate, up) else {
+            return Err(bad(&format!("base_model.model.{base}"), "has a LoRA pair for only one of gate_proj and up_proj (w1 / w3): Temper's experts fuse the two, so both are needed".into()));
+        };
+        modules.insert(format!("{base}.{GATE_UP}"), stack_block_diagonal(&g, &u));
+    }
     // 3-D: `...mlp.experts` and `...mlp.experts.base_layer`.
     let fused: Vec<String> = modules.keys().filter(|k| k.ends_with(".mlp.experts") || k.ends_with(".mlp.experts.base_layer")).cloned().collect();
     let mut by_layer: BTreeMap<String, Vec<(String, LoraPair)>> = BTreeMap::new();
@@ -90,27 +111,6 @@ pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(
                 modules.insert(format!("{prefix}.{e}.{role}"), pair);
             }
         }
-    }
-    // 2-D per expert: gate/up (w1/w3) pairs become one gate_up pair; w2 is down.
-    let per_expert: Vec<String> = modules.keys().filter(|k| per_expert_role(k).is_some()).cloned().collect();
-    let mut halves: BTreeMap<String, [Option<LoraPair>; 2]> = BTreeMap::new();
-    for key in per_expert {
-        let Some((base, role)) = per_expert_role(&key) else { continue };
-        let Some(pair) = modules.remove(&key) else { continue };
-        format = ExpertFormat::PerExpert { mixtral: key.contains(".block_sparse_moe.") };
-        match role {
-            "gate" => halves.entry(base).or_default()[0] = Some(pair),
-            "up" => halves.entry(base).or_default()[1] = Some(pair),
-            _ => {
-                modules.insert(format!("{base}.{DOWN}"), pair);
-            }
-        }
-    }
-    for (base, [gate, up]) in halves {
-        let (Some(g), Some(u)) = (gate, up) else {
-            return Err(bad(&format!("base_model.model.{base}"), "has a LoRA pair for only one of gate_proj and up_proj (w1 / w3): Temper's experts fuse the two, so both are needed".into()));
-        };
-        modules.insert(format!("{base}.{GATE_UP}"), stack_block_diagonal(&g, &u));
     }
     Ok(format)
 }

@@ -31,6 +31,14 @@ pub struct LoraPair {
     pub b: HostTensor,
 }
 
+impl LoraPair {
+    /// An empty rank-0 pair, for name mapping only.
+    pub fn placeholder() -> Self {
+        let t = || HostTensor { shape: vec![0, 0], data: Vec::new() };
+        LoraPair { a: t(), b: t() }
+    }
+}
+
 /// An adapter: its LoRA settings, what it was trained on, and its tensors by module name
 /// (`model.layers.0.self_attn.q_proj`).
 #[derive(Debug, Clone, PartialEq)]

@@ -40,7 +40,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::export::gguf;
-use crate::export::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::export::peft::{LoraPair, CONFIG_FILE, WEIGHTS_FILE};
 use crate::lora::module_names;
 use crate::model::names::{internal_module, peft_module};
 use crate::model::DecoderConfig;
@@ -69,10 +69,12 @@ impl ServingBase {
         let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
         let (_, cfg) = DecoderConfig::from_model_dir(dir)?;
         let composite = cfg.composite.is_some();
-        Ok(ServingBase {
-            model_type: raw["model_type"].as_str().unwrap_or_default().to_string(),
-            modules: module_names(&cfg).iter().map(|m| peft_module(m, composite)).collect(),
-        })
+        let mut modules: Vec<String> = module_names(&cfg).iter().map(|m| peft_module(m, composite)).collect();
+        // The 2-D per-expert names of every expert (what `--format peft-per-expert` writes).
+        let mixtral = cfg.model_type == "mixtral";
+        let experts: BTreeMap<String, LoraPair> = modules.iter().filter(|m| crate::export::experts::split_expert_name(m).is_some()).map(|m| (m.clone(), LoraPair::placeholder())).collect();
+        modules.extend(crate::export::experts::per_expert(&experts, mixtral).into_keys().filter(|k| !experts.contains_key(k)));
+        Ok(ServingBase { model_type: raw["model_type"].as_str().unwrap_or_default().to_string(), modules })
     }
 }
 
@@ -135,7 +137,7 @@ pub fn check_adapter(dir: &Path, base: Option<&ServingBase>) -> Result<Vec<Verdi
     if !experts.is_empty() {
         let layers = experts.iter().filter(|t| t.name.ends_with("lora_A.weight")).count();
         let why = [
-            ("V9", format!("{layers} expert LoRA pairs are PEFT's 3-D form (target_parameters); for Mixtral / Qwen-MoE / OLMoE models vLLM reads the 2-D per-expert form, which Temper does not write yet")),
+            ("V9", format!("{layers} expert LoRA pairs are PEFT's 3-D form (target_parameters); for Mixtral / Qwen-MoE / OLMoE models vLLM reads the 2-D per-expert form: `temper export --format peft-per-expert --base DIR` writes it")),
             ("L4", format!("{layers} expert LoRA pairs are PEFT's 3-D form, which llama.cpp's convert_lora_to_gguf.py does not map")),
             ("M9", format!("{layers} expert LoRA pairs are PEFT's 3-D form; mistral.rs's LoRA loader takes per-module Linear pairs")),
         ];
