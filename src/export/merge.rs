@@ -90,6 +90,8 @@ struct Term<'a> {
     /// Where the `[out, in]` update starts in the tensor (an expert's slice of a fused 3-D
     /// `experts.gate_up_proj`; 0 otherwise).
     offset: usize,
+    /// The tensor holds the update transposed, `[in, out]` (gpt-oss's experts, used as x @ W).
+    transposed: bool,
 }
 
 /// Everything validated: which base tensors get which terms.
@@ -207,8 +209,8 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
         for (module, pair) in &input.adapter.modules {
             if let Some(parts) = moe_terms(model, ckpt, module, pair)? {
                 let scale = (input.weight * input.adapter.config.scaling(module)) as f32;
-                for (key, part, offset) in parts {
-                    terms.entry(key).or_default().push(Term { pair: part, scale, offset });
+                for (key, part, offset, transposed) in parts {
+                    terms.entry(key).or_default().push(Term { pair: part, scale, offset, transposed });
                 }
                 continue;
             }
@@ -260,7 +262,7 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
                 });
             }
             let scale = (input.weight * input.adapter.config.scaling(module)) as f32;
-            terms.entry(key).or_default().push(Term { pair: std::borrow::Cow::Borrowed(pair), scale, offset: 0 });
+            terms.entry(key).or_default().push(Term { pair: std::borrow::Cow::Borrowed(pair), scale, offset: 0, transposed: false });
         }
     }
     Ok(Plan { terms, untie, new_lm_head, lm_head, embed, four_bit, quant_aux, quant_source: None })
@@ -343,6 +345,25 @@ fn with_terms(mut w: Vec<f32>, terms: Option<&Vec<Term>>, shape: &[usize], out_d
 /// PEFT's `get_delta_weight` followed by `weight += delta`).
 fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
     let (a, b) = (&t.pair.a, &t.pair.b);
+    if t.transposed {
+        // W [in, out] += scale · (B @ A)ᵀ = scale · Aᵀ @ Bᵀ; `d_in` is the tensor's last dim = out.
+        let (r, d_out, d_inner) = (a.shape[0], b.shape[0], a.shape[1]);
+        let w = w.get_mut(t.offset..t.offset + d_out * d_inner).ok_or_else(|| Error::InvalidArgument(format!("LoRA update of {d_inner} x {d_out} at {} does not fit the tensor", t.offset)))?;
+        if d_in != d_out || b.shape != [d_out, r] || a.data.len() != r * d_inner || b.data.len() != d_out * r {
+            return Err(Error::InvalidArgument(format!("LoRA shapes A {:?}, B {:?} do not fit a transposed [{d_inner}, {d_in}] weight", a.shape, b.shape)));
+        }
+        // SAFETY: as below; Aᵀ is A read with strides (1, d_inner), Bᵀ is B with strides (1, r).
+        unsafe {
+            matrixmultiply::sgemm(
+                d_inner, r, d_out, t.scale,
+                a.data.as_ptr(), 1, d_inner as isize,
+                b.data.as_ptr(), 1, r as isize,
+                1.0,
+                w.as_mut_ptr(), d_out as isize, 1,
+            );
+        }
+        return Ok(());
+    }
     let (r, d_out) = (a.shape[0], b.shape[0]);
     let w = w.get_mut(t.offset..t.offset + d_out * d_in).ok_or_else(|| Error::InvalidArgument(format!("LoRA update of {d_out} x {d_in} at {} does not fit the tensor", t.offset)))?;
     if a.shape != [r, d_in] || b.shape != [d_out, r] || a.data.len() != r * d_in || b.data.len() != d_out * r || w.len() != d_out * d_in {
@@ -432,7 +453,8 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `w3`) rows, or lands in its slice of transformers 5's fused `experts.gate_up_proj`
 /// `[E, 2I, H]`; down into `down_proj` (`w2`) or its slice of `experts.down_proj`. Mixtral's
 /// router is `block_sparse_moe.gate`. `None` for any other module.
-fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPair) -> Result<Option<Vec<(String, std::borrow::Cow<'a, LoraPair>, usize)>>> {
+#[allow(clippy::type_complexity)]
+fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPair) -> Result<Option<Vec<(String, std::borrow::Cow<'a, LoraPair>, usize, bool)>>> {
     use std::borrow::Cow;
     let layout = ckpt.layout();
     let name = |n: &str| layout.checkpoint_name(n);
@@ -443,18 +465,28 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
     if module.ends_with(".mlp.gate") {
         let mixtral = name(&format!("{}.block_sparse_moe.gate.weight", module.trim_end_matches(".mlp.gate")));
         if ckpt.contains(&mixtral) {
-            return Ok(Some(vec![(mixtral, Cow::Borrowed(pair), 0)]));
+            return Ok(Some(vec![(mixtral, Cow::Borrowed(pair), 0, false)]));
+        }
+        let gpt_oss = name(&format!("{}.mlp.router.weight", module.trim_end_matches(".mlp.gate")));
+        if ckpt.contains(&gpt_oss) {
+            return Ok(Some(vec![(gpt_oss, Cow::Borrowed(pair), 0, false)]));
         }
         return Ok(None);
     }
     let Some((prefix, e, proj)) = crate::export::experts::split_expert_name(module) else { return Ok(None) };
     let layer = prefix.trim_end_matches(".mlp.experts");
     let fused = name(&format!("{prefix}.{proj}"));
+    if ckpt.contains(&format!("{fused}_blocks")) {
+        return Err(Error::Unsupported { path: model.to_path_buf(), key: format!("{fused}_blocks"), value: "MXFP4".into(), reason: "merging into MXFP4 expert weights is not implemented; merge into a bf16 copy of the base".into() });
+    }
     if let Some((_, shape)) = ckpt.info(&fused) {
-        if shape.len() != 3 || shape[1] != out_f || shape[2] != in_f || e >= shape[0] {
-            return Err(mismatch(&fused, &shape, [out_f, in_f]));
+        // gpt-oss keeps its experts as x @ W: `[E, in, out]` (its biases mark the layout).
+        let transposed = ckpt.contains(&format!("{fused}_bias"));
+        let want = if transposed { [in_f, out_f] } else { [out_f, in_f] };
+        if shape.len() != 3 || shape[1] != want[0] || shape[2] != want[1] || e >= shape[0] {
+            return Err(mismatch(&fused, &shape, want));
         }
-        return Ok(Some(vec![(fused, Cow::Borrowed(pair), e * out_f * in_f)]));
+        return Ok(Some(vec![(fused, Cow::Borrowed(pair), e * out_f * in_f, transposed)]));
     }
     let mixtral = ckpt.contains(&name(&format!("{layer}.block_sparse_moe.experts.{e}.w2.weight")));
     let key = |qwen: &str, mx: &str| if mixtral { name(&format!("{layer}.block_sparse_moe.experts.{e}.{mx}.weight")) } else { name(&format!("{prefix}.{e}.{qwen}.weight")) };
@@ -468,7 +500,7 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
     if proj == "down_proj" {
         let k = key("down_proj", "w2");
         check(&k, [out_f, in_f])?;
-        return Ok(Some(vec![(k, Cow::Borrowed(pair), 0)]));
+        return Ok(Some(vec![(k, Cow::Borrowed(pair), 0, false)]));
     }
     // gate_up: B's first half of the rows is gate's, the second up's.
     let half = out_f / 2;
@@ -477,5 +509,5 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
     let (g, u) = (key("gate_proj", "w1"), key("up_proj", "w3"));
     check(&g, [half, in_f])?;
     check(&u, [half, in_f])?;
-    Ok(Some(vec![(g, Cow::Owned(rows(0)), 0), (u, Cow::Owned(rows(half)), 0)]))
+    Ok(Some(vec![(g, Cow::Owned(rows(0)), 0, false), (u, Cow::Owned(rows(half)), 0, false)]))
 }

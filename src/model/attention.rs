@@ -56,6 +56,10 @@ pub struct Attention<B: Backend> {
     pub qk_norm_whole: bool,
     /// OLMoE: q, k and v clamped to `[-c, c]` (after the whole-projection norms).
     pub clip_qkv: Option<f64>,
+    /// gpt-oss: the per-head attention sinks (`self_attn.sinks`), frozen, kept on the host: the
+    /// attention kernel takes them as constants.
+    #[module(skip)]
+    pub sinks: Option<Arc<Vec<f32>>>,
 }
 
 impl<B: TemperBackend> Attention<B> {
@@ -102,6 +106,7 @@ impl<B: TemperBackend> Attention<B> {
             past_len: mask.past_len,
             segments: mask.segments.clone(),
             block_rows: None,
+            sinks: self.sinks.clone(),
         };
         let out = ops::attention(q, k, v, &spec).swap_dims(1, 2).reshape([b, t, h * hd]);
         self.o_proj.forward(out)

@@ -14,10 +14,10 @@ use crate::{Error, Result};
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"];
 
 /// The sparse mixture-of-experts families among them.
-pub const MOE_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
+pub const MOE_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"];
 
 /// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
 /// its own; the vision tower is left out of the model and copied unchanged by merge.
@@ -92,6 +92,9 @@ pub struct HfConfig {
     pub qkv_bias: Option<bool>,
     /// OLMoE: q, k and v are clamped to [-clip_qkv, clip_qkv] after their projections (and norms).
     pub clip_qkv: Option<f64>,
+    /// gpt-oss: the clamped GLU of its experts.
+    pub swiglu_alpha: Option<f64>,
+    pub swiglu_limit: Option<f64>,
     /// Set when this is the `text_config` of a vision-language checkpoint: its `model_type`.
     #[serde(skip)]
     pub composite: Option<String>,
@@ -115,6 +118,29 @@ pub enum ExpertNaming {
     Qwen,
     /// `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`.
     Mixtral,
+    /// gpt-oss: `mlp.router.{weight,bias}`, fused `mlp.experts.gate_up_proj` `[E, H, 2I]` (x @ W,
+    /// gate and up interleaved in its columns) with `gate_up_proj_bias` `[E, 2I]`, `down_proj`
+    /// `[E, I, H]` with `down_proj_bias` `[E, H]`; or the MXFP4 `*_blocks` / `*_scales` of both.
+    GptOss,
+}
+
+/// How the router turns logits into top-k weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routing {
+    /// Softmax over all experts (f32), top-k, optionally renormalised (Mixtral, Qwen, OLMoE).
+    SoftmaxTopK,
+    /// Top-k of the logits, then a softmax over those k (gpt-oss).
+    TopKSoftmax,
+}
+
+/// The experts' gated activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `act(gate) * up`, gate and up the two halves of gate_up.
+    Glu(Activation),
+    /// gpt-oss: gate and up interleaved; `gate = min(gate, limit)`, `up = clamp(up, -limit,
+    /// limit)`, `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampGlu { alpha: f64, limit: f64 },
 }
 
 /// A sparse mixture-of-experts MLP: a softmax router picks `top_k` of `num_experts` experts per
@@ -134,6 +160,10 @@ pub struct MoeConfig {
     /// The load-balancing loss coefficient (used only when a recipe turns the loss on).
     pub router_aux_loss_coef: f64,
     pub naming: ExpertNaming,
+    pub routing: Routing,
+    pub activation: ExpertActivation,
+    /// gpt-oss: the router and every expert projection have biases.
+    pub biases: bool,
 }
 
 impl MoeConfig {
@@ -201,6 +231,8 @@ pub struct DecoderConfig {
     pub moe: Option<MoeConfig>,
     /// OLMoE: q, k, v clamped to this magnitude.
     pub clip_qkv: Option<f64>,
+    /// gpt-oss: a learned per-head logit in every softmax denominator (`self_attn.sinks`).
+    pub attention_sinks: bool,
 }
 
 impl HfConfig {
@@ -316,6 +348,10 @@ impl HfConfig {
         let (qkv_bias, o_bias) = match mt {
             "qwen2" => (true, false),
             "qwen2_moe" => (self.qkv_bias.unwrap_or(true), false),
+            "gpt_oss" => {
+                let b = self.attention_bias.unwrap_or(true);
+                (b, b)
+            }
             "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
@@ -389,6 +425,7 @@ impl HfConfig {
             composite: self.composite.clone(),
             moe,
             clip_qkv: if mt == "olmoe" { self.clip_qkv } else { None },
+            attention_sinks: mt == "gpt_oss",
         })
     }
 
@@ -403,10 +440,12 @@ impl HfConfig {
             "qwen3_moe" => ("num_experts", 128, 8),
             "qwen2_moe" => ("num_experts", 60, 4),
             "olmoe" => ("num_experts", 64, 8),
+            "gpt_oss" => ("num_local_experts", 128, 4),
             _ => ("num_local_experts", 8, 2),
         };
         // transformers 5 writes `num_local_experts` for every family (an attribute alias).
-        let num_experts = if mt == "mixtral" { self.num_local_experts.or(self.num_experts) } else { self.num_experts.or(self.num_local_experts) }.unwrap_or(default_experts);
+        let local = matches!(mt, "mixtral" | "gpt_oss");
+        let num_experts = if local { self.num_local_experts.or(self.num_experts) } else { self.num_experts.or(self.num_local_experts) }.unwrap_or(default_experts);
         let top_k = self.num_experts_per_tok.unwrap_or(default_k);
         if num_experts == 0 || top_k == 0 || top_k > num_experts {
             return Err(invalid("num_experts_per_tok", format!("{top_k} experts per token of {num_experts} ({experts_key}): need 1 <= k <= experts")));
@@ -433,11 +472,22 @@ impl HfConfig {
             num_experts,
             top_k,
             expert_intermediate,
-            norm_topk_prob: mt == "mixtral" || self.norm_topk_prob.unwrap_or(false),
+            norm_topk_prob: mt == "mixtral" || (mt != "gpt_oss" && self.norm_topk_prob.unwrap_or(false)),
             sparse_layers: (0..n).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect(),
             shared_expert_intermediate: if mt == "qwen2_moe" { Some(self.shared_expert_intermediate_size.unwrap_or(5632)) } else { None },
             router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(if mt == "olmoe" { 0.01 } else { 0.001 }),
-            naming: if mt == "mixtral" { ExpertNaming::Mixtral } else { ExpertNaming::Qwen },
+            naming: match mt {
+                "mixtral" => ExpertNaming::Mixtral,
+                "gpt_oss" => ExpertNaming::GptOss,
+                _ => ExpertNaming::Qwen,
+            },
+            routing: if mt == "gpt_oss" { Routing::TopKSoftmax } else { Routing::SoftmaxTopK },
+            activation: if mt == "gpt_oss" {
+                ExpertActivation::ClampGlu { alpha: self.swiglu_alpha.unwrap_or(1.702), limit: self.swiglu_limit.unwrap_or(7.0) }
+            } else {
+                ExpertActivation::Glu(self.activation(path)?)
+            },
+            biases: mt == "gpt_oss",
         }))
     }
 

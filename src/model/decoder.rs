@@ -338,6 +338,13 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
         }
         _ => (Some(dense("mlp", cfg.intermediate_size)?), None),
     };
+    let sinks = if cfg.attention_sinks {
+        let s = w.tensor::<B, 1>(&format!("{p}.self_attn.sinks"), [cfg.num_heads], DType::F32, device)?;
+        let host: Vec<f32> = s.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {p}.self_attn.sinks: {e:?}")))?;
+        Some(std::sync::Arc::new(host))
+    } else {
+        None
+    };
     let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
     let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(w.norm(&format!("{p}.{name}.weight"), dim, device)?, eps, off))
@@ -374,6 +381,7 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
             local_rope: cfg.local_rope.is_some() && cfg.layer_windows.get(i).copied().flatten().is_some(),
             qk_norm_whole: cfg.qk_norm_whole,
             clip_qkv: cfg.clip_qkv,
+            sinks,
         },
         post_attention_layernorm: norm("post_attention_layernorm", h)?,
         pre_feedforward_layernorm: pre_ff,
@@ -399,6 +407,9 @@ fn load_moe<B: Backend>(
 ) -> Result<MoeBlock<B>> {
     use crate::model::config::ExpertNaming;
     let (h, inter, e_count) = (cfg.hidden_size, m.expert_intermediate, m.num_experts);
+    if m.naming == ExpertNaming::GptOss {
+        return load_gpt_oss_moe(m, w, p, h, dtype, device);
+    }
     let fused_gu = format!("{p}.mlp.experts.gate_up_proj");
     let (block, names) = match m.naming {
         ExpertNaming::Mixtral if !w.contains(&fused_gu) => ("block_sparse_moe", ["w1", "w3", "w2"]),
@@ -431,11 +442,46 @@ fn load_moe<B: Backend>(
     };
     Ok(MoeBlock {
         gate: LoraLinear::frozen(router, None),
+        // (gpt-oss: load_gpt_oss_moe)
         experts,
         shared_expert,
         shared_expert_gate,
         top_k: m.top_k,
         norm_topk_prob: m.norm_topk_prob,
-        activation: cfg.activation,
+        routing: m.routing,
+        activation: m.activation,
+    })
+}
+
+/// gpt-oss's experts: fused `[E, H, 2I]` / `[E, I, H]` tensors used as `x @ W` (stored here
+/// transposed, per expert, as every `LoraLinear` is `[out, in]`; gate and up stay interleaved),
+/// their biases, and the biased router `mlp.router`. MXFP4 checkpoints (`*_blocks`, `*_scales`)
+/// are dequantized as they load, as transformers does.
+fn load_gpt_oss_moe<B: Backend>(m: &crate::model::config::MoeConfig, w: &mut WeightSource, p: &str, h: usize, dtype: DType, device: &B::Device) -> Result<MoeBlock<B>> {
+    let (inter, e_count) = (m.expert_intermediate, m.num_experts);
+    let q = format!("{p}.mlp.experts");
+    let router = w.tensor::<B, 2>(&format!("{p}.mlp.router.weight"), [e_count, h], dtype, device)?;
+    let router_bias = w.tensor::<B, 1>(&format!("{p}.mlp.router.bias"), [e_count], dtype, device)?;
+    let (gu, down) = match w.mxfp4::<B>(&format!("{q}.gate_up_proj"), [e_count, h, 2 * inter], dtype, device)? {
+        Some(gu) => (gu, w.mxfp4::<B>(&format!("{q}.down_proj"), [e_count, inter, h], dtype, device)?.ok_or_else(|| crate::Error::MissingTensor { path: std::path::PathBuf::from(&q), tensor: format!("{q}.down_proj_blocks"), hint: " (gate_up_proj is MXFP4, so down_proj must be too)".into() })?),
+        None => (w.tensor::<B, 3>(&format!("{q}.gate_up_proj"), [e_count, h, 2 * inter], dtype, device)?, w.tensor::<B, 3>(&format!("{q}.down_proj"), [e_count, inter, h], dtype, device)?),
+    };
+    let gu_bias = w.tensor::<B, 2>(&format!("{q}.gate_up_proj_bias"), [e_count, 2 * inter], dtype, device)?;
+    let down_bias = w.tensor::<B, 2>(&format!("{q}.down_proj_bias"), [e_count, h], dtype, device)?;
+    let experts = (0..e_count)
+        .map(|e| Expert {
+            gate_up_proj: LoraLinear::frozen(gu.clone().slice([e..e + 1]).reshape([h, 2 * inter]).transpose(), Some(gu_bias.clone().slice([e..e + 1]).reshape([2 * inter]))),
+            down_proj: LoraLinear::frozen(down.clone().slice([e..e + 1]).reshape([inter, h]).transpose(), Some(down_bias.clone().slice([e..e + 1]).reshape([h]))),
+        })
+        .collect();
+    Ok(MoeBlock {
+        gate: LoraLinear::frozen(router, Some(router_bias)),
+        experts,
+        shared_expert: None,
+        shared_expert_gate: None,
+        top_k: m.top_k,
+        norm_topk_prob: m.norm_topk_prob,
+        routing: m.routing,
+        activation: m.activation,
     })
 }

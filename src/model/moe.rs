@@ -18,12 +18,13 @@ use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, DType, Int, Tensor, TensorData};
 
 use crate::lora::LoraLinear;
-use crate::model::config::Activation;
+use crate::model::config::{ExpertActivation, Routing};
 use crate::model::mlp::{apply_activation, Mlp};
 use crate::ops::TemperBackend;
 
-/// One expert: transformers 5's `experts.gate_up_proj[e]` (`[2I, H]`, gate rows then up rows)
-/// and `experts.down_proj[e]` (`[H, I]`).
+/// One expert: transformers 5's `experts.gate_up_proj[e]` (`[2I, H]`, gate rows then up rows;
+/// gpt-oss: its `[H, 2I]` transposed, gate and up interleaved) and `experts.down_proj[e]`
+/// (`[H, I]`), with gpt-oss's biases.
 #[derive(Module, Debug)]
 pub struct Expert<B: Backend> {
     pub gate_up_proj: LoraLinear<B>,
@@ -41,12 +42,14 @@ pub struct MoeBlock<B: Backend> {
     pub top_k: usize,
     pub norm_topk_prob: bool,
     #[module(skip)]
-    pub activation: Activation,
+    pub routing: Routing,
+    #[module(skip)]
+    pub activation: ExpertActivation,
 }
 
 /// The routing of one call, for the load-balancing loss and for tests.
 #[derive(Debug, Clone)]
-pub struct Routing<B: Backend> {
+pub struct RouterOutput<B: Backend> {
     /// Raw router logits `[T, E]` (f32).
     pub logits: Tensor<B, 2>,
     /// Per token, the chosen experts in transformers' top-k order (descending probability).
@@ -60,7 +63,7 @@ impl<B: TemperBackend> MoeBlock<B> {
     }
 
     /// The output and the routing that produced it.
-    pub fn forward_routed(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Routing<B>) {
+    pub fn forward_routed(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, RouterOutput<B>) {
         let [b, t, h] = x.dims();
         let n = b * t;
         let k = self.top_k;
@@ -68,7 +71,11 @@ impl<B: TemperBackend> MoeBlock<B> {
         let device = x.device();
         let dtype = x.dtype();
         let logits = self.gate.forward(x.clone()).reshape([n, e_count]).cast(DType::F32);
-        let probs = activation::softmax(logits.clone(), 1);
+        // Softmax-then-top-k ranks by probability, top-k-then-softmax by logit: the same order.
+        let probs = match self.routing {
+            Routing::SoftmaxTopK => activation::softmax(logits.clone(), 1),
+            Routing::TopKSoftmax => logits.clone(),
+        };
         // Top-k on the host: one read of [T, E] per layer. Ties keep the lower expert id.
         let host: Vec<f32> = probs.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
         let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(n);
@@ -81,6 +88,9 @@ impl<B: TemperBackend> MoeBlock<B> {
         let flat: Vec<i64> = chosen.iter().flatten().map(|&e| e as i64).collect();
         let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, k]), &device);
         let mut weights = probs.gather(1, idx);
+        if self.routing == Routing::TopKSoftmax {
+            weights = activation::softmax(weights, 1);
+        }
         if self.norm_topk_prob {
             let sum = weights.clone().sum_dim(1);
             weights = weights / sum;
@@ -136,18 +146,31 @@ impl<B: TemperBackend> MoeBlock<B> {
             (Some(shared), None) => y + shared.forward(x),
             _ => y,
         };
-        (y, Routing { logits, experts: chosen })
+        (y, RouterOutput { logits, experts: chosen })
     }
 }
 
 impl<B: TemperBackend> Expert<B> {
-    /// `[1, rows, hidden]` -> same: `down(act(gate) * up)`.
-    pub fn forward(&self, x: Tensor<B, 3>, act: Activation) -> Tensor<B, 3> {
+    /// `[1, rows, hidden]` -> same: `down(act(gate) * up)`, or gpt-oss's clamped GLU.
+    pub fn forward(&self, x: Tensor<B, 3>, act: ExpertActivation) -> Tensor<B, 3> {
         let both = self.gate_up_proj.forward(x);
         let [b, t, two_i] = both.dims();
         let i = two_i / 2;
-        let gate = both.clone().slice([0..b, 0..t, 0..i]);
-        let up = both.slice([0..b, 0..t, i..two_i]);
-        self.down_proj.forward(apply_activation(act, gate) * up)
+        let hidden = match act {
+            ExpertActivation::Glu(f) => {
+                let gate = both.clone().slice([0..b, 0..t, 0..i]);
+                let up = both.slice([0..b, 0..t, i..two_i]);
+                apply_activation(f, gate) * up
+            }
+            ExpertActivation::ClampGlu { alpha, limit } => {
+                // Interleaved: column 2j is gate j, 2j + 1 is up j.
+                let pairs = both.reshape([b, t, i, 2]);
+                let gate = pairs.clone().slice([0..b, 0..t, 0..i, 0..1]).reshape([b, t, i]).clamp_max(limit);
+                let up = pairs.slice([0..b, 0..t, 0..i, 1..2]).reshape([b, t, i]).clamp(-limit, limit);
+                let glu = gate.clone() * activation::sigmoid(gate.mul_scalar(alpha));
+                up.add_scalar(1.0) * glu
+            }
+        };
+        self.down_proj.forward(hidden)
     }
 }

@@ -316,6 +316,36 @@ impl WeightSource {
         Ok(Tensor::from_data(data, (device, dtype)))
     }
 
+    /// gpt-oss's MXFP4 expert tensor `name` (`name_blocks` + `name_scales`), dequantized to the
+    /// `shape` transformers holds in memory, if the checkpoint stores it so.
+    pub fn mxfp4<B: Backend>(&mut self, name: &str, shape: [usize; 3], dtype: DType, device: &B::Device) -> Result<Option<Tensor<B, 3>>> {
+        let WeightSource::Checkpoint(c) = self else { return Ok(None) };
+        let blocks = c.layout.checkpoint_name(&format!("{name}_blocks"));
+        if !c.contains(&blocks) {
+            return Ok(None);
+        }
+        let scales = c.layout.checkpoint_name(&format!("{name}_scales"));
+        let path = c.dir.clone();
+        let u8_tensor = |key: &str| -> Result<(Vec<usize>, &[u8])> {
+            match c.raw(key) {
+                Some((Dtype::U8, s, bytes)) => Ok((s, bytes)),
+                Some((d, _, _)) => Err(Error::TensorDtype { path: path.clone(), tensor: key.to_string(), dtype: format!("{d:?} (MXFP4 blocks and scales are U8)") }),
+                None => Err(Error::MissingTensor { path: path.clone(), tensor: key.to_string(), hint: " (MXFP4 blocks need their scales)".into() }),
+            }
+        };
+        let (bshape, bbytes) = u8_tensor(&blocks)?;
+        let (_, sbytes) = u8_tensor(&scales)?;
+        // Blocks `[E, rows, cols / 32, 16]` dequantize to `[E, cols, rows]` (transformers'
+        // in-memory layout: gpt-oss's `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`).
+        let [e, cols, rows] = shape;
+        let want = vec![e, rows, cols / 32, 16];
+        if bshape != want || cols % 32 != 0 {
+            return Err(Error::TensorShape { path, tensor: blocks, expected: want, actual: bshape });
+        }
+        let values = crate::quant::mxfp4::dequantize_mxfp4(bbytes, sbytes, [e, rows, cols / 32, 16]).map_err(|reason| Error::InvalidConfig { path: path.clone(), key: scales.clone(), reason })?;
+        Ok(Some(Tensor::from_data(TensorData::new(values, shape).convert_dtype(dtype), (device, dtype))))
+    }
+
     /// The bitsandbytes 4-bit weight `name` (`[out, in]`), if the checkpoint stores it so.
     pub fn quant4<B: Backend>(&mut self, name: &str, shape: [usize; 2], device: &B::Device) -> Result<Option<Weight4Bit<B>>> {
         let c = match self {

@@ -35,6 +35,9 @@ pub struct AttentionSpec {
     pub segments: Option<Arc<Vec<Vec<u32>>>>,
     /// Query rows per block; `None` picks it from the problem size.
     pub block_rows: Option<usize>,
+    /// gpt-oss: per head, a learned logit that joins every row's softmax denominator (and takes
+    /// no value): `p_j = exp(s_j) / (sum_k exp(s_k) + exp(sink))`.
+    pub sinks: Option<Arc<Vec<f32>>>,
 }
 
 impl AttentionSpec {
@@ -46,6 +49,7 @@ impl AttentionSpec {
             past_len: 0,
             segments: None,
             block_rows: None,
+            sinks: None,
         }
     }
 
@@ -144,9 +148,17 @@ pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, sp
         let (qb, kb, vb) = block_inputs(&q, &k, &v, blk);
         let (sc, _) = scores(qb, kb, [b, kv, g, bq, bk], spec);
         let sc = add_bias(sc, spec.bias::<B>(blk, &device));
-        let max = sc.clone().max_dim(4);
+        let mut max = sc.clone().max_dim(4);
+        let sink = spec.sinks.as_ref().map(|s| Tensor::<B, 1>::from_data(TensorData::new(s.to_vec(), [s.len()]), (&device, DType::F32)).reshape([1, kv, g, 1, 1]));
+        if let Some(s) = &sink {
+            max = max.max_pair(s.clone().expand([b, kv, g, bq, 1]));
+        }
         let e = (sc - max.clone()).exp();
-        let sum = e.clone().sum_dim(4);
+        let mut sum = e.clone().sum_dim(4);
+        if let Some(s) = sink {
+            // The sink's own term; the log-sum-exp the backward recomputes P from includes it.
+            sum = sum + (s - max.clone()).exp();
+        }
         let p = (e / sum.clone()).cast(vb.dtype()).reshape([b, kv, g * bq, bk]);
         outs.push(p.matmul(vb).reshape([b, kv, g, bq, hd]));
         lses.push((max + sum.log()).reshape([b, kv, g, bq]));
@@ -229,6 +241,14 @@ pub fn reference<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
         }
     }
     let mask = Tensor::<B, 4, burn::tensor::Bool>::from_data(TensorData::new(blocked, [b, 1, t, s]), &device).repeat_dim(1, h);
-    let p = burn::tensor::activation::softmax(sc.mask_fill(mask, f32::MIN), 3);
+    let sc = sc.mask_fill(mask, f32::MIN);
+    let p = match &spec.sinks {
+        // softmax over [scores, sink], the sink's column dropped.
+        Some(sinks) => {
+            let col = Tensor::<B, 1>::from_data(TensorData::new(sinks.to_vec(), [h]), (&device, DType::F32)).reshape([1, h, 1, 1]).expand([b, h, t, 1]);
+            burn::tensor::activation::softmax(Tensor::cat(vec![sc, col], 3), 3).slice([0..b, 0..h, 0..t, 0..s])
+        }
+        None => burn::tensor::activation::softmax(sc, 3),
+    };
     p.cast(v.dtype()).matmul(v)
 }

@@ -5,6 +5,7 @@
 pub mod bnb;
 pub mod device;
 pub mod double;
+pub mod mxfp4;
 pub mod nf4;
 
 pub use bnb::{bnb_4bit_weights, is_bnb_4bit, read_bnb_4bit, Bnb4BitEntry, Bnb4BitWeight};

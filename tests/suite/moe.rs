@@ -16,8 +16,8 @@ use crate::common::{fixtures, max_abs_diff, Cpu, CpuAutodiff, Reference};
 
 const LOGITS_TOL: f32 = 1e-4;
 const GRAD_TOL: f32 = 1e-4;
-/// The sparse families Temper implements (gpt_oss's fixture is there for later work).
-const MODELS: &[&str] = &["qwen3_moe", "qwen3_moe_nonorm", "mixtral", "olmoe", "qwen2_moe"];
+/// The sparse families Temper implements.
+const MODELS: &[&str] = &["qwen3_moe", "qwen3_moe_nonorm", "mixtral", "olmoe", "qwen2_moe", "gpt_oss"];
 
 fn moe_dir() -> std::path::PathBuf {
     fixtures().join("moe")
@@ -182,13 +182,14 @@ fn per_expert_adapters_load_and_temper_writes_the_3d_form() {
 
 /// `temper merge` keeps the base's per-expert layout: every tensor PEFT's `merge_and_unload`
 /// changed (saved back in the Hub layout) equals Temper's merged tensor within 1e-5, and the
-/// merged Mixtral (`block_sparse_moe.experts.{e}.w1/w3/w2`) gives the adapter's logits.
+/// merged Mixtral (`block_sparse_moe.experts.{e}.w1/w3/w2`) and gpt-oss (fused `[E, H, 2I]`
+/// experts used as x @ W, so the delta lands transposed) give the adapter's logits.
 #[test]
 fn merge_writes_experts_in_the_base_layout() {
     use temper::export::{merge_model, MergeDtype, MergeInput, MergeOptions, WriteMode};
     let tmp = tempfile::tempdir().unwrap();
     let m = moe_manifest();
-    for name in ["qwen3_moe", "mixtral"] {
+    for name in ["qwen3_moe", "mixtral", "gpt_oss"] {
         let dir = moe_dir().join(m["peft"][name]["adapter"].as_str().unwrap());
         let base = moe_dir().join(m["models"][name]["path"].as_str().unwrap());
         let out = tmp.path().join(name);
@@ -204,7 +205,8 @@ fn merge_writes_experts_in_the_base_layout() {
             }
             assert_eq!(summary.merged, want.names().len(), "{name}: merged tensors");
         }
-        assert!(merged.names().iter().all(|k| !k.contains(".mlp.experts.gate_up_proj")), "{name}: layout changed");
+        let fused = merged.names().iter().any(|k| k.ends_with(".mlp.experts.gate_up_proj"));
+        assert_eq!(fused, name == "gpt_oss", "{name}: the merged model keeps the base's expert layout");
         let device = Default::default();
         let model = load_model::<Cpu>(&out, WeightPrecision::F32, &device).unwrap().model;
         let r = Reference::open(&moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
@@ -294,4 +296,81 @@ fn export_writes_the_per_expert_form() {
         let diff = max_abs_diff(&got, &r.f32("logits").0);
         assert!(diff <= LOGITS_TOL, "{name}: per-expert export's logits differ by {diff:e}");
     }
+}
+
+/// gpt-oss's MXFP4 experts (`*_blocks` `[E, rows, cols/32, 16]` + `*_scales`) dequantize as
+/// they load into transformers' `[E, cols, rows]` layout: a checkpoint holding them gives the
+/// logits of the same checkpoint with those values written out in f32 (the decoding itself is
+/// checked bit for bit against transformers in src/quant/mxfp4.rs). Missing scales are a named
+/// error. The model is the gpt_oss fixture's architecture widened to 32-multiples (hidden 64,
+/// experts' intermediate 32), as MXFP4 needs, with random weights.
+#[test]
+fn gpt_oss_mxfp4_experts_load_dequantized() {
+    use safetensors::{tensor::TensorView, Dtype};
+    use temper::quant::mxfp4::dequantize_mxfp4;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = moe_dir().join("models/gpt_oss");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["hidden_size"] = 64.into();
+    cfg["intermediate_size"] = 32.into();
+    cfg["head_dim"] = 16.into();
+    let widen = |d: usize| match d {
+        48 => 64,
+        24 => 32,
+        12 => 16,
+        d => d,
+    };
+    let mut seed = 7u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    let mut quantized: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut dense: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, view) in st.tensors() {
+        let shape: Vec<usize> = view.shape().iter().map(|&d| widen(d)).collect();
+        if k.ends_with("mlp.experts.gate_up_proj") || k.ends_with("mlp.experts.down_proj") {
+            // In memory [E, cols, rows]; on disk blocks [E, rows, cols / 32, 16].
+            let (e, cols, rows) = (shape[0], shape[1], shape[2]);
+            let g = cols / 32;
+            let blocks: Vec<u8> = (0..e * rows * g * 16).map(|_| next() as u8).collect();
+            let scales: Vec<u8> = (0..e * rows * g).map(|_| 122 + (next() % 4) as u8).collect();
+            let values = dequantize_mxfp4(&blocks, &scales, [e, rows, g, 16]).unwrap();
+            dense.push((k.clone(), shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            quantized.push((format!("{k}_blocks"), vec![e, rows, g, 16], blocks));
+            quantized.push((format!("{k}_scales"), vec![e, rows, g], scales));
+            continue;
+        }
+        let n: usize = shape.iter().product();
+        let norm = k.ends_with("norm.weight");
+        let values: Vec<f32> = (0..n).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).map(|u| if norm { 1.0 + 0.1 * u } else { 0.2 * u }).collect();
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        dense.push((k.clone(), shape.clone(), raw.clone()));
+        quantized.push((k, shape, raw));
+    }
+    let write = |dir: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<u8>)], drop_scales: bool| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .filter(|(k, _, _)| !(drop_scales && k.ends_with("gate_up_proj_scales")))
+            .map(|(k, s, b)| (k.clone(), TensorView::new(if k.ends_with("_blocks") || k.ends_with("_scales") { Dtype::U8 } else { Dtype::F32 }, s.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    };
+    let (qdir, ddir, broken) = (tmp.path().join("mxfp4"), tmp.path().join("f32"), tmp.path().join("broken"));
+    write(&qdir, &quantized, false);
+    write(&ddir, &dense, false);
+    write(&broken, &quantized, true);
+    assert_eq!(quantized.iter().filter(|(k, _, _)| k.ends_with("_blocks")).count(), 8, "both expert tensors of 4 layers in MXFP4");
+    let device = Default::default();
+    let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new((0..26i64).map(|t| 3 + t * 17 % 500).collect::<Vec<_>>(), [2, 13]), &device);
+    let logits = |dir: &std::path::Path| -> Vec<f32> { load_model::<Cpu>(dir, WeightPrecision::F32, &device).unwrap().model.forward(ids.clone()).into_data().to_vec().unwrap() };
+    let (q, d) = (logits(&qdir), logits(&ddir));
+    assert!(q.iter().all(|x| x.is_finite()) && q.iter().any(|&x| x != q[0]), "degenerate logits");
+    assert_eq!(q, d, "MXFP4 checkpoint vs its dequantized f32 copy");
+    let err = load_model::<Cpu>(&broken, WeightPrecision::F32, &device).err().expect("missing scales refused").to_string();
+    assert!(err.contains("gate_up_proj_scales"), "{err}");
 }

@@ -51,6 +51,8 @@ fn cases(t: usize) -> Vec<Case> {
             kv_heads: 2,
             spec: AttentionSpec { segments: Some(Arc::new(segs)), window: Some(5), ..base.clone() },
         });
+        // gpt-oss: a per-head sink logit in every row's denominator, with a sliding window.
+        out.push(Case { name: "attention sinks and window 4", heads: 4, kv_heads: 2, spec: AttentionSpec { sinks: Some(Arc::new(vec![0.5, -1.0, 2.0, 0.0])), window: Some(4), ..base.clone() } });
     }
     out
 }
