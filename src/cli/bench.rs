@@ -148,7 +148,7 @@ impl TrainTask for BenchArgs {
             let mut scaler = LossScaler::for_dtype(dtype, None);
             for s in 0..=self.steps {
                 let t0 = Instant::now();
-                let o = StepOptions { lr: 1e-4, checkpointing: self.gradient_checkpointing, dropout: StepKey { seed: 0, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale };
+                let o = StepOptions { lr: 1e-4, checkpointing: self.gradient_checkpointing, dropout: StepKey { seed: 0, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale, aux_loss_coef: None };
                 let stats = optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o)?;
                 scaler.update(stats.overflow);
                 B::sync(&device)?;

@@ -57,6 +57,9 @@ impl TrainTask for TrainJob {
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");
         }
+        if r.train.output_router_logits && loaded.model.config.moe.is_none() {
+            anyhow::bail!("train.output_router_logits: {} ({}) is not a mixture-of-experts model, so it has no router to balance", dir.display(), loaded.model.config.model_type);
+        }
         let data = prepare(&r.data, &tokenizer, std::path::Path::new("."), r.train.seed)?;
         let s = &data.stats;
         eprintln!(

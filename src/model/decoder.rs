@@ -43,10 +43,18 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: TemperBackend> DecoderLayer<B> {
-    /// The feed-forward branch: the dense MLP or the mixture of experts.
-    pub fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// The feed-forward branch: the dense MLP or the mixture of experts (whose routing is
+    /// recorded in `ctx` when asked).
+    pub fn feed_forward(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>) -> Tensor<B, 3> {
         match (&self.moe, &self.mlp) {
-            (Some(moe), _) => moe.forward(x),
+            (Some(moe), _) => match &ctx.router {
+                Some(rec) => {
+                    let (y, routing) = moe.forward_routed(x);
+                    rec.borrow_mut().push(routing);
+                    y
+                }
+                None => moe.forward(x),
+            },
             (None, Some(mlp)) => mlp.forward(x),
             // The loader always builds one of the two.
             (None, None) => x,
@@ -71,18 +79,18 @@ impl<B: TemperBackend> DecoderLayer<B> {
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(h);
-                let m = self.feed_forward(pre.forward(x.clone()));
+                let m = self.feed_forward(pre.forward(x.clone()), ctx);
                 x + post.forward(m)
             }
             (None, Some(post)) => {
                 // OLMo 2: the branch outputs are normed, their inputs are not.
                 let x = x + self.post_attention_layernorm.forward(h);
-                let m = self.feed_forward(x.clone());
+                let m = self.feed_forward(x.clone(), ctx);
                 x + post.forward(m)
             }
             _ => {
                 let x = x + scaled(h);
-                let m = self.feed_forward(self.post_attention_layernorm.forward(x.clone()));
+                let m = self.feed_forward(self.post_attention_layernorm.forward(x.clone()), ctx);
                 x + scaled(m)
             }
         }
@@ -114,6 +122,9 @@ pub struct ForwardContext<B: Backend> {
     /// Gemma 3 / OLMo 3: the sliding-window layers' tables.
     pub local_rope: Option<RopeTables<B>>,
     pub mask: AttentionMask,
+    /// When set, every sparse layer records its router logits and choices here (the
+    /// load-balancing loss, [`crate::model::moe::load_balancing_term`]).
+    pub router: Option<std::cell::RefCell<Vec<crate::model::moe::RouterOutput<B>>>>,
 }
 
 impl<B: Backend> ForwardContext<B> {
@@ -128,7 +139,14 @@ impl<B: Backend> ForwardContext<B> {
                 past_len,
                 segments: segments.map(Arc::new),
             },
+            router: None,
         }
+    }
+
+    /// The same context, recording the routers' outputs.
+    pub fn recording_router(mut self) -> Self {
+        self.router = Some(std::cell::RefCell::new(Vec::new()));
+        self
     }
 }
 

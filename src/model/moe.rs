@@ -174,3 +174,41 @@ impl<B: TemperBackend> Expert<B> {
         self.down_proj.forward(hidden)
     }
 }
+
+/// The counts of transformers' `load_balancing_loss_func` over every recorded layer: how often
+/// each expert was chosen among the real tokens (`real[t]`; all when `None`), and how many
+/// (layer, token) rows there are. `[E]` counts and N.
+pub fn load_balancing_counts<B: Backend>(layers: &[RouterOutput<B>], real: Option<&[bool]>, num_experts: usize) -> (Vec<f32>, usize) {
+    let mut counts = vec![0.0f32; num_experts];
+    let mut rows = 0;
+    for layer in layers {
+        for (t, chosen) in layer.experts.iter().enumerate() {
+            if real.is_some_and(|r| !r.get(t).copied().unwrap_or(true)) {
+                continue;
+            }
+            rows += 1;
+            for &e in chosen {
+                counts[e] += 1.0;
+            }
+        }
+    }
+    (counts, rows)
+}
+
+/// One layer's part of the load-balancing loss `E * sum_e f_e * P_e` (transformers'
+/// `load_balancing_loss_func`, Switch Transformer eq. 4 without its 1/k): with `counts` and `rows`
+/// from [`load_balancing_counts`] over all layers, `f_e = counts_e / rows` is a constant and
+/// `P_e = sum over rows of softmax(logits)_e / rows`, so the loss is the sum over layers of
+/// `E / rows^2 * sum_e counts_e * sum_t softmax(logits_t)_e`. Gradients reach the logits only.
+pub fn load_balancing_term<B: Backend>(logits: Tensor<B, 2>, real: Option<&[bool]>, counts: &[f32], rows: usize) -> Tensor<B, 1> {
+    let [t, e] = logits.dims();
+    let device = logits.device();
+    let mut p = activation::softmax(logits.cast(DType::F32), 1);
+    if let Some(real) = real {
+        let mask: Vec<f32> = (0..t).map(|i| if real.get(i).copied().unwrap_or(true) { 1.0 } else { 0.0 }).collect();
+        p = p * Tensor::<B, 1>::from_data(TensorData::new(mask, [t]), (&device, DType::F32)).unsqueeze_dim(1);
+    }
+    let c = Tensor::<B, 1>::from_data(TensorData::new(counts.to_vec(), [e]), (&device, DType::F32));
+    let scale = e as f64 / ((rows.max(1) * rows.max(1)) as f64);
+    (p.sum_dim(0).reshape([e]) * c).sum().mul_scalar(scale)
+}

@@ -47,6 +47,11 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Continue from the last complete checkpoint in the output folder.
     pub resume: bool,
+    /// Mixture-of-experts models: add the router load-balancing loss (transformers'
+    /// `output_router_logits`; off by default, as there).
+    pub output_router_logits: bool,
+    /// Its coefficient; default: the model's `router_aux_loss_coef`.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -72,6 +77,8 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             precision: Precision::Auto,
             resume: false,
+            output_router_logits: false,
+            router_aux_loss_coef: None,
         }
     }
 }
@@ -103,6 +110,14 @@ impl TrainConfig {
         }
         if !(self.adam_epsilon > 0.0) {
             return Err(("adam_epsilon", format!("must be positive, got {}", self.adam_epsilon)));
+        }
+        if let Some(c) = self.router_aux_loss_coef {
+            if !(c.is_finite() && c >= 0.0) {
+                return Err(("router_aux_loss_coef", format!("must be a finite number >= 0, got {c}")));
+            }
+            if !self.output_router_logits {
+                return Err(("router_aux_loss_coef", "is set but output_router_logits is false: the load-balancing loss is off".into()));
+            }
         }
         if !(self.weight_decay >= 0.0) {
             return Err(("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));

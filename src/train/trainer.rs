@@ -81,6 +81,9 @@ pub struct StepOptions {
     /// The loss is multiplied by this before the backward pass and the gradients divided by it
     /// after (1 but for an f16 base: see [`LossScaler`]).
     pub loss_scale: f64,
+    /// A mixture-of-experts model's load-balancing loss coefficient, when that loss is on
+    /// (`train.output_router_logits`).
+    pub aux_loss_coef: Option<f64>,
 }
 
 /// Dynamic loss scaling for an f16 base, as `torch.amp.GradScaler` does it: gradients flowing
@@ -177,7 +180,7 @@ impl<B: AutodiffBackend> Optimizer<B> {
 /// One optimizer step over `micro_batches`: the loss is the mean NLL over all their trained
 /// tokens (not a mean of per-batch means); gradients are clipped by global norm, then AdamW.
 pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Optimizer<B>, micro_batches: &[Batch], o: StepOptions) -> Result<StepStats> {
-    let StepOptions { lr, checkpointing, dropout: step, loss_scale } = o;
+    let StepOptions { lr, checkpointing, dropout: step, loss_scale, aux_loss_coef } = o;
     let tokens: usize = micro_batches.iter().map(Batch::trained_tokens).sum();
     if tokens == 0 {
         return Err(Error::InvalidArgument("an optimizer step has no trained token (every label is masked)".into()));
@@ -186,7 +189,7 @@ pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Opti
     let mut acc: Option<Vec<Tensor<Inner<B>, 2>>> = None;
     for (i, mb) in micro_batches.iter().enumerate() {
         let _dropout = TrainingScope::enter(StepKey { micro_batch: i as u64, ..step });
-        let (n, grads) = micro_batch_grads(model, mb, tokens as f64 / loss_scale, checkpointing)?;
+        let (n, grads) = micro_batch_grads(model, mb, tokens as f64 / loss_scale, checkpointing, aux_loss_coef)?;
         nll = Some(match nll {
             None => n,
             Some(prev) => prev + n,
@@ -327,7 +330,8 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
         let micro: Vec<Batch> = (0..cfg.gradient_accumulation_steps).map(|_| cursor.next()).collect();
         let lr = cfg.learning_rate * cfg.lr_scheduler.factor(state.step, warmup, total);
         let stats = loop {
-            let o = StepOptions { lr, checkpointing: cfg.gradient_checkpointing, dropout: StepKey { seed: cfg.seed, step: state.step as u64, micro_batch: 0 }, loss_scale: scaler.scale };
+            let aux_loss_coef = if cfg.output_router_logits { model.config.moe.as_ref().map(|m| cfg.router_aux_loss_coef.unwrap_or(m.router_aux_loss_coef)) } else { None };
+            let o = StepOptions { lr, checkpointing: cfg.gradient_checkpointing, dropout: StepKey { seed: cfg.seed, step: state.step as u64, micro_batch: 0 }, loss_scale: scaler.scale, aux_loss_coef };
             let stats = optimizer_step(&mut model, &mut opt, &micro, o).map_err(|e| match e {
                 Error::NonFinite(what) => Error::NonFinite(format!(
                     "{what} at step {}; training stopped, nothing written for this step (the last checkpoint is intact)",

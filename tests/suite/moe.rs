@@ -374,3 +374,60 @@ fn gpt_oss_mxfp4_experts_load_dequantized() {
     let err = load_model::<Cpu>(&broken, WeightPrecision::F32, &device).err().expect("missing scales refused").to_string();
     assert!(err.contains("gate_up_proj_scales"), "{err}");
 }
+
+/// The load-balancing loss (`output_router_logits`) equals transformers' `aux_loss` on every
+/// fixture model, and training with it on: the curve differs from training without it, and
+/// gradient checkpointing (which adds each layer's term in its own recomputation) gives the
+/// same curve as the plain backward.
+#[test]
+fn load_balancing_loss_matches_transformers_and_trains() {
+    use temper::data::Batch;
+    use temper::model::moe::{load_balancing_counts, load_balancing_term};
+    use temper::ops::dropout::StepKey;
+    use temper::train::{optimizer_step, Optimizer, StepOptions, TrainConfig};
+    let device = Default::default();
+    let m = moe_manifest();
+    for name in MODELS {
+        let e = &m["models"][name];
+        let model = load_model::<Cpu>(&moe_dir().join(e["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let r = Reference::open(&moe_dir().join(e["reference"].as_str().unwrap()));
+        let input = ids::<Cpu>(&r, &device);
+        let [b, t] = input.dims();
+        let ctx = model.causal_context(b, t, 0).recording_router();
+        let _ = model.hidden_states(input, &ctx, None);
+        let layers = ctx.router.as_ref().unwrap().borrow();
+        let experts = model.config.moe.as_ref().unwrap().num_experts;
+        let (counts, rows) = load_balancing_counts(&layers, None, experts);
+        let aux: f32 = layers.iter().map(|l| load_balancing_term(l.logits.clone(), None, &counts, rows).into_scalar().elem::<f32>()).sum();
+        let want = e["aux_loss"].as_f64().unwrap() as f32;
+        assert!((aux - want).abs() <= 1e-5 * want.max(1.0), "{name}: aux loss {aux} vs transformers {want}");
+    }
+    // Training with it: Qwen3-MoE with LoRA on the experts, 4 steps on the fixture's batch.
+    let curve = |aux: Option<f64>, checkpointing: bool| -> Vec<f64> {
+        let mut model = load_model::<CpuAutodiff>(&moe_dir().join("models/qwen3_moe"), WeightPrecision::F32, &device).unwrap().model;
+        apply_adapter(&mut model, &Adapter::read(&moe_dir().join("peft/qwen3_moe/adapter")).unwrap()).unwrap();
+        let mut opt = Optimizer::new(&mut model, &TrainConfig { learning_rate: 1e-2, ..TrainConfig::default() });
+        let r = Reference::open(&moe_dir().join("peft/qwen3_moe/reference.safetensors"));
+        let (ids, shape) = r.i64("input_ids");
+        let (labels, _) = r.i64("labels");
+        let rows = |v: &[i64]| v.chunks(shape[1]).map(<[i64]>::to_vec).collect::<Vec<_>>();
+        let batch = Batch {
+            input_ids: rows(&ids).into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect(),
+            labels: rows(&labels),
+            positions: vec![(0..shape[1]).collect(); shape[0]],
+            segments: None,
+        };
+        (0..4)
+            .map(|s| {
+                let o = StepOptions { lr: 1e-2, checkpointing, dropout: StepKey { seed: 1, step: s, micro_batch: 0 }, loss_scale: 1.0, aux_loss_coef: aux };
+                optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o).unwrap().loss
+            })
+            .collect()
+    };
+    let (plain, with_aux, with_aux_ckpt) = (curve(None, false), curve(Some(0.5), false), curve(Some(0.5), true));
+    assert_eq!(plain[0], with_aux[0], "the first step's LM loss does not depend on the aux loss");
+    assert!(plain.iter().zip(&with_aux).skip(1).any(|(a, b)| (a - b).abs() > 1e-6), "aux loss changed nothing: {plain:?} vs {with_aux:?}");
+    for (s, (a, b)) in with_aux.iter().zip(&with_aux_ckpt).enumerate() {
+        assert!((a - b).abs() <= 1e-5, "step {s}: checkpointed {b} vs plain {a} with the aux loss");
+    }
+}

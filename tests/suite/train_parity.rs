@@ -71,7 +71,7 @@ pub fn curve_on<B: TemperAutodiff>(name: &str, checkpointing: bool, dropout: f64
     let curve = steps
         .into_iter()
         .enumerate()
-        .map(|(s, (batch, lr))| optimizer_step(&mut model, &mut opt, &[batch], StepOptions { lr, checkpointing, dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 }, loss_scale: 1.0 }).unwrap())
+        .map(|(s, (batch, lr))| optimizer_step(&mut model, &mut opt, &[batch], StepOptions { lr, checkpointing, dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 }, loss_scale: 1.0, aux_loss_coef: None }).unwrap())
         .collect();
     (model, curve)
 }
@@ -214,7 +214,7 @@ fn f16_base_with_dynamic_loss_scaling_follows_the_f32_curve() {
     let (mut redone, mut curve) = (0, Vec::new());
     for (s, (batch, lr)) in steps.into_iter().enumerate() {
         let stats = loop {
-            let o = StepOptions { lr, checkpointing: false, dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale };
+            let o = StepOptions { lr, checkpointing: false, dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale, aux_loss_coef: None };
             let stats = optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o).unwrap();
             if scaler.update(stats.overflow) {
                 break stats;
