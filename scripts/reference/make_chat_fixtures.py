@@ -175,15 +175,65 @@ AGENT = {
     ],
 }
 
+# The issue-14 conversations (the Qwen3 run renders each of them).
+ISSUE_14_CASES = list(AGENT)
+
 # Plain conversations for the issue-12 families' templates.
 AGENT["plain_multi_turn"] = [SYSTEM, U1, A1, U2, A2]
 AGENT["plain_no_system"] = [U1, A1, U2, A2]
 # Mistral Small 3.1's template reads the system content as a list of text blocks only.
 AGENT["plain_system_blocks"] = [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]}, U1, A1, U2, A2]
 
+# Issue 11 (gpt-oss's harmony template, Mixtral). gpt-oss reads reasoning from `thinking` (the
+# analysis channel), renders a `system` or `developer` first message as the developer message,
+# and takes one tool call per assistant message.
+AGENT["plain_multi_turn_open"] = [SYSTEM, U1, A1, U2]
+AGENT["developer_message"] = [{"role": "developer", "content": "Answer in one short sentence."}, U1, A1]
+AGENT["thinking_multi_turn"] = [
+    SYSTEM,
+    U1,
+    {"role": "assistant", "thinking": "Two plus two makes four.", "content": "2+2 is 4."},
+    U2,
+    {"role": "assistant", "thinking": "Three and three is six.", "content": "6"},
+]
+AGENT["tool_call_thinking_multi_step"] = [
+    U_WEATHER,
+    {"role": "assistant", "content": "", "thinking": "I need the weather tool.", "tool_calls": [call("get_weather", city="Paris")]},
+    TOOL_RESULT,
+    {"role": "assistant", "thinking": "18 and cloudy.", "content": "It is 18 °C and cloudy."},
+    U_THANKS,
+    {"role": "assistant", "thinking": "Cloudy, no rain in the result.", "content": "Not needed, but it is cloudy."},
+]
+# A tool call still waiting for its answer: its analysis message is kept, then the prompt.
+AGENT["tool_call_pending"] = [
+    SYSTEM,
+    U_WEATHER,
+    {"role": "assistant", "content": "", "thinking": "I need the weather tool.", "tool_calls": [call("get_weather", city="Paris")]},
+    TOOL_RESULT,
+]
+# Rendered with add_generation_prompt=True (every other case: False).
+GENERATION_PROMPT_CASES = {"plain_multi_turn_open", "tool_call_pending"}
+
+GPT_OSS_CASES = [
+    "plain_multi_turn",
+    "plain_no_system",
+    "plain_multi_turn_open",
+    "developer_message",
+    "thinking_multi_turn",
+    "reasoning_content_field",
+    "tool_call",
+    "tool_call_thinking_multi_step",
+    "tool_call_pending",
+    "parallel_tool_calls",
+]
+HARMONY_TOKENS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>"]
+# gpt-oss's system message prints strftime_now("%Y-%m-%d"): a macro of that name put before the
+# template (the same text on both sides) pins the date, as date_string does for Llama 3.2.
+TEMPLATE_PREFIX = {"gpt_oss.jinja": "{%- macro strftime_now(format) %}2025-08-05{% endmacro -%}"}
+
 # (tokenizer, template file or None for the tokenizer's own, cases, tools, extra kwargs variants)
 AGENT_RUNS = [
-    ("qwen3", None, [n for n in AGENT if not n.startswith("plain_")], [{}, {"enable_thinking": False}]),
+    ("qwen3", None, ISSUE_14_CASES, [{}, {"enable_thinking": False}]),
     ("llama3", None, ["reasoning_single", "reasoning_multi_turn", "tool_call"], [{}]),
     # Llama 3.2 Instruct's own template (tests/fixtures/chat_templates/llama3_2.jinja), with the
     # Llama-3 tokenizer (the same vocabulary). date_string fixed: the template otherwise prints today.
@@ -201,6 +251,13 @@ AGENT_RUNS = [
     ("llama3", "granite3.jinja", ["plain_multi_turn", "tool_call"], [{}], ["<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"]),
     ("llama3", "phi4_mini.jinja", ["plain_multi_turn", "plain_no_system", "tool_call"], [{}], ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>"]),
     ("mistral", "mistral_small3_1.jinja", ["plain_system_blocks"], [{}], ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]),
+    # Issue 11: gpt-oss's harmony template (tests/fixtures/chat_templates/gpt_oss.jinja) with the
+    # Llama-3 tokenizer (tiktoken-style BPE like o200k) plus the harmony markers as special
+    # tokens, and Mixtral-8x7B-Instruct's template with the Mistral-7B tokenizer (the same 32k
+    # vocabulary; its [INST] markers are plain text there too).
+    ("llama3", "gpt_oss.jinja", GPT_OSS_CASES, [{}], HARMONY_TOKENS),
+    ("llama3", "gpt_oss.jinja", ["plain_no_system"], [{"reasoning_effort": "high", "model_identity": "You are a test model.", "builtin_tools": ["browser", "python"]}], HARMONY_TOKENS),
+    ("mistral", "mixtral_8x7b.jinja", ["plain_multi_turn", "plain_no_system", "plain_multi_turn_open"], [{}], []),
 ]
 TEMPLATES = REPO_ROOT / "tests" / "fixtures" / "chat_templates"
 
@@ -216,11 +273,17 @@ def agent_cases():
         else:
             tok = toks.setdefault(tok_name, AutoTokenizer.from_pretrained(str(TOKENIZERS / tok_name), local_files_only=True))
         template = (TEMPLATES / template_file).read_text() if template_file else None
+        prefix = TEMPLATE_PREFIX.get(template_file)
+        if prefix:
+            template = prefix + template
         for kwargs in variants:
             for name in names:
                 messages = AGENT[name]
                 tools = [WEATHER_TOOL, TIME_TOOL] if "tool" in name else None
+                agp = name in GENERATION_PROMPT_CASES
                 common = dict(chat_template=template, tools=tools, **kwargs)
+                if agp:
+                    common["add_generation_prompt"] = True
                 text = tok.apply_chat_template(messages, tokenize=False, **common)
                 enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=template_file == "llama3_generation.jinja", **common)
                 ids = [int(i) for i in enc["input_ids"]]
@@ -235,6 +298,10 @@ def agent_cases():
                     "text": text,
                     "input_ids": ids,
                 }
+                if agp:
+                    case["add_generation_prompt"] = True
+                if prefix:
+                    case["template_prefix"] = prefix
                 if added:
                     case["added_special_tokens"] = {t: int(tok.convert_tokens_to_ids(t)) for t in added}
                 if "assistant_masks" in enc:
@@ -303,6 +370,8 @@ def main() -> None:
             "(tokenize=False for text, tokenize=True for input_ids).",
             "template null: the tokenizer's own chat template; otherwise a file in tests/fixtures/chat_templates.",
             "assistant_masks: transformers' return_assistant_tokens_mask, only for templates with {% generation %} blocks.",
+            "add_generation_prompt: true when rendered with it (absent: false). template_prefix: text put before the "
+            "template file (gpt-oss: a strftime_now macro that pins the date).",
         ],
         "cases": agent,
     })

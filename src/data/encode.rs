@@ -171,12 +171,20 @@ impl<'a> Encoder<'a> {
             let other = match self.template.render(&probe, false, kwargs) {
                 Ok(text) => text,
                 // A template that checks tool messages against the tool calls before them: keep
-                // the calls, so only the content and reasoning are found (and trained).
+                // the calls (and their names, which the tool response may repeat), with their
+                // arguments and the reasoning or content swapped out, so the calls are found too.
                 Err(_) => {
-                    let mut kept = m.clone().with("content", PLACEHOLDER);
-                    kept.fields.remove("reasoning_content");
-                    probe[i] = kept;
-                    self.template.render(&probe, false, kwargs)?
+                    probe[i] = with_placeholder_calls(m);
+                    match self.template.render(&probe, false, kwargs) {
+                        Ok(text) => text,
+                        // Only the content and reasoning then.
+                        Err(_) => {
+                            let mut kept = m.clone().with("content", PLACEHOLDER);
+                            kept.fields.remove("reasoning_content");
+                            probe[i] = kept;
+                            self.template.render(&probe, false, kwargs)?
+                        }
+                    }
                 }
             };
             probe[i] = m.clone();
@@ -227,6 +235,40 @@ impl<'a> Encoder<'a> {
         kept.retain(|&(a, b)| b > a);
         kept
     }
+}
+
+/// An assistant message with tool calls, its text swapped for [`PLACEHOLDER`] where that keeps
+/// it a valid message: each call's arguments, and its reasoning (`thinking`, as gpt-oss's
+/// template takes it alongside calls, or `reasoning_content`) or else its content (gpt-oss
+/// refuses a call message with both).
+fn with_placeholder_calls(m: &Message) -> Message {
+    let mut kept = m.clone();
+    let reasoning = ["thinking", "reasoning_content"].into_iter().find(|k| kept.fields.get(*k).and_then(serde_json::Value::as_str).is_some_and(|s| !s.is_empty()));
+    match reasoning {
+        Some(k) => {
+            kept.fields.insert(k.into(), PLACEHOLDER.into());
+        }
+        None if !kept.content().is_empty() => {
+            kept.fields.insert("content".into(), PLACEHOLDER.into());
+        }
+        None => {}
+    }
+    if let Some(serde_json::Value::Array(calls)) = kept.fields.get_mut("tool_calls") {
+        for call in calls.iter_mut() {
+            let target = match call.get_mut("function") {
+                Some(f) if f.is_object() => f,
+                _ => call,
+            };
+            if let Some(obj) = target.as_object_mut() {
+                if obj.contains_key("arguments") {
+                    // An array: its first and last characters (`[`, `]`) differ from those of an
+                    // object or a string, so the diff covers the whole of the real arguments.
+                    obj.insert("arguments".into(), serde_json::json!([PLACEHOLDER]));
+                }
+            }
+        }
+    }
+    kept
 }
 
 /// What replaces an assistant message to find the text that depends on it: one private-use

@@ -1,7 +1,8 @@
 //! Reasoning and tool-calling chat rows (issue 14) against transformers' `apply_chat_template`
 //! (tests/fixtures/chat/agent.json, made by scripts/reference/make_chat_fixtures.py) for the real
 //! Qwen3 and Llama-3 templates, Llama 3.2's tool-calling template, and a template with
-//! `{% generation %}` blocks, whose reference mask is transformers' `return_assistant_tokens_mask`.
+//! `{% generation %}` blocks, whose reference mask is transformers' `return_assistant_tokens_mask`;
+//! also the real templates of the issue-12 families and of gpt-oss (harmony) and Mixtral (issue 11).
 //! The trained tokens of each case are listed here, decoded turn by turn.
 
 use std::collections::BTreeMap;
@@ -25,6 +26,10 @@ struct Case {
     assistant_masks: Option<Vec<i64>>,
     /// Turn markers added to the tokenizer as special tokens (the family's own tokenizer has them).
     added_special_tokens: BTreeMap<String, u32>,
+    /// Rendered with `add_generation_prompt=True` (the fixture's field; absent: false).
+    add_generation_prompt: bool,
+    /// Text put before the template file (gpt-oss: a `strftime_now` macro that pins the date).
+    template_prefix: Option<String>,
 }
 
 fn cases() -> Vec<Case> {
@@ -62,10 +67,12 @@ fn cases() -> Vec<Case> {
                     .as_object()
                     .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap() as u32)).collect())
                     .unwrap_or_default(),
+                add_generation_prompt: c["add_generation_prompt"].as_bool().unwrap_or(false),
+                template_prefix: c["template_prefix"].as_str().map(String::from),
             }
         })
         .collect();
-    assert_eq!(cases.len(), 35, "agent fixture cases");
+    assert_eq!(cases.len(), 49, "agent fixture cases");
     cases
 }
 
@@ -96,7 +103,10 @@ fn case_tokenizer(case: &Case) -> TextTokenizer {
 
 fn template(case: &Case, tok: &TextTokenizer) -> ChatTemplate {
     let source = match &case.template {
-        Some(file) => Some(std::fs::read_to_string(fixtures().join("chat_templates").join(file)).expect("template file")),
+        Some(file) => {
+            let text = std::fs::read_to_string(fixtures().join("chat_templates").join(file)).expect("template file");
+            Some(format!("{}{text}", case.template_prefix.as_deref().unwrap_or("")))
+        }
         None => tok.chat_template.clone(),
     };
     ChatTemplate::new(source.as_deref(), tok).expect("template compiles")
@@ -122,6 +132,7 @@ fn find<'a>(cases: &'a [Case], tok: &str, template: Option<&str>, name: &str, kw
         .unwrap_or_else(|| panic!("no case {tok}/{template:?}/{name}/{kwargs}"))
 }
 
+
 #[test]
 fn reasoning_and_tool_rows_render_and_tokenise_as_apply_chat_template() {
     let cases = cases();
@@ -132,10 +143,15 @@ fn reasoning_and_tool_rows_render_and_tokenise_as_apply_chat_template() {
         let what = format!("{}/{:?}/{} {:?}", case.tokenizer, case.template, case.name, case.kwargs);
         let mut kwargs = case.kwargs.clone();
         kwargs.extend(case.conv.vars.clone());
-        let text = template(case, tok).render(&case.conv.messages, false, &kwargs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let text = template(case, tok).render(&case.conv.messages, case.add_generation_prompt, &kwargs).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(text, case.text, "{what}: rendered text");
-        // The training path tokenises exactly as apply_chat_template(tokenize=True).
-        assert_eq!(encode(case, tok, |_| {}).input_ids, case.input_ids, "{what}: ids");
+        if case.add_generation_prompt {
+            // A prompt for generation, not a training row.
+            assert_eq!(tok.encode_plain(&text).unwrap(), case.input_ids, "{what}: ids");
+        } else {
+            // The training path tokenises exactly as apply_chat_template(tokenize=True).
+            assert_eq!(encode(case, tok, |_| {}).input_ids, case.input_ids, "{what}: ids");
+        }
     }
 }
 
@@ -329,3 +345,80 @@ fn issue_12_family_templates_train_each_assistant_turn_and_its_end() {
     }
 }
 
+fn gpt_oss_final(answer: &str, end: &str) -> String {
+    format!("<|channel|>final<|message|>{answer}{end}")
+}
+
+/// gpt-oss's harmony template (openai/gpt-oss-20b): every assistant turn is trained from the end
+/// of the generation prompt `<|start|>assistant`, so its channel header is trained (the model
+/// writes it), through the token that ends it: `<|end|>` for earlier turns, `<|return|>` for the
+/// last. The template keeps the reasoning (`thinking`, the analysis channel) of the last turn
+/// only, and does not read `reasoning_content`.
+#[test]
+fn gpt_oss_harmony_template_trains_each_turn_with_its_channel_and_end() {
+    let cases = cases();
+    let (a1, a2) = (gpt_oss_final("2+2 is 4.", "<|end|>"), gpt_oss_final("6", "<|return|>"));
+    let think2 = format!("<|channel|>analysis<|message|>Three and three is six.<|end|><|start|>assistant{}", gpt_oss_final("6", "<|return|>"));
+    let high = r#"{"builtin_tools":["browser","python"],"model_identity":"You are a test model.","reasoning_effort":"high"}"#;
+    let expect: Vec<(&str, &str, Vec<String>)> = vec![
+        ("plain_multi_turn", "{}", vec![a1.clone(), a2.clone()]),
+        ("plain_no_system", "{}", vec![a1.clone(), a2.clone()]),
+        ("plain_no_system", high, vec![a1.clone(), a2.clone()]),
+        ("developer_message", "{}", vec![gpt_oss_final("2+2 is 4.", "<|return|>")]),
+        ("thinking_multi_turn", "{}", vec![a1.clone(), think2.clone()]),
+        ("reasoning_content_field", "{}", vec![gpt_oss_final("7", "<|return|>")]),
+    ];
+    for (name, kwargs, want) in &expect {
+        let case = find(&cases, "llama3", Some("gpt_oss.jinja"), name, kwargs);
+        let tok = case_tokenizer(case);
+        assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), *want, "{name} {kwargs}");
+    }
+    let case = find(&cases, "llama3", Some("gpt_oss.jinja"), "thinking_multi_turn", "{}");
+    let tok = case_tokenizer(case);
+    let no_eos = trained_runs(&tok, &encode(case, &tok, |c| c.train_on_eos = false));
+    assert_eq!(no_eos, [gpt_oss_final("2+2 is 4.", ""), think2.strip_suffix("<|return|>").unwrap().to_string()]);
+
+    // The template as shipped, with its own clock: the fixture's text with today's date.
+    let case = find(&cases, "llama3", Some("gpt_oss.jinja"), "plain_no_system", "{}");
+    let source = std::fs::read_to_string(fixtures().join("chat_templates/gpt_oss.jinja")).unwrap();
+    let real = ChatTemplate::new(Some(&source), &tok).expect("template compiles");
+    let today = ChatTemplate::new(Some("{{ strftime_now('%Y-%m-%d') }}"), &tok).unwrap().render(&[], false, &BTreeMap::new()).unwrap();
+    let text = real.render(&case.conv.messages, false, &BTreeMap::new()).unwrap();
+    assert_eq!(text, case.text.replace("Current date: 2025-08-05", &format!("Current date: {today}")));
+}
+
+/// The tool-call turns of gpt-oss rows, as the model writes them after `<|start|>assistant`:
+/// the recipient, the commentary channel and the arguments, through `<|call|>`.
+#[test]
+fn gpt_oss_tool_call_turns_are_trained() {
+    let cases = cases();
+    let call = |args: &str| format!(" to=functions.get_weather<|channel|>commentary json<|message|>{args}<|call|>");
+    let expect: Vec<(&str, Vec<String>)> = vec![
+        ("tool_call", vec![call(r#"{"unit": "celsius", "city": "Paris"}"#), gpt_oss_final("It is 18 °C and cloudy in Paris.", "<|return|>")]),
+        (
+            "tool_call_thinking_multi_step",
+            vec![
+                call(r#"{"city": "Paris"}"#),
+                gpt_oss_final("It is 18 °C and cloudy.", "<|end|>"),
+                format!("<|channel|>analysis<|message|>Cloudy, no rain in the result.<|end|><|start|>assistant{}", gpt_oss_final("Not needed, but it is cloudy.", "<|return|>")),
+            ],
+        ),
+    ];
+    for (name, want) in &expect {
+        let case = find(&cases, "llama3", Some("gpt_oss.jinja"), name, "{}");
+        let tok = case_tokenizer(case);
+        assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), *want, "{name}");
+    }
+}
+
+/// Mixtral-8x7B-Instruct's template (Mistral's "v1" template with a system prompt): each answer
+/// and its `</s>`; the system prompt is folded into the first `[INST]`, which is not trained.
+#[test]
+fn mixtral_template_trains_each_answer_and_its_eos() {
+    let cases = cases();
+    for name in ["plain_multi_turn", "plain_no_system"] {
+        let case = find(&cases, "mistral", Some("mixtral_8x7b.jinja"), name, "{}");
+        let tok = case_tokenizer(case);
+        assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), ["2+2 is 4.</s>", "6</s>"], "{name}");
+    }
+}
