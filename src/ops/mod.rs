@@ -163,7 +163,8 @@ impl<B: TemperBackend> Backward<B, 1> for Linear4BitBackward {
 
 impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
     fn temper_linear_4bit(x: FloatTensor<Self>, w: &Packed4Bit<Self>) -> FloatTensor<Self> {
-        let inner = Packed4Bit::<B> { words: w.words.clone(), absmax: w.absmax.primitive.clone(), code: w.code.primitive.clone(), shape: w.shape, blocksize: w.blocksize };
+        let nested = w.nested.as_ref().map(|n| crate::quant::device::NestedPrims::<B> { codes: n.codes.clone(), nested_absmax: n.nested_absmax.primitive.clone(), map: n.map.primitive.clone(), offset: n.offset, blocks: n.blocks });
+        let inner = Packed4Bit::<B> { words: w.words.clone(), absmax: w.absmax.primitive.clone(), nested, code: w.code.primitive.clone(), shape: w.shape, blocksize: w.blocksize };
         match Linear4BitBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let y = B::temper_linear_4bit(x.primitive, &inner);

@@ -131,6 +131,7 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
     }
     let absmax_name = format!("{name}.absmax");
     let double_quant = state.nested_blocksize.is_some();
+    let mut nested = None;
     let absmax = if double_quant {
         let (_, _, q) = raw(ckpt, &path, &absmax_name, Dtype::U8)?;
         let nbs = state.nested_blocksize.unwrap_or(256);
@@ -140,7 +141,11 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
         if nbs == 0 || nested_code.len() != 256 || nested_absmax.len() != q.len().div_ceil(nbs) {
             return Err(bad(&format!("{name}.nested_absmax"), format!("{} values and a {}-entry code book do not fit {} absmax codes in blocks of {nbs}", nested_absmax.len(), nested_code.len(), q.len())));
         }
-        q.iter().enumerate().map(|(i, &c)| nested_code[c as usize] * nested_absmax[i / nbs] + offset).collect()
+        let values: Vec<f32> = q.iter().enumerate().map(|(i, &c)| nested_code[c as usize] * nested_absmax[i / nbs] + offset).collect();
+        // The device keeps the 8-bit form when the checkpoint's is the standard one.
+        let standard = nbs == crate::quant::double::NESTED_BLOCKSIZE && nested_code.iter().zip(crate::quant::double::dynamic_map()).all(|(a, b)| a.to_bits() == b.to_bits());
+        nested = standard.then(|| crate::quant::NestedAbsmax { codes: q.to_vec(), nested_absmax: nested_absmax.clone(), offset });
+        values
     } else {
         // f32, or bf16 / f16 (bitsandbytes upcasts it to f32 before use).
         floats(ckpt, &path, &absmax_name)?
@@ -148,7 +153,7 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
     if absmax.len() != blocks {
         return Err(bad(&absmax_name, format!("has {} blocks; {n} values in blocks of {bs} need {blocks}", absmax.len())));
     }
-    Ok(Bnb4BitWeight { quantized: Quantized4Bit { packed: packed.to_vec(), absmax, blocksize: bs, kind, len: n }, shape: expected.to_vec(), double_quant })
+    Ok(Bnb4BitWeight { quantized: Quantized4Bit { packed: packed.to_vec(), absmax, blocksize: bs, kind, len: n, nested }, shape: expected.to_vec(), double_quant })
 }
 
 fn raw<'a>(ckpt: &'a Checkpoint, path: &Path, name: &str, dtype: Dtype) -> Result<(Dtype, Vec<usize>, &'a [u8])> {

@@ -12,13 +12,28 @@ use crate::quant::nf4::Quantized4Bit;
 
 const SHIFTS: [i64; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
 
+/// Double-quantized absmax on a device: the 8-bit codes packed 4 per 32-bit word (little
+/// endian), one f32 per 256 codes, the signed dynamic map and the offset. Dequantized on the
+/// device as bitsandbytes does: `map[code] * nested[block / 256] + offset`, in f32.
+#[derive(Debug, Clone)]
+pub struct NestedPrims<B: Backend> {
+    pub codes: IntTensor<B>,
+    pub nested_absmax: FloatTensor<B>,
+    pub map: FloatTensor<B>,
+    pub offset: f32,
+    /// The number of absmax values (4-bit blocks).
+    pub blocks: usize,
+}
+
 /// The primitives of a 4-bit `[out, in]` weight on backend `B`.
 #[derive(Debug, Clone)]
 pub struct Packed4Bit<B: Backend> {
     /// `ceil(n / 8)` words.
     pub words: IntTensor<B>,
-    /// One f32 per block.
+    /// One f32 per block (empty when `nested` holds them).
     pub absmax: FloatTensor<B>,
+    /// Double quantization: the absmax in 8 bits.
+    pub nested: Option<NestedPrims<B>>,
     /// The 16-entry code book, f32.
     pub code: FloatTensor<B>,
     pub shape: [usize; 2],
@@ -33,9 +48,44 @@ impl<B: Backend> Packed4Bit<B> {
         let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let n = words.len();
         let words = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), device).into_primitive();
-        let absmax = Tensor::<B, 1>::from_data(TensorData::new(q.absmax.clone(), [q.absmax.len()]), (device, DType::F32)).into_primitive().tensor();
-        let code = Tensor::<B, 1>::from_data(TensorData::new(q.kind.code().to_vec(), [16]), (device, DType::F32)).into_primitive().tensor();
-        Packed4Bit { words, absmax, code, shape, blocksize: q.blocksize }
+        let floats = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32)).into_primitive().tensor()
+        };
+        let (absmax, nested) = match &q.nested {
+            Some(n) => {
+                let mut bytes = n.codes.clone();
+                bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+                let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let w = words.len();
+                let prims = NestedPrims {
+                    codes: Tensor::<B, 1, Int>::from_data(TensorData::new(words, [w]), device).into_primitive(),
+                    nested_absmax: floats(n.nested_absmax.clone()),
+                    map: floats(crate::quant::double::dynamic_map().to_vec()),
+                    offset: n.offset,
+                    blocks: n.codes.len(),
+                };
+                (floats(Vec::new()), Some(prims))
+            }
+            None => (floats(q.absmax.clone()), None),
+        };
+        let code = floats(q.kind.code().to_vec());
+        Packed4Bit { words, absmax, nested, code, shape, blocksize: q.blocksize }
+    }
+
+    /// The f32 absmax of every block: stored, or dequantized from the 8-bit codes.
+    pub fn absmax(&self) -> Tensor<B, 1> {
+        let Some(n) = &self.nested else { return Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone())) };
+        let words: Tensor<B, 1, Int> = Tensor::from_primitive(n.codes.clone());
+        let w = words.dims()[0];
+        let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24].iter().map(|&s| words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])).collect();
+        let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice([0..n.blocks]);
+        let map: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.map.clone()));
+        let values = map.select(0, idx);
+        let nested: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.nested_absmax.clone()));
+        let groups = nested.dims()[0];
+        let scale = nested.reshape([groups, 1]).expand([groups, crate::quant::double::NESTED_BLOCKSIZE]).reshape([groups * crate::quant::double::NESTED_BLOCKSIZE]).slice([0..n.blocks]);
+        (values * scale).add_scalar(n.offset)
     }
 
     /// dequant(W) `[out, in]` in `dtype`: `code[q] * absmax[block]` in f32, then cast (as
@@ -49,7 +99,7 @@ impl<B: Backend> Packed4Bit<B> {
         let idx = Tensor::cat(nibbles, 1).reshape([w * 8]).slice([0..n]);
         let code: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.code.clone()));
         let values = code.select(0, idx);
-        let absmax: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone()));
+        let absmax = self.absmax();
         let bs = self.blocksize;
         let full = n - n % bs;
         let blocks = full / bs;
@@ -70,6 +120,12 @@ impl<B: Backend> Packed4Bit<B> {
 pub struct Weight4Bit<B: Backend> {
     pub words: Tensor<B, 1, Int>,
     pub absmax: Tensor<B, 1>,
+    /// Double quantization: codes, nested absmax and map ([`NestedPrims`]).
+    pub absmax_codes: Option<Tensor<B, 1, Int>>,
+    pub nested_absmax: Option<Tensor<B, 1>>,
+    pub absmax_map: Option<Tensor<B, 1>>,
+    pub absmax_offset: f32,
+    pub absmax_blocks: usize,
     pub code: Tensor<B, 1>,
     pub out_features: usize,
     pub in_features: usize,
@@ -79,9 +135,19 @@ pub struct Weight4Bit<B: Backend> {
 impl<B: Backend> Weight4Bit<B> {
     pub fn new(q: &Quantized4Bit, shape: [usize; 2], device: &B::Device) -> Self {
         let p = Packed4Bit::<B>::upload(q, shape, device);
+        let float = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        let (absmax_codes, nested_absmax, absmax_map, absmax_offset, absmax_blocks) = match p.nested {
+            Some(n) => (Some(Tensor::from_primitive(n.codes)), Some(float(n.nested_absmax)), Some(float(n.map)), n.offset, n.blocks),
+            None => (None, None, None, 0.0, 0),
+        };
         Weight4Bit {
             words: Tensor::from_primitive(p.words),
             absmax: Tensor::from_primitive(TensorPrimitive::Float(p.absmax)),
+            absmax_codes,
+            nested_absmax,
+            absmax_map,
+            absmax_offset,
+            absmax_blocks,
             code: Tensor::from_primitive(TensorPrimitive::Float(p.code)),
             out_features: shape[0],
             in_features: shape[1],
@@ -91,9 +157,20 @@ impl<B: Backend> Weight4Bit<B> {
 
     /// The primitives the 4-bit linear op takes (handles are shared, nothing is copied).
     pub fn packed(&self) -> Packed4Bit<B> {
+        let nested = match (&self.absmax_codes, &self.nested_absmax, &self.absmax_map) {
+            (Some(c), Some(n), Some(m)) => Some(NestedPrims {
+                codes: c.clone().into_primitive(),
+                nested_absmax: n.clone().into_primitive().tensor(),
+                map: m.clone().into_primitive().tensor(),
+                offset: self.absmax_offset,
+                blocks: self.absmax_blocks,
+            }),
+            _ => None,
+        };
         Packed4Bit {
             words: self.words.clone().into_primitive(),
             absmax: self.absmax.clone().into_primitive().tensor(),
+            nested,
             code: self.code.clone().into_primitive().tensor(),
             shape: [self.out_features, self.in_features],
             blocksize: self.blocksize,

@@ -27,7 +27,9 @@ impl LoadIn4Bit {
     pub fn quantize(self, values: &[f32]) -> Quantized4Bit {
         let mut q = quantize_4bit(values, 64, self.kind);
         if self.double_quant {
-            q.absmax = quantize_absmax(&q.absmax).dequantize();
+            let nested = quantize_absmax(&q.absmax);
+            q.absmax = nested.dequantize();
+            q.nested = Some(nested);
         }
         q
     }

@@ -107,6 +107,9 @@ pub struct Quantized4Bit {
     pub kind: FourBit,
     /// Number of values (the weight's element count).
     pub len: usize,
+    /// Double quantization: the 8-bit form of `absmax` (which then holds its dequantized values,
+    /// what bitsandbytes computes with); the device keeps this form.
+    pub nested: Option<crate::quant::NestedAbsmax>,
 }
 
 /// Quantize `values` (a weight flattened row-major, already in f32) in blocks of `blocksize`.
@@ -138,7 +141,7 @@ pub fn quantize_4bit(values: &[f32], blocksize: usize, kind: FourBit) -> Quantiz
         codes.push(encode(0.0));
     }
     let packed = codes.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
-    Quantized4Bit { packed, absmax, blocksize, kind, len: n }
+    Quantized4Bit { packed, absmax, blocksize, kind, len: n, nested: None }
 }
 
 /// `code[q] * absmax[block]` in f32 for every value.
