@@ -11,6 +11,7 @@ Run by hand, never in CI. Tested with (scripts/bench/requirements.txt):
         --seq-len 256 --batch 4 --steps 5 --rank 16 --threads 2 [--forward-only] \
         [--gradient-checkpointing] [--temper target/release/temper] [--device cpu] [--json]
         [--torch-device cuda --torch-dtype bfloat16]   # the GPU side by side (scripts/gpu/check.sh)
+        [--load-in-4bit [--double-quant]]   # QLoRA: needs bitsandbytes==0.50.2 in the venv too
 
 The PyTorch side mirrors src/cli/bench.rs:
   * model built from the config with random weights, float32, attention "sdpa" (the
@@ -23,6 +24,11 @@ The PyTorch side mirrors src/cli/bench.rs:
     `temper bench --forward-only`, no LoRA is injected;
   * input ids uniform in [0, vocab); one warm-up step, then `--steps` timed steps; the median
     is sorted(times)[len // 2] and tokens/s = batch * seq_len / median, as temper computes it;
+  * `--load-in-4bit` (QLoRA): the random model is saved to a temporary folder by a separate
+    process, then loaded with transformers' BitsAndBytesConfig(load_in_4bit, nf4, blocks of 64,
+    compute dtype = --torch-dtype, double quantization with --double-quant), as a user loads a
+    Hub checkpoint; `temper bench --load-in-4bit [--double-quant]` draws its random weights
+    straight into NF4. Both keep embeddings, norms and lm_head unquantized;
   * peak memory is VmHWM of /proc/self/status (temper's peak_host_rss_mib), measured in a
     child process of this script (`--torch-worker`) so that it is PyTorch's alone.
 Then, unless --skip-temper, `TEMPER bench ... --json` runs with RAYON_NUM_THREADS=threads.
@@ -63,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="passed to `temper bench --device`")
     p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"], help="where the PyTorch side runs")
     p.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16"], help="the PyTorch base model's dtype (PEFT keeps the LoRA weights in float32)")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base's decoder projections in NF4 on both sides")
+    p.add_argument("--double-quant", action="store_true", help="with --load-in-4bit: bitsandbytes' double quantization on both sides")
+    p.add_argument("--save-random-to", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--skip-temper", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text lines")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
@@ -128,12 +137,31 @@ def torch_worker(args: argparse.Namespace) -> dict:
         raw = json.load(f)
     cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
     cfg.use_cache = False
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=ATTENTION, dtype=torch.float32)
     dtype = getattr(torch, args.torch_dtype)
     device = torch.device(args.torch_device)
-    model = model.to(device=device, dtype=dtype)
+
+    if args.load_in_4bit:
+        import tempfile
+
+        import bitsandbytes
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # The random f32 model is made and saved by another process, so that this one's peak
+            # memory is the 4-bit load and the training alone.
+            prep = [sys.executable, str(Path(__file__).resolve()), "--torch-worker", "--config", str(args.config), "--save-random-to", tmp]
+            done = subprocess.run(prep, env=thread_env(args.threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise BenchError(f"saving the random model failed:\n{tail(done.stderr)}")
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=args.double_quant, bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=q, device_map=args.torch_device, dtype=dtype, attn_implementation=ATTENTION)
+        model.config.use_cache = False
+        bnb_version = bitsandbytes.__version__
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=ATTENTION, dtype=torch.float32)
+        model = model.to(device=device, dtype=dtype)
+        bnb_version = None
     attn = getattr(model.config, "_attn_implementation", ATTENTION)
     parameters = sum(p.numel() for p in model.parameters())
 
@@ -158,9 +186,19 @@ def torch_worker(args: argparse.Namespace) -> dict:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM")
+        # A mixture-of-experts model: LoRA on the experts too (target_parameters), as
+        # `temper bench` does. PEFT >= 0.19 would rewrite that config for the qwen2_moe
+        # conversion family (gate_up at rank 2r, peft/utils/transformers_weight_conversion.py);
+        # the rewrite is switched off so both sides train the same rank-r adapter.
+        moe = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", None)
+        params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None
+        lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES, target_parameters=params, bias="none", task_type="CAUSAL_LM")
         # autocast_adapter_dtype (PEFT's default) keeps the LoRA weights in float32 on a
         # bfloat16 base, as temper does.
+        if moe:
+            import peft.utils.transformers_weight_conversion as twc
+
+            twc.convert_peft_config_for_transformers = lambda *a, **k: None
         model = get_peft_model(model, lora)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -201,8 +239,21 @@ def torch_worker(args: argparse.Namespace) -> dict:
         "tokens_per_s": args.batch * args.seq_len / median,
         "peak_host_rss_mib": peak_rss_mib(),
         "rss_after_import_mib": rss_import,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__ if peft else None, "python": sys.version.split()[0]},
+        "load_in_4bit": "nf4" + (" + double quantization" if args.double_quant else "") if args.load_in_4bit else None,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__ if peft else None, "bitsandbytes": bnb_version, "python": sys.version.split()[0]},
     }
+
+
+def save_random(args: argparse.Namespace) -> None:
+    """The random f32 model (seed 0) saved as safetensors, for --load-in-4bit."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with open(config_file(args.config)) as f:
+        raw = json.load(f)
+    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(args.save_random_to))
 
 
 def thread_env(threads: int) -> dict:
@@ -261,6 +312,10 @@ def run_temper(args: argparse.Namespace) -> dict:
         cmd.append("--forward-only")
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.load_in_4bit:
+        cmd.append("--load-in-4bit")
+    if args.double_quant:
+        cmd.append("--double-quant")
     cmd += ["--device", args.device, "--json", *shlex.split(args.temper_args)]
     try:
         proc = subprocess.run(cmd, env=thread_env(args.threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -298,9 +353,16 @@ def ratios(pt: dict, tm: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.torch_worker and args.save_random_to:
+        save_random(args)
+        return 0
     if args.torch_worker:
         print(json.dumps(torch_worker(args)), flush=True)
         return 0
+    if args.double_quant and not args.load_in_4bit:
+        raise BenchError("--double-quant needs --load-in-4bit")
+    if args.load_in_4bit and args.forward_only:
+        raise BenchError("--load-in-4bit measures QLoRA training; drop --forward-only")
 
     cfg = config_file(args.config)
     if not cfg.is_file():

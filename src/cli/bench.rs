@@ -90,15 +90,35 @@ fn config_path(p: &Path) -> PathBuf {
 
 /// Matmul FLOPs per token: projections forward (2N) and, training, input gradients (2N) plus
 /// LoRA (forward, input and weight gradients) and causal attention (computed over the full
-/// square, as the kernels do).
+/// square, as the kernels do). A sparse layer counts its router and the `top_k` experts a token
+/// runs (and a shared expert), with LoRA on those experts (what `bench` targets on MoE models).
 fn flops_per_token(cfg: &DecoderConfig, seq: usize, rank: usize, training: bool) -> f64 {
     let (h, i, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
     let (q, kv) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
-    let per_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
-    let linear = l * per_layer + cfg.vocab_size as f64 * h;
-    let attn = 4.0 * seq as f64 * q * l;
     let r = rank as f64;
-    let lora = l * r * ((h + q) + 2.0 * (h + kv) + (q + h) + 2.0 * (h + i) + (i + h));
+    let attn_proj = h * q + 2.0 * h * kv + q * h;
+    let attn_lora = (h + q) + 2.0 * (h + kv) + (q + h);
+    let (mut linear, mut lora) = (cfg.vocab_size as f64 * h, 0.0);
+    for layer in 0..cfg.num_layers {
+        linear += attn_proj;
+        lora += attn_lora * r;
+        match &cfg.moe {
+            Some(m) if m.is_sparse(layer) => {
+                let (k, ie) = (m.top_k as f64, m.expert_intermediate as f64);
+                linear += h * m.num_experts as f64 + k * 3.0 * h * ie;
+                lora += k * ((h + 2.0 * ie) + (ie + h)) * r;
+                if let Some(si) = m.shared_expert_intermediate {
+                    linear += 3.0 * h * si as f64 + h;
+                    lora += 2.0 * (h + si as f64) * r + (si as f64 + h) * r;
+                }
+            }
+            _ => {
+                linear += 3.0 * h * i;
+                lora += (2.0 * (h + i) + (i + h)) * r;
+            }
+        }
+    }
+    let attn = 4.0 * seq as f64 * q * l;
     if training { 4.0 * linear + 3.0 * attn + 6.0 * lora } else { 2.0 * linear + attn }
 }
 
@@ -141,7 +161,9 @@ impl TrainTask for BenchArgs {
                 }
             }
         } else {
-            let lora = LoraConfig { r: self.rank, lora_alpha: 2.0 * self.rank as f64, lora_dropout: self.lora_dropout, ..LoraConfig::default() };
+            // A mixture-of-experts model: LoRA on its experts too (PEFT's target_parameters).
+            let target_parameters = cfg.moe.as_ref().map(|_| vec!["mlp.experts.gate_up_proj".to_string(), "mlp.experts.down_proj".to_string()]);
+            let lora = LoraConfig { r: self.rank, lora_alpha: 2.0 * self.rank as f64, lora_dropout: self.lora_dropout, target_parameters, ..LoraConfig::default() };
             inject(&mut model, &lora, 0)?;
             let tc = TrainConfig::default();
             let mut opt = Optimizer::new(&mut model, &tc);

@@ -431,3 +431,60 @@ fn load_balancing_loss_matches_transformers_and_trains() {
         assert!((a - b).abs() <= 1e-5, "step {s}: checkpointed {b} vs plain {a} with the aux loss");
     }
 }
+
+/// transformers 5's fused 3-D expert layout (`mlp.experts.gate_up_proj` `[E, 2I, H]`, gate rows
+/// then up rows; `mlp.experts.down_proj` `[E, H, I]`), as `save_pretrained(save_original_format=
+/// False)` writes it: the qwen3_moe fixture restacked so loads to the same logits, and a merge
+/// into it keeps it fused and gives the adapter's logits.
+#[test]
+fn fused_3d_expert_checkpoints_load_and_merge() {
+    use safetensors::{tensor::TensorView, Dtype};
+    use temper::export::{merge_model, MergeDtype, MergeInput, MergeOptions, WriteMode};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = moe_dir().join("models/qwen3_moe");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (experts, h, i) = (6usize, 48usize, 20usize);
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, view) in st.tensors() {
+        if !k.contains(".mlp.experts.") {
+            out.push((k, view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    for layer in [0usize, 2, 3] {
+        let p = format!("model.layers.{layer}.mlp.experts");
+        let t = |name: String| st.tensor(&name).unwrap().data().to_vec();
+        let mut gu = Vec::new();
+        let mut down = Vec::new();
+        for e in 0..experts {
+            gu.extend(t(format!("{p}.{e}.gate_proj.weight")));
+            gu.extend(t(format!("{p}.{e}.up_proj.weight")));
+            down.extend(t(format!("{p}.{e}.down_proj.weight")));
+        }
+        out.push((format!("{p}.gate_up_proj"), vec![experts, 2 * i, h], gu));
+        out.push((format!("{p}.down_proj"), vec![experts, h, i], down));
+    }
+    let fused = tmp.path().join("fused");
+    std::fs::create_dir_all(&fused).unwrap();
+    std::fs::copy(src.join("config.json"), fused.join("config.json")).unwrap();
+    let views: Vec<(String, TensorView)> = out.iter().map(|(k, s, b)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    std::fs::write(fused.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let device = Default::default();
+    let m = moe_manifest();
+    let logits = |dir: &std::path::Path, reference: &str| {
+        let r = Reference::open(&moe_dir().join(reference));
+        let model = load_model::<Cpu>(dir, WeightPrecision::F32, &device).unwrap().model;
+        let got: Vec<f32> = model.forward(ids::<Cpu>(&r, &device)).into_data().to_vec().unwrap();
+        max_abs_diff(&got, &r.f32("logits").0)
+    };
+    let d = logits(&fused, m["models"]["qwen3_moe"]["reference"].as_str().unwrap());
+    assert!(d <= LOGITS_TOL, "fused checkpoint: logits differ by {d:e}");
+    let dir = moe_dir().join(m["peft"]["qwen3_moe"]["adapter"].as_str().unwrap());
+    let merged = tmp.path().join("merged");
+    let input = MergeInput { adapter: Adapter::read(&dir).unwrap(), dir, weight: 1.0 };
+    merge_model(&fused, &[input], MergeOptions { dtype: MergeDtype::F32, untie: false }, &merged, WriteMode::Refuse, &mut |_| {}).unwrap();
+    let written = Reference::open(&merged.join("model.safetensors"));
+    assert!(written.names().iter().any(|k| k == "model.layers.0.mlp.experts.gate_up_proj"), "merge changed the layout");
+    let d = logits(&merged, m["peft"]["qwen3_moe"]["reference"].as_str().unwrap());
+    assert!(d <= LOGITS_TOL, "merged fused checkpoint: logits differ from the adapter's by {d:e}");
+}
