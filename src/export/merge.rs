@@ -462,14 +462,14 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
         Error::InvalidArgument(format!("adapter module `{module}` is a [{}, {}] update, but `{key}` in {} is {shape:?}: was the adapter trained on another base model?", want[0], want[1], model.display()))
     };
     let (out_f, in_f) = (pair.b.shape[0], pair.a.shape[1]);
+    // gpt-oss's `mlp.router` is a plain [E, H] weight under its own name.
+    if module.ends_with(".mlp.router") {
+        return Ok(None);
+    }
     if module.ends_with(".mlp.gate") {
         let mixtral = name(&format!("{}.block_sparse_moe.gate.weight", module.trim_end_matches(".mlp.gate")));
         if ckpt.contains(&mixtral) {
             return Ok(Some(vec![(mixtral, Cow::Borrowed(pair), 0, false)]));
-        }
-        let gpt_oss = name(&format!("{}.mlp.router.weight", module.trim_end_matches(".mlp.gate")));
-        if ckpt.contains(&gpt_oss) {
-            return Ok(Some(vec![(gpt_oss, Cow::Borrowed(pair), 0, false)]));
         }
         return Ok(None);
     }

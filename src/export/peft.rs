@@ -166,9 +166,12 @@ impl Adapter {
         let targets: std::collections::BTreeSet<&str> = names.iter().filter(|m| per.is_some() || moe_parameter(m).is_none()).map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
         let params: std::collections::BTreeSet<String> = names
             .iter()
-            .filter(|m| per.is_none() || m.ends_with(".mlp.gate"))
+            .filter(|m| per.is_none() || m.ends_with(".mlp.gate") || m.ends_with(".mlp.router"))
             .filter_map(|m| moe_parameter(m))
-            .map(|p| if p.ends_with(".mlp.gate.weight") { "mlp.gate.weight".to_string() } else { format!("mlp.experts.{}", p.rsplit('.').next().unwrap_or_default()) })
+            .map(|p| match p.rsplit('.').nth(1) {
+                Some(router @ ("gate" | "router")) => format!("mlp.{router}.weight"),
+                _ => format!("mlp.experts.{}", p.rsplit('.').next().unwrap_or_default()),
+            })
             .collect();
         // A list of names would also match the vision tower's q_proj / k_proj / v_proj in PEFT.
         let targets = if self.nested {

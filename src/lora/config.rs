@@ -117,9 +117,9 @@ impl LoraConfig {
             return Err(format!("`lora_dropout` {} with `target_parameters`: PEFT's LoRA on parameters has no dropout (it refuses to load such an adapter); set lora_dropout: 0", self.lora_dropout));
         }
         for t in self.target_parameters.iter().flatten() {
-            let known = ["experts.gate_up_proj", "experts.down_proj", "gate.weight"];
+            let known = ["experts.gate_up_proj", "experts.down_proj", "gate.weight", "router.weight"];
             if !known.iter().any(|k| t.ends_with(k)) {
-                return Err(format!("`target_parameters` entry {t:?} is not an expert or router parameter (supported: mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight)"));
+                return Err(format!("`target_parameters` entry {t:?} is not an expert or router parameter (supported: mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight; gpt-oss: mlp.router.weight)"));
             }
         }
         if let TargetModules::Pattern(p) = &self.target_modules {

@@ -46,7 +46,7 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
     }
     if let Some(moe) = layer.moe.as_mut() {
         let p = format!("model.layers.{i}.mlp");
-        out.push((format!("{p}.gate"), &mut moe.gate));
+        out.push((format!("{p}.{}", moe.router_name), &mut moe.gate));
         for (e, expert) in moe.experts.iter_mut().enumerate() {
             out.push((format!("{p}.experts.{e}.gate_up_proj"), &mut expert.gate_up_proj));
             out.push((format!("{p}.experts.{e}.down_proj"), &mut expert.down_proj));
@@ -93,7 +93,7 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
         match &cfg.moe {
             Some(m) if m.is_sparse(i) => {
                 let p = format!("model.layers.{i}.mlp");
-                names.push(format!("{p}.gate"));
+                names.push(format!("{p}.{}", if m.naming == crate::model::config::ExpertNaming::GptOss { "router" } else { "gate" }));
                 for e in 0..m.num_experts {
                     names.push(format!("{p}.experts.{e}.gate_up_proj"));
                     names.push(format!("{p}.experts.{e}.down_proj"));
@@ -121,7 +121,7 @@ pub fn moe_parameter(module: &str) -> Option<String> {
         let (_, proj) = tail.split_once('.')?;
         return Some(format!("{head}.mlp.experts.{proj}"));
     }
-    module.ends_with(".mlp.gate").then(|| format!("{module}.weight"))
+    (module.ends_with(".mlp.gate") || module.ends_with(".mlp.router")).then(|| format!("{module}.weight"))
 }
 
 /// PEFT's `check_target_module_exists` for one module name. Experts and routers are parameters

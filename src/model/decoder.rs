@@ -467,6 +467,7 @@ fn load_moe<B: Backend>(
         top_k: m.top_k,
         norm_topk_prob: m.norm_topk_prob,
         routing: m.routing,
+        router_name: "gate",
         activation: m.activation,
     })
 }
@@ -500,6 +501,7 @@ fn load_gpt_oss_moe<B: Backend>(m: &crate::model::config::MoeConfig, w: &mut Wei
         top_k: m.top_k,
         norm_topk_prob: m.norm_topk_prob,
         routing: m.routing,
+        router_name: "router",
         activation: m.activation,
     })
 }

@@ -43,6 +43,9 @@ pub struct MoeBlock<B: Backend> {
     pub norm_topk_prob: bool,
     #[module(skip)]
     pub routing: Routing,
+    /// The router's module name under `mlp.`: `gate`, or gpt-oss's `router`.
+    #[module(skip)]
+    pub router_name: &'static str,
     #[module(skip)]
     pub activation: ExpertActivation,
 }

@@ -488,3 +488,32 @@ fn fused_3d_expert_checkpoints_load_and_merge() {
     let d = logits(&merged, m["peft"]["qwen3_moe"]["reference"].as_str().unwrap());
     assert!(d <= LOGITS_TOL, "merged fused checkpoint: logits differ from the adapter's by {d:e}");
 }
+
+/// The router gets LoRA only when `target_parameters` names it (`mlp.gate.weight`; gpt-oss's
+/// `mlp.router.weight`), under PEFT's module names, and round-trips through the PEFT format.
+#[test]
+fn router_lora_only_when_asked() {
+    use temper::lora::{inject, LoraConfig, TargetModules};
+    let device = Default::default();
+    for (name, param) in [("qwen3_moe", "mlp.gate.weight"), ("gpt_oss", "mlp.router.weight")] {
+        let dir = moe_dir().join("models").join(name);
+        let targets = |params: Vec<&str>| LoraConfig { r: 2, lora_alpha: 4.0, target_modules: TargetModules::List(vec!["q_proj".into()]), target_parameters: Some(params.into_iter().map(String::from).collect()), ..LoraConfig::default() };
+        let mut model = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap().model;
+        let hit = inject(&mut model, &targets(vec!["mlp.experts.down_proj"]), 0).unwrap();
+        assert!(hit.iter().all(|m| !m.ends_with(".mlp.gate") && !m.ends_with(".mlp.router")), "{name}: router adapted unasked");
+        let mut model = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap().model;
+        let cfg = targets(vec![param]);
+        let hit = inject(&mut model, &cfg, 0).unwrap();
+        let router = param.trim_end_matches(".weight");
+        assert_eq!(hit.iter().filter(|m| m.ends_with(&format!(".{router}"))).count(), 4 - usize::from(name == "qwen3_moe"), "{name}: one router per sparse layer");
+        let adapter = extract_adapter(&mut model, &cfg, "x").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        adapter.write(&tmp.path().join("a"), temper::export::WriteMode::Refuse, &[]).unwrap();
+        let cfg_json: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg_json["target_parameters"], serde_json::json!([param]), "{name}");
+        let bytes = std::fs::read(tmp.path().join("a/adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.names().iter().any(|k| *k == format!("base_model.model.model.layers.3.{router}.lora_A.weight")), "{name}: {:?}", st.names());
+        assert_eq!(Adapter::read(&tmp.path().join("a")).unwrap().modules, adapter.modules, "{name}: round trip");
+    }
+}
