@@ -32,6 +32,13 @@ fn ids<B: burn::tensor::backend::Backend>(r: &Reference, device: &B::Device) -> 
     Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
 }
 
+/// Max |logit difference| of `model` on a reference file's `input_ids` against its `logits`.
+fn logit_diff(model: &temper::model::CausalLm<Cpu>, reference: &std::path::Path) -> f32 {
+    let r = Reference::open(reference);
+    let got: Vec<f32> = model.forward(ids::<Cpu>(&r, &model.device())).into_data().to_vec().unwrap();
+    max_abs_diff(&got, &r.f32("logits").0)
+}
+
 /// Logits equal transformers' within 1e-4 and every sparse layer routes each token to the
 /// experts transformers chose (same top-k order), for routers with and without top-k
 /// renormalisation, a dense layer among sparse ones, a shared expert and clipped q/k/v.
@@ -155,9 +162,7 @@ fn per_expert_adapters_load_and_temper_writes_the_3d_form() {
         // Against the 3-D adapter's PEFT logits: the conversion is exact (the manifest records
         // PEFT's own difference: 0 for mixtral; for qwen3_moe PEFT 0.21 drops the dense layer's
         // tensors on load, see tests/fixtures/moe/README.md, while Temper keeps them).
-        let r = Reference::open(&moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
-        let got: Vec<f32> = model.forward(ids::<Cpu>(&r, &device)).into_data().to_vec().unwrap();
-        let diff = max_abs_diff(&got, &r.f32("logits").0);
+        let diff = logit_diff(&model, &moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
         assert!(diff <= LOGITS_TOL, "{name}: per-expert adapter logits differ by {diff:e}");
     }
     // Round trip: read the 3-D adapter, write it, compare tensors and config.
@@ -209,9 +214,7 @@ fn merge_writes_experts_in_the_base_layout() {
         assert_eq!(fused, name == "gpt_oss", "{name}: the merged model keeps the base's expert layout");
         let device = Default::default();
         let model = load_model::<Cpu>(&out, WeightPrecision::F32, &device).unwrap().model;
-        let r = Reference::open(&moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
-        let got: Vec<f32> = model.forward(ids::<Cpu>(&r, &device)).into_data().to_vec().unwrap();
-        let diff = max_abs_diff(&got, &r.f32("logits").0);
+        let diff = logit_diff(&model, &moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
         assert!(diff <= LOGITS_TOL, "{name}: merged model's logits differ from the adapter's by {diff:e}");
     }
 }
@@ -291,9 +294,7 @@ fn export_writes_the_per_expert_form() {
         assert!(cfg.get("target_parameters").is_none(), "{name}: {cfg}");
         let mut model = load_model::<Cpu>(&base, WeightPrecision::F32, &device).unwrap().model;
         apply_adapter(&mut model, &Adapter::read(&out).unwrap()).unwrap();
-        let r = Reference::open(&moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
-        let got: Vec<f32> = model.forward(ids::<Cpu>(&r, &device)).into_data().to_vec().unwrap();
-        let diff = max_abs_diff(&got, &r.f32("logits").0);
+        let diff = logit_diff(&model, &moe_dir().join(m["peft"][name]["reference"].as_str().unwrap()));
         assert!(diff <= LOGITS_TOL, "{name}: per-expert export's logits differ by {diff:e}");
     }
 }
