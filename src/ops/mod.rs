@@ -47,6 +47,12 @@ pub trait TemperBackend: Backend {
         crate::quant::device::linear_4bit_forward::<Self>(x, w)
     }
 
+    /// dequant(W) `[out, in]` in `dtype`. Default: generic tensor code (every device); the CPU
+    /// backends compute it on the host in one pass.
+    fn temper_dequantize_4bit(w: &Packed4Bit<Self>, dtype: burn::tensor::DType) -> FloatTensor<Self> {
+        w.dequantize(dtype).into_primitive().tensor()
+    }
+
     /// Which elements LoRA dropout zeroes in a `[rows, cols]` input (`true` = dropped). Default:
     /// laid out on the host (the CPU backends); the GPUs send the decisions packed.
     fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
@@ -66,8 +72,16 @@ pub trait TemperAutodiff: AutodiffBackend<InnerBackend: TemperBackend> + TemperB
 
 impl<B: AutodiffBackend<InnerBackend: TemperBackend> + TemperBackend> TemperAutodiff for B {}
 
-impl TemperBackend for burn::backend::Flex {}
-impl TemperBackend for burn::backend::NdArray<f32> {}
+impl TemperBackend for burn::backend::Flex {
+    fn temper_dequantize_4bit(w: &Packed4Bit<Self>, dtype: burn::tensor::DType) -> FloatTensor<Self> {
+        w.dequantize_on_host(dtype).unwrap_or_else(|| w.dequantize(dtype)).into_primitive().tensor()
+    }
+}
+impl TemperBackend for burn::backend::NdArray<f32> {
+    fn temper_dequantize_4bit(w: &Packed4Bit<Self>, dtype: burn::tensor::DType) -> FloatTensor<Self> {
+        w.dequantize_on_host(dtype).unwrap_or_else(|| w.dequantize(dtype)).into_primitive().tensor()
+    }
+}
 #[cfg(feature = "cuda")]
 impl TemperBackend for burn::backend::Cuda<f32, i32> {
     fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {

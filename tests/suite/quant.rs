@@ -433,3 +433,21 @@ fn merge_onto_a_4bit_base_writes_a_dequantized_model() {
         assert!(diff <= 1e-4, "{name}: merged logits vs 4-bit base + adapter {diff:e}");
     }
 }
+
+/// The CPU backends dequantize on the host in one pass: the same f32 values, bit for bit, as the
+/// generic tensor path every device runs (plain and double-quantized absmax, a short last block).
+#[test]
+fn host_dequantization_equals_the_generic_path() {
+    use temper::quant::device::Packed4Bit;
+    use temper::quant::LoadIn4Bit;
+    let device = Default::default();
+    for (shape, double_quant) in [([24usize, 128usize], false), ([7, 37], false), ([40, 160], true)] {
+        let n = shape[0] * shape[1];
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
+        let q = LoadIn4Bit { kind: FourBit::Nf4, double_quant }.quantize(&values);
+        let w = Packed4Bit::<crate::common::Cpu>::upload(&q, shape, &device);
+        let generic: Vec<f32> = w.dequantize(burn::tensor::DType::F32).into_data().to_vec().unwrap();
+        let host: Vec<f32> = w.dequantize_on_host(burn::tensor::DType::F32).unwrap().into_data().to_vec().unwrap();
+        assert_eq!(host.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), generic.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{shape:?} double_quant {double_quant}");
+    }
+}
