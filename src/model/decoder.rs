@@ -458,18 +458,7 @@ fn load_moe<B: Backend>(
     } else {
         None
     };
-    Ok(MoeBlock {
-        gate: LoraLinear::frozen(router, None),
-        // (gpt-oss: load_gpt_oss_moe)
-        experts,
-        shared_expert,
-        shared_expert_gate,
-        top_k: m.top_k,
-        norm_topk_prob: m.norm_topk_prob,
-        routing: m.routing,
-        router_name: "gate",
-        activation: m.activation,
-    })
+    Ok(MoeBlock::new(m, LoraLinear::frozen(router, None), "gate", experts, shared_expert, shared_expert_gate))
 }
 
 /// gpt-oss's experts: fused `[E, H, 2I]` / `[E, I, H]` tensors used as `x @ W` (stored here
@@ -481,10 +470,15 @@ fn load_gpt_oss_moe<B: Backend>(m: &crate::model::config::MoeConfig, w: &mut Wei
     let q = format!("{p}.mlp.experts");
     let router = w.tensor::<B, 2>(&format!("{p}.mlp.router.weight"), [e_count, h], dtype, device)?;
     let router_bias = w.tensor::<B, 1>(&format!("{p}.mlp.router.bias"), [e_count], dtype, device)?;
-    let (gu, down) = match w.mxfp4::<B>(&format!("{q}.gate_up_proj"), [e_count, h, 2 * inter], dtype, device)? {
-        Some(gu) => (gu, w.mxfp4::<B>(&format!("{q}.down_proj"), [e_count, inter, h], dtype, device)?.ok_or_else(|| crate::Error::MissingTensor { path: std::path::PathBuf::from(&q), tensor: format!("{q}.down_proj_blocks"), hint: " (gate_up_proj is MXFP4, so down_proj must be too)".into() })?),
-        None => (w.tensor::<B, 3>(&format!("{q}.gate_up_proj"), [e_count, h, 2 * inter], dtype, device)?, w.tensor::<B, 3>(&format!("{q}.down_proj"), [e_count, inter, h], dtype, device)?),
+    // Each expert tensor in MXFP4 (`*_blocks` / `*_scales`) or as it is.
+    let mut experts_tensor = |name: String, shape: [usize; 3]| -> Result<Tensor<B, 3>> {
+        match w.mxfp4::<B>(&name, shape, dtype, device)? {
+            Some(t) => Ok(t),
+            None => w.tensor::<B, 3>(&name, shape, dtype, device),
+        }
     };
+    let gu = experts_tensor(format!("{q}.gate_up_proj"), [e_count, h, 2 * inter])?;
+    let down = experts_tensor(format!("{q}.down_proj"), [e_count, inter, h])?;
     let gu_bias = w.tensor::<B, 2>(&format!("{q}.gate_up_proj_bias"), [e_count, 2 * inter], dtype, device)?;
     let down_bias = w.tensor::<B, 2>(&format!("{q}.down_proj_bias"), [e_count, h], dtype, device)?;
     let experts = (0..e_count)
@@ -493,15 +487,5 @@ fn load_gpt_oss_moe<B: Backend>(m: &crate::model::config::MoeConfig, w: &mut Wei
             down_proj: LoraLinear::frozen(down.clone().slice([e..e + 1]).reshape([inter, h]).transpose(), Some(down_bias.clone().slice([e..e + 1]).reshape([h]))),
         })
         .collect();
-    Ok(MoeBlock {
-        gate: LoraLinear::frozen(router, Some(router_bias)),
-        experts,
-        shared_expert: None,
-        shared_expert_gate: None,
-        top_k: m.top_k,
-        norm_topk_prob: m.norm_topk_prob,
-        routing: m.routing,
-        router_name: "router",
-        activation: m.activation,
-    })
+    Ok(MoeBlock::new(m, LoraLinear::frozen(router, Some(router_bias)), "router", experts, None, None))
 }

@@ -59,6 +59,13 @@ pub struct RouterOutput<B: Backend> {
     pub experts: Vec<Vec<usize>>,
 }
 
+impl<B: Backend> MoeBlock<B> {
+    /// A block with `m`'s routing and activation; the router is `mlp.{router_name}`.
+    pub fn new(m: &crate::model::config::MoeConfig, gate: LoraLinear<B>, router_name: &'static str, experts: Vec<Expert<B>>, shared_expert: Option<Mlp<B>>, shared_expert_gate: Option<LoraLinear<B>>) -> Self {
+        MoeBlock { gate, experts, shared_expert, shared_expert_gate, top_k: m.top_k, norm_topk_prob: m.norm_topk_prob, routing: m.routing, router_name, activation: m.activation }
+    }
+}
+
 impl<B: TemperBackend> MoeBlock<B> {
     /// `[batch, seq, hidden]` -> same.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -43,23 +43,15 @@ pub struct Packed4Bit<B: Backend> {
 impl<B: Backend> Packed4Bit<B> {
     /// Upload a host weight of shape `[out, in]`.
     pub fn upload(q: &Quantized4Bit, shape: [usize; 2], device: &B::Device) -> Self {
-        let mut bytes = q.packed.clone();
-        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-        let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let n = words.len();
-        let words = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), device).into_primitive();
+        let words = words_of::<B>(&q.packed, device);
         let floats = |v: Vec<f32>| {
             let n = v.len();
             Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32)).into_primitive().tensor()
         };
         let (absmax, nested) = match &q.nested {
             Some(n) => {
-                let mut bytes = n.codes.clone();
-                bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-                let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                let w = words.len();
                 let prims = NestedPrims {
-                    codes: Tensor::<B, 1, Int>::from_data(TensorData::new(words, [w]), device).into_primitive(),
+                    codes: words_of::<B>(&n.codes, device),
                     nested_absmax: floats(n.nested_absmax.clone()),
                     map: floats(crate::quant::double::dynamic_map().to_vec()),
                     offset: n.offset,
@@ -142,6 +134,17 @@ impl<B: Backend> Packed4Bit<B> {
         let device = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.code.clone())).device();
         Some(Tensor::<B, 2>::from_data(TensorData::new(values, [out, inp]), (&device, DType::F32)).cast(dtype))
     }
+}
+
+/// `bytes` as 32-bit words (little endian, zero-padded), the device's packed integer form.
+fn words_of<B: Backend>(bytes: &[u8], device: &B::Device) -> IntTensor<B> {
+    let words: Vec<i32> = bytes.chunks(4).map(|c| {
+        let mut w = [0u8; 4];
+        w[..c.len()].copy_from_slice(c);
+        i32::from_le_bytes(w)
+    }).collect();
+    let n = words.len();
+    Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), device).into_primitive()
 }
 
 /// A 4-bit weight as a module field: plain tensors, which Burn treats as constants (no
