@@ -204,7 +204,7 @@ SPECS = {
 MODEL_NAMES = list(SPECS)
 VLMS = {"qwen3_5", "qwen3_5_moe"}
 MOES = {"qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next"}
-HIDDEN_STORED = {"qwen3_5_text", "qwen3_next"}  # the two GDN projection layouts (size budget)
+HIDDEN_STORED = {"qwen3_5_text"}  # size budget
 
 WEIGHT_STD = 0.15
 EMBED_STD = 0.15
@@ -1146,6 +1146,15 @@ def build_peft(name: str) -> dict:
             float((src_ref[k_.replace("base_model.model.model.language_model.", "base_model.model.model.")] - v).abs().max())
             for k_, v in tensors.items() if k_.startswith("grad.")
         )
+    if spec.get("copy_from"):
+        # the gradients equal the copied adapter's (checked above): not stored again (size budget)
+        tensors = {k_: v for k_, v in tensors.items() if not k_.startswith("grad.")}
+        save_file(tensors, str(pdir / "reference.safetensors"), metadata={"fixture": f"qwen35/peft/{name}"})
+        entry["reference_tensors"] = sorted(tensors)
+        entry["grads_stored_as"] = (
+            f"not stored (size budget): equal to peft/{spec['copy_from']}/reference.safetensors grad.* with "
+            "base_model.model.model.layers. renamed to base_model.model.model.language_model.layers."
+        )
     if spec.get("merged"):
         entry["merged"] = build_merged(base_name, model, logits, input_ids, pdir)
         if spec.get("copy_from"):
@@ -1231,20 +1240,22 @@ def build_train() -> dict:
         runs[checkpointing] = (initial, curve, {n: p.detach().clone() for n, p in lora_params(model)})
         # the initial adapter: the PEFT init, saved before any step (same seed, so equal for both runs)
         trained = {n: p.detach().clone() for n, p in lora_params(model)}
-        with torch.no_grad():
-            for n, p in lora_params(model):
-                p.copy_(initial[n])
-        save_adapter(model, tdir / "initial_adapter", TRAIN_BASE)
+        if not checkpointing:  # the _gc run starts from the same initial adapter (asserted below)
+            with torch.no_grad():
+                for n, p in lora_params(model):
+                    p.copy_(initial[n])
+            save_adapter(model, tdir / "initial_adapter", TRAIN_BASE)
         with torch.no_grad():
             for n, p in lora_params(model):
                 p.copy_(trained[n])
         save_adapter(model, tdir / "final_adapter", TRAIN_BASE)
-        save_file({"input_ids": input_ids, "labels": labels}, str(tdir / "reference.safetensors"), metadata={"fixture": f"qwen35/peft/{name}"})
+        if not checkpointing:
+            save_file({"input_ids": input_ids, "labels": labels}, str(tdir / "reference.safetensors"), metadata={"fixture": f"qwen35/peft/{name}"})
         entry = {
             "base_model": f"models/{TRAIN_BASE}",
-            "initial_adapter": rel(tdir / "initial_adapter"),
+            "initial_adapter": rel(OUT / "peft" / f"{TRAIN_BASE}_train" / "initial_adapter"),
             "final_adapter": rel(tdir / "final_adapter"),
-            "reference": rel(tdir / "reference.safetensors"),
+            "reference": rel(OUT / "peft" / f"{TRAIN_BASE}_train" / "reference.safetensors"),
             "gradient_checkpointing": checkpointing,
             "seed": TRAIN_SEED,
             "data_seed": TRAIN_SEED + 1,
