@@ -8,6 +8,7 @@ mod data_chat;
 mod data_formats;
 mod data_packing;
 mod data_preview;
+mod delta_net_op;
 mod hub;
 mod lora_parity;
 mod export_gguf;
