@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::mixers::is_delta_net_family;
 use super::{invalid, unsupported, HfConfig};
 use crate::{Error, Result};
 
@@ -14,12 +15,15 @@ pub(super) struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// The attention projections' biases, the q.k scale and the attention-logit softcap.
+/// The attention projections' biases, the q.k scale, the attention-logit softcap and the
+/// output gate.
 pub(super) struct AttentionSwitches {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub scale: f64,
     pub softcap: Option<f64>,
+    /// Qwen 3.5 / Qwen3-Next: `q_proj` also yields a per-head gate; output * sigmoid(gate).
+    pub output_gate: bool,
 }
 
 /// Gemma and Granite scales around the decoder blocks, and Gemma 2's final-logit softcap.
@@ -57,7 +61,8 @@ impl HfConfig {
                 let b = self.attention_bias.unwrap_or(true);
                 (b, b)
             }
-            "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" => {
+            // Qwen 3.5 / Qwen3-Next: `attention_bias` on q, k, v and o (modeling_qwen3_5.py:836-847).
+            "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" | "qwen3_5_text" | "qwen3_5_moe_text" | "qwen3_next" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
@@ -74,7 +79,7 @@ impl HfConfig {
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
         let softcap = if is_sandwich(mt) { self.attn_logit_softcapping } else { None };
-        Ok(AttentionSwitches { qkv_bias, o_bias, scale, softcap })
+        Ok(AttentionSwitches { qkv_bias, o_bias, scale, softcap, output_gate: is_delta_net_family(mt) })
     }
 
     pub(super) fn scales(&self, path: &Path) -> Result<Scales> {
@@ -127,16 +132,20 @@ impl HfConfig {
                     reason: format!("has {} entries for {n} layers", types.len()),
                 });
             }
+            // The hybrid families' `linear_attention` layers are delta nets (no window); they have
+            // no sliding layers.
+            let hybrid = is_delta_net_family(&self.model_type);
             return types
                 .iter()
                 .map(|t| match t.as_str() {
                     "full_attention" => Ok(None),
-                    "sliding_attention" => Ok(window),
+                    "sliding_attention" if !hybrid => Ok(window),
+                    "linear_attention" if hybrid => Ok(None),
                     other => Err(Error::Unsupported {
                         path: path.to_path_buf(),
                         key: "layer_types".into(),
                         value: format!("{other:?}"),
-                        reason: "supported: full_attention, sliding_attention".into(),
+                        reason: if hybrid { "supported: full_attention, linear_attention" } else { "supported: full_attention, sliding_attention" }.into(),
                     }),
                 })
                 .collect();

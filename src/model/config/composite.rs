@@ -28,8 +28,25 @@ pub(super) fn text_decoder_object(path: &Path, value: Value) -> Result<(Map<Stri
             })
         }
     };
-    let default_text = if outer_type == "gemma3" { "gemma3_text" } else { "mistral" };
+    let default_text = match outer_type.as_str() {
+        "gemma3" => "gemma3_text",
+        "qwen3_5" => "qwen3_5_text",
+        "qwen3_5_moe" => "qwen3_5_moe_text",
+        _ => "mistral",
+    };
     text_config.entry("model_type").or_insert_with(|| Value::from(default_text));
+    // Qwen 3.5: both levels carry `tie_word_embeddings`. The Hub checkpoints are saved from
+    // Qwen3_5ForConditionalGeneration, whose tying reads its own (top-level) config
+    // (`_tied_weights_keys` = lm_head <- model.language_model.embed_tokens, modeling_qwen3_5.py:1817;
+    // `getattr(self.config, "tie_word_embeddings")`, modeling_utils.py:2494); only
+    // AutoModelForCausalLM, which swaps in `get_text_config()` (auto/auto_factory.py:236-242),
+    // reads the text_config's. Nothing in transformers syncs the two, so the top-level flag,
+    // where given, wins: it is how the checkpoint was trained.
+    if matches!(outer_type.as_str(), "qwen3_5" | "qwen3_5_moe") {
+        if let Some(tie) = value.get("tie_word_embeddings").filter(|v| v.is_boolean()) {
+            text_config.insert("tie_word_embeddings".into(), tie.clone());
+        }
+    }
     // Token ids and the dtype are often only given at the top level.
     for key in ["architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "quantization_config"] {
         if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
@@ -43,7 +60,13 @@ impl DecoderConfig {
     /// The one-line notice for a vision-language checkpoint, whose vision tower is not loaded.
     pub fn composite_notice(&self) -> Option<String> {
         self.composite.as_ref().map(|outer| {
-            format!("{outer} is a vision-language checkpoint: using its {} text decoder; the vision tower is not loaded (merge copies it unchanged)", self.model_type)
+            let mut notice = format!("{outer} is a vision-language checkpoint: using its {} text decoder; the vision tower", self.model_type);
+            if matches!(outer.as_str(), "qwen3_5" | "qwen3_5_moe") {
+                notice.push_str(" (`model.visual.*`) is not loaded and the multi-token-prediction weights (`mtp.*`) are ignored (merge copies both unchanged)");
+            } else {
+                notice.push_str(" is not loaded (merge copies it unchanged)");
+            }
+            notice
         })
     }
 }

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use super::{unsupported, HfConfig};
+use super::moe::MoeConfig;
+use super::{invalid, unsupported, HfConfig};
 use crate::{Error, Result};
 
 /// MLP activation functions found in the supported families.
@@ -35,6 +36,17 @@ impl HfConfig {
                 value: format!("{other:?}"),
                 reason: "supported: silu, gelu, gelu_pytorch_tanh".into(),
             }),
+        }
+    }
+
+    /// `intermediate_size`, needed unless every layer is sparse (Qwen 3.5 MoE has no dense MLP
+    /// and its config class no such key: 0 then).
+    pub(super) fn dense_intermediate_size(&self, path: &Path, moe: Option<&MoeConfig>) -> Result<usize> {
+        let all_sparse = moe.is_some_and(|m| (0..self.num_hidden_layers).all(|l| m.is_sparse(l)));
+        match self.intermediate_size {
+            Some(i) => Ok(i),
+            None if all_sparse => Ok(0),
+            None => Err(invalid(path, "intermediate_size", "is required: layers of this model use a dense MLP".into())),
         }
     }
 

@@ -4,17 +4,20 @@
 //! decoder does not implement is refused here, with the key and value named, so a model is never
 //! run wrongly. The derivation is split by concern: attention shape and scales
 //! ([`attention`]), norms ([`norms`]), the dense MLP ([`mlp`]), sparse experts ([`moe`]), RoPE
-//! ([`rope`]), the per-family class defaults ([`defaults`]), composite (vision-language)
+//! ([`rope`]), per-layer token mixers and the Gated DeltaNet ([`mixers`]), the per-family class defaults ([`defaults`]), composite (vision-language)
 //! checkpoints ([`composite`]) and the parameter count ([`params`]).
 
 mod attention;
 mod composite;
 mod defaults;
+mod mixers;
 mod mlp;
 mod moe;
 mod norms;
 mod params;
 mod rope;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 
@@ -24,26 +27,28 @@ use serde_json::Value;
 use crate::model::rope::RopeConfig;
 use crate::{Error, Result};
 
+pub use mixers::{DeltaNetConfig, Mixer};
 pub use mlp::Activation;
 pub use moe::{ExpertActivation, ExpertNaming, MoeConfig, Routing};
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"];
+    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"];
 
 /// The sparse mixture-of-experts families among them.
-pub const MOE_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"];
+pub const MOE_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next"];
 
 /// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
 /// its own; the vision tower is left out of the model and copied unchanged by merge.
-pub const COMPOSITE_MODEL_TYPES: &[&str] = &["gemma3", "mistral3"];
+pub const COMPOSITE_MODEL_TYPES: &[&str] = &["gemma3", "mistral3", "qwen3_5", "qwen3_5_moe"];
 
 /// `config.json` as Hugging Face writes it (only the keys this project reads).
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
     pub model_type: String,
     pub hidden_size: usize,
-    pub intermediate_size: usize,
+    /// The dense MLP's size; absent for Qwen 3.5 MoE, whose every layer is sparse.
+    pub intermediate_size: Option<usize>,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
@@ -110,6 +115,14 @@ pub struct HfConfig {
     /// gpt-oss: the clamped GLU of its experts.
     pub swiglu_alpha: Option<f64>,
     pub swiglu_limit: Option<f64>,
+    /// Qwen 3.5 / Qwen3-Next Gated DeltaNet layers.
+    pub linear_num_key_heads: Option<usize>,
+    pub linear_num_value_heads: Option<usize>,
+    pub linear_key_head_dim: Option<usize>,
+    pub linear_value_head_dim: Option<usize>,
+    pub linear_conv_kernel_dim: Option<usize>,
+    /// Qwen 3.5 / Qwen3-Next: every `full_attention_interval`-th layer attends (when `layer_types` is absent).
+    pub full_attention_interval: Option<usize>,
     /// Set when this is the `text_config` of a vision-language checkpoint: its `model_type`.
     #[serde(skip)]
     pub composite: Option<String>,
@@ -121,6 +134,7 @@ pub struct DecoderConfig {
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// The dense MLP's size (0 when every layer is sparse: Qwen 3.5 MoE has no dense MLP).
     pub intermediate_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -154,6 +168,13 @@ pub struct DecoderConfig {
     pub layer_windows: Vec<Option<usize>>,
     /// Per layer: whether q and k are rotated (SmolLM3 skips RoPE on some layers).
     pub layer_rope: Vec<bool>,
+    /// Per layer: attention or a gated delta net (`layer_types`: full_attention / linear_attention).
+    pub layer_mixers: Vec<Mixer>,
+    /// Qwen 3.5 / Qwen3-Next: the Gated DeltaNet of the `linear_attention` layers.
+    pub delta_net: Option<DeltaNetConfig>,
+    /// Qwen 3.5 / Qwen3-Next: `q_proj` holds `[q_h | gate_h]` per head (2 * heads * head_dim rows);
+    /// the attention output is multiplied by sigmoid(gate) before o_proj.
+    pub attn_output_gate: bool,
     /// Granite: attention and MLP outputs are multiplied by this before the residual add.
     pub residual_scale: Option<f64>,
     /// Granite: logits are divided by this.
@@ -180,13 +201,19 @@ pub struct DecoderConfig {
 
 impl HfConfig {
     /// Read and parse a `config.json`.
-    /// A vision-language checkpoint (`model_type` gemma3 or mistral3) gives its `text_config`,
+    /// A vision-language checkpoint (`COMPOSITE_MODEL_TYPES`) gives its `text_config`,
     /// marked with [`HfConfig::composite`]. Keys a family's config class has defaults for and
     /// transformers leaves out of a nested `text_config` are filled in as the class would.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json_error = |source| Error::Json { path: path.to_path_buf(), source };
         let value: Value = serde_json::from_str(&text).map_err(json_error)?;
+        Self::from_value(path, value)
+    }
+
+    /// [`HfConfig::from_file`] on an already parsed `config.json` (`path` names it in errors).
+    pub fn from_value(path: &Path, value: Value) -> Result<Self> {
+        let json_error = |source| Error::Json { path: path.to_path_buf(), source };
         let (mut obj, composite) = composite::text_decoder_object(path, value)?;
         defaults::fill_class_defaults(&mut obj);
         let mut cfg: HfConfig = serde_json::from_value(Value::Object(obj)).map_err(json_error)?;
@@ -208,6 +235,9 @@ impl HfConfig {
             return Err(unsupported(path, "use_bidirectional_attention", "true".into(), "this is an embedding model (attention is not causal); Temper trains causal language models"));
         }
         let activation = self.activation(path)?;
+        let intermediate_size = self.dense_intermediate_size(path, moe.as_ref())?;
+        let layer_mixers = self.layer_mixers(path)?;
+        let delta_net = self.delta_net(path)?;
         let attn = self.attention_switches(path, shape.head_dim)?;
         let mlp_bias = self.mlp_bias(path)?;
         let scales = self.scales(path)?;
@@ -219,7 +249,7 @@ impl HfConfig {
             model_type: mt.to_string(),
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
+            intermediate_size,
             num_layers: self.num_hidden_layers,
             num_heads: shape.heads,
             num_kv_heads: shape.kv_heads,
@@ -242,6 +272,9 @@ impl HfConfig {
             final_softcap: scales.final_softcap,
             layer_windows: self.layer_windows(path)?,
             layer_rope: self.layer_rope(path)?,
+            layer_mixers,
+            delta_net,
+            attn_output_gate: attn.output_gate,
             residual_scale: scales.residual_scale,
             logits_divisor: scales.logits_divisor,
             rope,

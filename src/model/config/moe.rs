@@ -75,12 +75,17 @@ impl HfConfig {
             return Ok(None);
         }
         let invalid = |key: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: key.to_string(), reason };
-        let (experts_key, default_experts, default_k) = match mt {
-            "qwen3_moe" => ("num_experts", 128, 8),
-            "qwen2_moe" => ("num_experts", 60, 4),
-            "olmoe" => ("num_experts", 64, 8),
-            "gpt_oss" => ("num_local_experts", 128, 4),
-            _ => ("num_local_experts", 8, 2),
+        // (key, experts, top-k, expert intermediate) defaults of each class.
+        let (experts_key, default_experts, default_k, default_expert_i) = match mt {
+            "qwen3_moe" => ("num_experts", 128, 8, 768),
+            "qwen2_moe" => ("num_experts", 60, 4, 1408),
+            // Qwen3_5MoeTextConfig (configuration_qwen3_5_moe.py:105-108).
+            "qwen3_5_moe_text" => ("num_experts", 256, 8, 512),
+            // Qwen3NextConfig (configuration_qwen3_next.py:110-113).
+            "qwen3_next" => ("num_experts", 512, 10, 512),
+            "olmoe" => ("num_experts", 64, 8, 0),
+            "gpt_oss" => ("num_local_experts", 128, 4, 0),
+            _ => ("num_local_experts", 8, 2, 0),
         };
         // transformers 5 writes `num_local_experts` for every family (an attribute alias).
         let local = matches!(mt, "mixtral" | "gpt_oss");
@@ -89,31 +94,34 @@ impl HfConfig {
         if num_experts == 0 || top_k == 0 || top_k > num_experts {
             return Err(invalid("num_experts_per_tok", format!("{top_k} experts per token of {num_experts} ({experts_key}): need 1 <= k <= experts")));
         }
-        let expert_intermediate = match mt {
-            "qwen3_moe" | "qwen2_moe" => self.moe_intermediate_size.unwrap_or(if mt == "qwen3_moe" { 768 } else { 1408 }),
-            _ => self.intermediate_size,
+        let qwen_style = matches!(mt, "qwen3_moe" | "qwen2_moe" | "qwen3_5_moe_text" | "qwen3_next");
+        let expert_intermediate = match (qwen_style, self.intermediate_size) {
+            (true, _) => self.moe_intermediate_size.unwrap_or(default_expert_i),
+            (false, Some(i)) => i,
+            (false, None) => return Err(invalid("intermediate_size", "is required: it is each expert's size in this family".into())),
         };
-        let n = self.num_hidden_layers;
-        let (step, only) = match mt {
-            "qwen3_moe" | "qwen2_moe" => (self.decoder_sparse_step.unwrap_or(1), self.mlp_only_layers.clone().unwrap_or_default()),
-            _ => (1, Vec::new()),
-        };
-        if step == 0 {
-            return Err(invalid("decoder_sparse_step", "must be positive".into()));
-        }
-        if let Some(&l) = only.iter().find(|&&l| l >= n) {
-            return Err(invalid("mlp_only_layers", format!("names layer {l}, but the model has {n} layers")));
-        }
         if let Some(j) = self.router_jitter_noise.filter(|j| *j != 0.0) {
             return Err(Error::Unsupported { path: path.to_path_buf(), key: "router_jitter_noise".into(), value: j.to_string(), reason: "router jitter (random input scaling while training) is not implemented; set it to 0".into() });
         }
+        let shared_default = match mt {
+            "qwen2_moe" => Some(5632),
+            "qwen3_5_moe_text" | "qwen3_next" => Some(512),
+            _ => None,
+        };
         Ok(Some(MoeConfig {
             num_experts,
             top_k,
             expert_intermediate,
-            norm_topk_prob: mt == "mixtral" || (mt != "gpt_oss" && self.norm_topk_prob.unwrap_or(false)),
-            sparse_layers: (0..n).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect(),
-            shared_expert_intermediate: if mt == "qwen2_moe" { Some(self.shared_expert_intermediate_size.unwrap_or(5632)) } else { None },
+            norm_topk_prob: match mt {
+                // Mixtral and Qwen 3.5 MoE always renormalise (Qwen3_5MoeTopKRouter has no switch,
+                // modeling_qwen3_5_moe.py:988); Qwen3-Next defaults to it (configuration_qwen3_next.py:114).
+                "mixtral" | "qwen3_5_moe_text" => true,
+                "qwen3_next" => self.norm_topk_prob.unwrap_or(true),
+                "gpt_oss" => false,
+                _ => self.norm_topk_prob.unwrap_or(false),
+            },
+            sparse_layers: self.sparse_layers(path)?,
+            shared_expert_intermediate: shared_default.map(|d| self.shared_expert_intermediate_size.unwrap_or(d)),
             router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(if mt == "olmoe" { 0.01 } else { 0.001 }),
             naming: match mt {
                 "mixtral" => ExpertNaming::Mixtral,
@@ -128,5 +136,23 @@ impl HfConfig {
             },
             biases: mt == "gpt_oss",
         }))
+    }
+
+    /// Per layer, whether its MLP is sparse: Qwen2-MoE, Qwen3-MoE and Qwen3-Next skip the
+    /// `mlp_only_layers` and keep every `decoder_sparse_step`-th layer; the others (Qwen 3.5 MoE
+    /// included, whose config class has neither key) are sparse everywhere.
+    fn sparse_layers(&self, path: &Path) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        let (step, only) = match self.model_type.as_str() {
+            "qwen3_moe" | "qwen2_moe" | "qwen3_next" => (self.decoder_sparse_step.unwrap_or(1), self.mlp_only_layers.clone().unwrap_or_default()),
+            _ => (1, Vec::new()),
+        };
+        if step == 0 {
+            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "decoder_sparse_step".into(), reason: "must be positive".into() });
+        }
+        if let Some(&l) = only.iter().find(|&&l| l >= n) {
+            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "mlp_only_layers".into(), reason: format!("names layer {l}, but the model has {n} layers") });
+        }
+        Ok((0..n).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect())
     }
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{compact, HfConfig};
+use super::mixers::is_delta_net_family;
+use super::{compact, unsupported, HfConfig};
 use crate::model::rope::{RopeConfig, RopeScaling};
 use crate::{Error, Result};
 
@@ -55,6 +56,9 @@ impl HfConfig {
         let theta = theta
             .or_else(|| scaling.and_then(|v| v.get("rope_theta")).and_then(Value::as_f64))
             .unwrap_or(10000.0);
+        if let Some(v) = scaling {
+            self.check_mrope(path, key, v)?;
+        }
         let scaling = match scaling {
             None => RopeScaling::Default,
             Some(v) => RopeScaling::from_json(v, max_pos, self.original_max_position_embeddings).map_err(|reason| Error::Unsupported {
@@ -69,8 +73,45 @@ impl HfConfig {
         Ok(rope)
     }
 
+    /// Qwen 3.5's interleaved M-RoPE (`mrope_section`, `mrope_interleaved`) rotates each
+    /// frequency by one of three position rows (time, height, width). For text-only input the
+    /// three rows are equal (`position_ids.expand(3, ...)`, modeling_qwen3_5.py:176), so M-RoPE
+    /// is exactly plain 1-D RoPE and the keys are accepted for the qwen3_5 families (their config
+    /// classes exempt them from RoPE validation, `ignore_keys_at_rope_validation`). Other
+    /// families do not implement M-RoPE: refused.
+    fn check_mrope(&self, path: &Path, key: &str, v: &Value) -> Result<()> {
+        let qwen3_5 = matches!(self.model_type.as_str(), "qwen3_5_text" | "qwen3_5_moe_text");
+        for name in ["mrope_section", "mrope_interleaved"] {
+            let Some(x) = v.get(name).filter(|x| !x.is_null()) else { continue };
+            let well_formed = match name {
+                "mrope_section" => x.as_array().is_some_and(|a| a.iter().all(|n| n.as_u64().is_some())),
+                _ => x.is_boolean(),
+            };
+            if !qwen3_5 {
+                return Err(unsupported(path, &format!("{key}.{name}"), compact(x), &format!("multimodal RoPE is not implemented for {}", self.model_type)));
+            }
+            if !well_formed {
+                return Err(unsupported(path, &format!("{key}.{name}"), compact(x), "expected a list of section sizes (mrope_section) or a boolean (mrope_interleaved)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `partial_rotary_factor` as transformers 5 resolves it: inside `rope_parameters` (flat, or
+    /// its `full_attention` entry) first, then the top-level key, then the class default (0.25
+    /// for Qwen 3.5 / Qwen3-Next: `kwargs.setdefault("partial_rotary_factor", 0.25)` in their
+    /// `__post_init__`, configuration_qwen3_5.py:110; 1.0 otherwise).
+    fn partial_rotary_factor(&self) -> f64 {
+        let params = self.rope_parameters.as_ref();
+        let inside = |v: Option<&Value>| v.and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64);
+        inside(params)
+            .or_else(|| inside(params.and_then(|p| p.get("full_attention"))))
+            .or(self.partial_rotary_factor)
+            .unwrap_or(if is_delta_net_family(&self.model_type) { 0.25 } else { 1.0 })
+    }
+
     fn rotary_dim(&self, path: &Path, head_dim: usize) -> Result<usize> {
-        let factor = self.partial_rotary_factor.unwrap_or(1.0);
+        let factor = self.partial_rotary_factor();
         if !(factor > 0.0 && factor <= 1.0) {
             return Err(Error::InvalidConfig {
                 path: path.to_path_buf(),
