@@ -339,3 +339,27 @@ fn block_inverse_equals_forward_substitution() {
     }
 }
 
+
+/// The same op on the ndarray backend (base method and autodiff node), against Flex.
+#[test]
+fn ndarray_backend_gives_the_same_output_and_gradients() {
+    type Nd = burn::backend::NdArray<f32>;
+    type NdAutodiff = burn::backend::Autodiff<Nd>;
+    fn to<const D: usize>(t: &Tensor<Cpu, D>) -> Tensor<NdAutodiff, D> {
+        Tensor::from_data(t.to_data(), &Default::default())
+    }
+    let (b, t, h, dk, dv) = (2, 100, 3, 16, 8);
+    let x = inputs(b, t, h, dk, dv, 31);
+    let up = tensor::<Cpu, 4>(Rng(8).normals(b * t * h * dv), [b, t, h, dv]);
+    let spec = spec(64, Some(packed_segments(t)));
+    let want = grads(&x, &up, &spec, true);
+    let (q, k, v, g, beta) = (to(&x.q).require_grad(), to(&x.k).require_grad(), to(&x.v).require_grad(), to(&x.g).require_grad(), to(&x.beta).require_grad());
+    let base = tops::gated_delta_rule(q.clone().inner(), k.clone().inner(), v.clone().inner(), g.clone().inner(), beta.clone().inner(), &spec);
+    assert_close("ndarray base output", &values(base), &want[0], FWD_TOL);
+    let out = tops::gated_delta_rule(q.clone(), k.clone(), v.clone(), g.clone(), beta.clone(), &spec);
+    let gr = (out.clone() * to(&up)).sum().backward();
+    let d4 = |t: &Tensor<NdAutodiff, 4>| values(t.grad(&gr).expect("gradient"));
+    let d3 = |t: &Tensor<NdAutodiff, 3>| values(t.grad(&gr).expect("gradient"));
+    let got = vec![values(out.inner()), d4(&q), d4(&k), d4(&v), d3(&g), d3(&beta)];
+    compare_grads("ndarray vs flex", &got, &want, true);
+}
