@@ -18,6 +18,7 @@ mod moe;
 mod ops;
 mod parity;
 mod quant;
+mod qwen35;
 mod train_e2e;
 mod train_parity;
 #[cfg(feature = "wgpu")]
