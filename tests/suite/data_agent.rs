@@ -491,7 +491,8 @@ fn qwen3_5_trains_each_assistant_turn_from_inside_its_think_block() {
     assert_eq!(runs("reasoning_multi_turn", no_reasoning), ["2+2 is 4.<|im_end|>", "6<|im_end|>"]);
     assert_eq!(runs("tool_call_typed_arguments", no_reasoning), [typed_call, "Cloudy, 18 °C.<|im_end|>"]);
     let empty_think = |c: &mut DataConfig| c.train_on_empty_think = true;
-    assert_eq!(runs("plain_multi_turn", empty_think), ["2+2 is 4.<|im_end|>", "\n</think>\n\n6<|im_end|>"]);
+    // `<think>\n\n</think>`: the `\n\n` token holds the prompt's newline and the block's.
+    assert_eq!(runs("plain_multi_turn", empty_think), ["2+2 is 4.<|im_end|>", "\n\n</think>\n\n6<|im_end|>"]);
     let no_tools = |c: &mut DataConfig| c.train_on_tool_calls = false;
     assert_eq!(runs("tool_call_reasoning_multi_step", no_tools), ["It is 18 °C and cloudy.<|im_end|>", "Cloudy, no rain in the result.\n</think>\n\nNot needed, but it is cloudy.<|im_end|>"]);
     let no_eos = |c: &mut DataConfig| c.train_on_eos = false;
