@@ -363,3 +363,59 @@ fn ndarray_backend_gives_the_same_output_and_gradients() {
     let got = vec![values(out.inner()), d4(&q), d4(&k), d4(&v), d3(&g), d3(&beta)];
     compare_grads("ndarray vs flex", &got, &want, true);
 }
+
+/// Against transformers 5.25's own `torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule`
+/// (tests/fixtures/qwen35/ops): with the L2 norm, the dk^-1/2 scale and the key-head repeat done
+/// as the model does them, the op's output and final state equal both, and its gradients of
+/// `sum(out * R)` equal torch autograd's through the chunked function.
+#[test]
+fn gated_delta_rule_matches_transformers_torch_functions() {
+    use burn::tensor::Int;
+    let r = crate::common::Reference::open(&crate::common::fixtures().join("qwen35/ops/gated_delta_rule.safetensors"));
+    let device = Default::default();
+    let tensor4 = |name: &str| -> Tensor<CpuAutodiff, 4> {
+        let (v, s) = r.f32(name);
+        Tensor::<CpuAutodiff, 4>::from_data(TensorData::new(v, [s[0], s[1], s[2], s[3]]), &device).require_grad()
+    };
+    let tensor3 = |name: &str| -> Tensor<CpuAutodiff, 3> {
+        let (v, s) = r.f32(name);
+        Tensor::<CpuAutodiff, 3>::from_data(TensorData::new(v, [s[0], s[1], s[2]]), &device).require_grad()
+    };
+    let (q, k, v, g, beta) = (tensor4("q"), tensor4("k"), tensor4("v"), tensor3("g"), tensor3("beta"));
+    let [b, t, hk, dk] = q.dims();
+    let hv = v.dims()[2];
+    let prep = |x: Tensor<CpuAutodiff, 4>, scale: f64| {
+        let n = x.clone() * x.powi_scalar(2).sum_dim(3).add_scalar(1e-6).sqrt().recip();
+        let n = n.mul_scalar(scale);
+        // v-head j uses k-head j / r.
+        let idx = Tensor::<CpuAutodiff, 1, Int>::from_data(TensorData::new((0..hv).map(|j| (j / (hv / hk)) as i64).collect::<Vec<_>>(), [hv]), &device);
+        n.select(2, idx)
+    };
+    let qn = prep(q.clone(), 1.0 / (dk as f64).sqrt());
+    let kn = prep(k.clone(), 1.0);
+    let spec = DeltaNetSpec::default();
+    let out = tops::gated_delta_rule(qn.clone(), kn.clone(), v.clone(), g.clone(), beta.clone(), &spec);
+    let got = values(out.clone());
+    for key in ["out_chunk", "out_recurrent"] {
+        let d = max_abs_diff(&got, &r.f32(key).0);
+        assert!(d <= FWD_TOL, "output vs transformers' {key}: {d:e}");
+    }
+    let (_, state) = delta_net::chunked_with_state(qn.inner(), kn.inner(), v.clone().inner(), g.clone().inner(), beta.clone().inner(), None, &spec);
+    let d = max_abs_diff(&values(state), &r.f32("final_state_chunk").0);
+    assert!(d <= FWD_TOL, "final state vs transformers': {d:e}");
+    let (rv, rs) = r.f32("R");
+    let weight = Tensor::<CpuAutodiff, 4>::from_data(TensorData::new(rv, [rs[0], rs[1], rs[2], rs[3]]), &device);
+    let grads = (out * weight).sum().backward();
+    let check = |name: &str, got: Vec<f32>| {
+        let want = r.f32(&format!("grad_chunk.{name}")).0;
+        let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= GRAD_TOL * scale, "grad {name} vs torch autograd: {d:e} (scale {scale})");
+    };
+    check("q", values(q.grad(&grads).unwrap()));
+    check("k", values(k.grad(&grads).unwrap()));
+    check("v", values(v.grad(&grads).unwrap()));
+    check("g", values(g.grad(&grads).unwrap()));
+    check("beta", values(beta.grad(&grads).unwrap()));
+    let _ = (b, t);
+}

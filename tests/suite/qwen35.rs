@@ -16,6 +16,8 @@ use temper::model::generate::{generate, SamplingConfig};
 use temper::model::{load_model, CausalLm, WeightPrecision};
 use temper::train::loss::{nll_sum, shift_labels};
 
+use temper::ops::{TemperAutodiff, TemperBackend};
+
 use crate::common::{fixtures, max_abs_diff, Cpu, CpuAutodiff, Reference};
 
 /// Logits and LoRA gradients: within 1e-4 of max(1, the largest reference value). The gated
@@ -41,10 +43,14 @@ fn manifest() -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
 }
 
-fn model<B: temper::ops::TemperBackend>(name: &str) -> CausalLm<B> {
+fn model<B: TemperBackend>(name: &str) -> CausalLm<B> {
+    model_on::<B>(name, &Default::default())
+}
+
+fn model_on<B: TemperBackend>(name: &str, device: &B::Device) -> CausalLm<B> {
     let m = manifest();
     let path = dir().join(m["models"][name]["path"].as_str().unwrap());
-    load_model::<B>(&path, WeightPrecision::F32, &Default::default()).unwrap_or_else(|e| panic!("{name}: {e}")).model
+    load_model::<B>(&path, WeightPrecision::F32, device).unwrap_or_else(|e| panic!("{name}: {e}")).model
 }
 
 fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::Device) -> Tensor<B, 2, Int> {
@@ -52,7 +58,7 @@ fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::
     Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
 }
 
-fn logits_of(model: &CausalLm<Cpu>, input: Tensor<Cpu, 2, Int>, segments: Option<Vec<Vec<u32>>>) -> Vec<f32> {
+fn logits_of<B: TemperBackend>(model: &CausalLm<B>, input: Tensor<B, 2, Int>, segments: Option<Vec<Vec<u32>>>) -> Vec<f32> {
     let [b, t] = input.dims();
     let ctx = model.context(&vec![(0..t).collect(); b], 0, segments);
     model.logits(model.hidden_states(input, &ctx, None)).into_data().to_vec().unwrap()
@@ -64,16 +70,20 @@ fn logits_of(model: &CausalLm<Cpu>, input: Tensor<Cpu, 2, Int>, segments: Option
 /// loaded), the MoE variants and Qwen3-Next's grouped projections.
 #[test]
 fn qwen35_logits_match_transformers() {
+    check_logits_on::<Cpu>(&Default::default());
+}
+
+/// [`qwen35_logits_match_transformers`] on backend `B` (the wgpu group runs it too).
+pub fn check_logits_on<B: TemperBackend>(device: &B::Device) {
     let m = manifest();
-    let device = Default::default();
     for name in MODELS {
-        let model = model::<Cpu>(name);
+        let model = model_on::<B>(name, device);
         let r = Reference::open(&dir().join(m["models"][name]["reference"].as_str().unwrap()));
         for key in ["", "long."] {
             if !r.names().contains(&format!("{key}input_ids")) {
                 continue;
             }
-            let got = logits_of(&model, ids::<Cpu>(&r, &format!("{key}input_ids"), &device), None);
+            let got = logits_of(&model, ids::<B>(&r, &format!("{key}input_ids"), device), None);
             let d = max_abs_diff(&got, &r.f32(&format!("{key}logits")).0);
             assert!(d <= LOGITS_TOL, "{name} {key}logits differ by {d:e}");
         }
@@ -183,15 +193,20 @@ fn qwen35_cached_decode_equals_the_full_pass() {
 /// projections: logits, loss and every LoRA gradient equal PEFT's.
 #[test]
 fn qwen35_peft_adapters_match_peft_logits_and_gradients() {
+    check_peft_on::<CpuAutodiff>(&Default::default());
+}
+
+/// [`qwen35_peft_adapters_match_peft_logits_and_gradients`] on backend `B` (the wgpu group runs
+/// it too): the delta-net op's hand-written backward on that device.
+pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
     let m = manifest();
-    let device = Default::default();
     for name in ["qwen3_5_text", "qwen3_5_text_ab", "qwen3_5_moe_text", "qwen3_next"] {
         let e = &m["peft"][name];
-        let mut model = load_model::<CpuAutodiff>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let mut model = load_model::<B>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, device).unwrap().model;
         let adapter = Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
         apply_adapter(&mut model, &adapter).unwrap_or_else(|err| panic!("{name}: {err}"));
         let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-        let input = ids::<CpuAutodiff>(&r, "input_ids", &device);
+        let input = ids::<B>(&r, "input_ids", device);
         let (labels, shape) = r.i64("labels");
         let labels: Vec<Vec<i64>> = labels.chunks(shape[1]).map(<[i64]>::to_vec).collect();
         let logits = model.forward(input);
@@ -209,7 +224,7 @@ fn qwen35_peft_adapters_match_peft_logits_and_gradients() {
         for (module, proj) in projections_mut(&mut model) {
             assert!(proj.weight.val().grad(&grads).is_none(), "{name}: frozen {module}.weight got a gradient");
             let Some(lora) = &proj.lora else { continue };
-            let grad = |p: &burn::module::Param<Tensor<CpuAutodiff, 2>>| {
+            let grad = |p: &burn::module::Param<Tensor<B, 2>>| {
                 let g = p.val().grad(&grads).expect("LoRA parameter has a gradient");
                 HostTensor { shape: g.dims().to_vec(), data: g.into_data().to_vec().unwrap() }
             };
@@ -319,3 +334,67 @@ fn qwen35_packed_rows_equal_unpacked_documents() {
     }
 }
 
+
+/// `temper train` from a recipe on a Qwen 3.5 checkpoint (the `qwen3_5` VLM fixture widened to
+/// the stories260K tokenizer's 512 tokens): packed rows, gradient checkpointing, all-linear; the
+/// adapter carries PEFT's VLM keys (`model.language_model.layers...`), targets the delta nets'
+/// in_proj_qkv / in_proj_z / out_proj and not in_proj_a / in_proj_b, and `temper generate`
+/// runs with it.
+#[test]
+fn recipe_trains_a_qwen35_vlm_checkpoint_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("qwen3_5");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = dir().join("models/qwen3_5");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["vocab_size"] = 512.into();
+    std::fs::write(model.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
+        if name == "model.language_model.embed_tokens.weight" {
+            // Rows 128..512: small deterministic values, so every id of the tokenizer embeds.
+            let cols = shape[1];
+            data.extend((0..(512 - shape[0]) * cols).flat_map(|i| (((i * 7919) % 1000) as f32 / 1000.0 - 0.5).mul_add(0.1, 0.0).to_le_bytes()));
+            shape[0] = 512;
+        }
+        tensors.push((name.to_string(), shape, data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        tensors.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(crate::common::shared("models/stories260K").join(f), model.join(f)).unwrap();
+    }
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/stories/train.jsonl");
+    let recipe = tmp.path().join("r.yaml");
+    let run = tmp.path().join("run");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base_model: {}\ndata:\n  train: {}\n  format: text\n  seq_len: 96\n  packing: true\n  max_rows: 40\nlora:\n  r: 4\n  lora_alpha: 8\n  target_modules: all-linear\ntrain:\n  max_steps: 3\n  micro_batch_size: 2\n  learning_rate: 1.0e-3\n  gradient_checkpointing: true\noutput:\n  dir: {}\ndevice: cpu\n",
+            model.display(),
+            data.display(),
+            run.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", recipe.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("vision-language checkpoint") && err.contains("mtp"), "the VLM notice: {err}");
+    let bytes = std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    let has = |s: &str| names.iter().any(|k| k.contains(s));
+    assert!(has("base_model.model.model.language_model.layers.0.linear_attn.in_proj_qkv.lora_A.weight"), "{names:?}");
+    assert!(has("linear_attn.in_proj_z.lora_B") && has("linear_attn.out_proj.lora_A") && has("layers.3.self_attn.q_proj.lora_A"), "{names:?}");
+    assert!(!has("in_proj_a") && !has("in_proj_b") && !has("visual") && !has("mtp"), "{names:?}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--adapter", run.join("adapter").to_str().unwrap(), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
