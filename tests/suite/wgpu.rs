@@ -82,11 +82,3 @@ fn wgpu_lora_on_a_4bit_base_matches_peft() {
     crate::quant::check_4bit_peft_on::<burn::backend::Autodiff<Gpu>>(&Default::default());
 }
 
-/// Qwen 3.5 / Qwen3-Next: the six hybrid models' logits and PEFT adapters' logits and LoRA
-/// gradients (the gated delta rule's chunked forward and hand-written backward) on wgpu.
-#[test]
-#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
-fn wgpu_qwen35_logits_and_peft_gradients_match() {
-    crate::qwen35::check_logits_on::<Gpu>(&WgpuDevice::default());
-    crate::qwen35::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
-}
