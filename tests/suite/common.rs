@@ -71,3 +71,24 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     // NaN propagates (f32::max would drop it and let a NaN output pass any tolerance).
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
 }
+
+/// Every LoRA pair's gradients in `grads`, by module name, asserting that no frozen base weight
+/// got one (`what` names the model in messages).
+pub fn lora_grads<B: burn::tensor::backend::AutodiffBackend>(
+    model: &mut temper::model::CausalLm<B>,
+    grads: &B::Gradients,
+    what: &str,
+) -> std::collections::BTreeMap<String, temper::export::LoraPair> {
+    use temper::export::{HostTensor, LoraPair};
+    let mut host = std::collections::BTreeMap::new();
+    for (module, proj) in temper::lora::projections_mut(model) {
+        assert!(proj.weight.val().grad(grads).is_none(), "{what}: frozen {module}.weight got a gradient");
+        let Some(lora) = &proj.lora else { continue };
+        let grad = |p: &burn::module::Param<burn::tensor::Tensor<B, 2>>| {
+            let g = p.val().grad(grads).expect("LoRA parameter has a gradient");
+            HostTensor { shape: g.dims().to_vec(), data: g.into_data().to_vec().unwrap() }
+        };
+        host.insert(module, LoraPair { a: grad(&lora.lora_a), b: grad(&lora.lora_b) });
+    }
+    host
+}

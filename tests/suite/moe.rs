@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde_json::Value;
 use temper::export::experts::fuse_experts;
-use temper::export::{Adapter, HostTensor, LoraPair};
-use temper::lora::{apply_adapter, extract_adapter, projections_mut};
+use temper::export::{Adapter, LoraPair};
+use temper::lora::{apply_adapter, extract_adapter};
 use temper::model::{load_model, WeightPrecision};
 use temper::train::loss::{nll_sum, shift_labels};
 
@@ -118,16 +118,7 @@ fn peft_expert_adapters_match_peft_logits_and_gradients() {
         let want_loss = e["loss"].as_f64().unwrap() as f32;
         assert!((loss_value - want_loss).abs() <= 1e-4, "{name}: loss {loss_value} vs PEFT {want_loss}");
         let grads = loss.backward();
-        let mut host = BTreeMap::new();
-        for (module, proj) in projections_mut(&mut model) {
-            assert!(proj.weight.val().grad(&grads).is_none(), "{name}: frozen {module}.weight got a gradient");
-            let Some(lora) = &proj.lora else { continue };
-            let grad = |p: &burn::module::Param<Tensor<CpuAutodiff, 2>>| {
-                let g = p.val().grad(&grads).expect("LoRA parameter has a gradient");
-                HostTensor { shape: g.dims().to_vec(), data: g.into_data().to_vec().unwrap() }
-            };
-            host.insert(module, LoraPair { a: grad(&lora.lora_a), b: grad(&lora.lora_b) });
-        }
+        let host = crate::common::lora_grads(&mut model, &grads, name);
         let fused = fused_grads(host);
         let mut checked = 0;
         for (module, pair) in &fused {
