@@ -211,8 +211,47 @@ AGENT["tool_call_pending"] = [
     {"role": "assistant", "content": "", "thinking": "I need the weather tool.", "tool_calls": [call("get_weather", city="Paris")]},
     TOOL_RESULT,
 ]
+# Qwen 3.5 / 3.6 (tests/fixtures/chat_templates/qwen3_5.jinja, qwen3_6.jinja): content given as a
+# list of text parts (the template joins their text; image / video parts are out of scope for a
+# text trainer), and tool calls whose arguments are not all strings (the template prints strings
+# and numbers with `| string`, objects and lists with `| tojson`; Qwen 3.6 prints every non-string
+# with `| tojson`).
+AGENT["text_parts"] = [
+    {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+    {"role": "user", "content": [{"type": "text", "text": "Hello! "}, {"type": "text", "text": "What is 2+2?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "2+2 is 4."}]},
+    U2,
+    {"role": "assistant", "content": [{"type": "text", "text": "<think>\nThree and three is six.\n</think>\n\n"}, {"type": "text", "text": "6"}]},
+]
+AGENT["tool_call_typed_arguments"] = [
+    SYSTEM,
+    {"role": "user", "content": "Hourly weather in Paris for 3 days?"},
+    {
+        "role": "assistant",
+        "reasoning_content": "The tool takes typed arguments.",
+        "content": "",
+        "tool_calls": [call("get_weather", city="Paris", days=3, hourly=True, ratio=0.5, at={"lat": 48.85, "lon": 2.35}, fields=["temp", "rain"])],
+    },
+    dict(TOOL_RESULT, tool_call_id="call_1", name="get_weather"),
+    {"role": "assistant", "reasoning_content": "Cloudy.", "content": "Cloudy, 18 °C."},
+]
+AGENT["tool_call_reasoning_pending"] = [
+    SYSTEM,
+    U_WEATHER,
+    {"role": "assistant", "reasoning_content": "I need the weather tool.", "content": "", "tool_calls": [call("get_weather", city="Paris")]},
+    TOOL_RESULT,
+]
+QWEN3_5_CASES = ISSUE_14_CASES + [
+    "plain_multi_turn",
+    "plain_no_system",
+    "plain_multi_turn_open",
+    "text_parts",
+    "tool_call_typed_arguments",
+    "tool_call_reasoning_pending",
+]
+
 # Rendered with add_generation_prompt=True (every other case: False).
-GENERATION_PROMPT_CASES = {"plain_multi_turn_open", "tool_call_pending"}
+GENERATION_PROMPT_CASES = {"plain_multi_turn_open", "tool_call_pending", "tool_call_reasoning_pending"}
 
 GPT_OSS_CASES = [
     "plain_multi_turn",
@@ -258,6 +297,12 @@ AGENT_RUNS = [
     ("llama3", "gpt_oss.jinja", GPT_OSS_CASES, [{}], HARMONY_TOKENS),
     ("llama3", "gpt_oss.jinja", ["plain_no_system"], [{"reasoning_effort": "high", "model_identity": "You are a test model.", "builtin_tools": ["browser", "python"]}], HARMONY_TOKENS),
     ("mistral", "mixtral_8x7b.jinja", ["plain_multi_turn", "plain_no_system", "plain_multi_turn_open"], [{}], []),
+    # Qwen 3.5's template (thinking on by default: the generation prompt ends with `<think>\n`) and
+    # Qwen 3.6's (the same, plus `preserve_thinking`), with Qwen3's tokenizer as a stand-in for Qwen
+    # 3.5's 248k one (not available offline): the same special-token strings, other ids. See
+    # tests/fixtures/chat_templates/README.md.
+    ("qwen3", "qwen3_5.jinja", QWEN3_5_CASES, [{}, {"enable_thinking": False}]),
+    ("qwen3", "qwen3_6.jinja", ["reasoning_multi_turn", "tool_call_typed_arguments", "plain_multi_turn_open"], [{}, {"preserve_thinking": True}]),
 ]
 TEMPLATES = REPO_ROOT / "tests" / "fixtures" / "chat_templates"
 

@@ -213,7 +213,7 @@ ROUTER_STD = 0.3
 CONV_STD = 0.5
 NORM1P_STD = 0.2  # (1+w) RMSNorms (zero-init in transformers): w ~ N(0, 0.2)
 GATED_NORM_STD = 0.2  # the GDN gated norm (plain w, ones-init): 1 + N(0, 0.2)
-DT_BIAS_STD = 1.0
+DT_RANGE = (0.001, 0.1)  # softplus(dt_bias): FLA's dt_min / dt_max
 A_RANGE = (0.01, 16.0)
 
 # k-th vs (k+1)-th router LOGIT must differ by more than this for every token of every stored forward.
@@ -375,7 +375,14 @@ def reinit_weights(model, seed: int) -> dict:
                 p.copy_(torch.log(a))
                 a_values[name] = [float(x) for x in a]
             elif name.endswith(".dt_bias"):
-                p.copy_(torch.randn_like(p) * DT_BIAS_STD)
+                # As FLA / Mamba-2 initialise it for training (and as trained checkpoints keep it):
+                # softplus(dt_bias) = dt log-uniform in [DT_RANGE], i.e. dt_bias = dt + log(-expm1(-dt)).
+                # transformers' own init (ones) gives decays of e^-20 per token with A = 16, where the
+                # f32 chunked form's cumulative sums lose 1e-4 and the fixture stops telling a bug
+                # from rounding (transformers' chunked and recurrent logits then differ by 1.2e-4).
+                lo, hi = math.log(DT_RANGE[0]), math.log(DT_RANGE[1])
+                dt = torch.exp(torch.rand_like(p) * (hi - lo) + lo)
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))
             elif name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * BIAS_STD)
             elif name.endswith("linear_attn.norm.weight"):  # gated RMSNorm: y = w * norm(x) * silu(z)

@@ -218,9 +218,21 @@ impl<'a> Encoder<'a> {
         let mut kept = Vec::new();
         let mut from = start;
         let mut search = start;
-        while let Some(a) = full.get(search..end).and_then(|t| t.find(open.as_str())).map(|p| search + p) {
-            let Some(b) = full.get(a + open.len()..end).and_then(|t| t.find(close.as_str())).map(|p| a + open.len() + p) else { break };
-            let empty = full[a + open.len()..b].trim().is_empty();
+        // A think block the generation prompt opened (Qwen 3.5's `<|im_start|>assistant\n<think>\n`):
+        // the turn starts inside it, so it runs from the turn's start to the first close tag.
+        let mut opened_by_prompt = full[..start].trim_end().ends_with(open.as_str());
+        loop {
+            // Where the block starts in the turn and where its body starts.
+            let (a, body) = if std::mem::take(&mut opened_by_prompt) {
+                (start, start)
+            } else {
+                match full.get(search..end).and_then(|t| t.find(open.as_str())) {
+                    Some(p) => (search + p, search + p + open.len()),
+                    None => break,
+                }
+            };
+            let Some(b) = full.get(body..end).and_then(|t| t.find(close.as_str())).map(|p| body + p) else { break };
+            let empty = full[body..b].trim().is_empty();
             let train = if empty { self.cfg.train_on_empty_think } else { self.cfg.train_on_reasoning };
             let block_end = b + close.len();
             if !train {

@@ -121,6 +121,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |fmt: String| -> String { strftime(&fmt, std::time::SystemTime::now()) });
         env.add_filter("tojson", tojson);
+        env.add_filter("string", py_string);
         env.add_filter(GENERATION_FILTER, |body: String| format!("{GENERATION_OPEN}{body}{GENERATION_CLOSE}"));
         env.add_template_owned("chat", source).map_err(|e| describe(&e))?;
         Ok(Self {
@@ -281,6 +282,19 @@ mod tests {
         assert!(found);
         assert_eq!(s, "a{%- filter __temper_generation %}b{% endfilter -%}c{% if x %}{% endif %}");
         assert!(!generation_blocks_as_filters("{% if generation %}{% endif %}").1);
+    }
+}
+
+/// Jinja2's `string` filter, Python's `str()`: `True` / `False` / `None` for booleans and none
+/// (minijinja writes `true` / `none`), as Qwen 3.5's template prints tool-call arguments with
+/// `args_value | string`. Strings pass through unchanged (safe ones stay safe).
+fn py_string(v: JValue) -> JValue {
+    use minijinja::value::ValueKind;
+    match v.kind() {
+        ValueKind::String => v,
+        ValueKind::Bool => JValue::from(if v.is_true() { "True" } else { "False" }),
+        ValueKind::None => JValue::from("None"),
+        _ => JValue::from(v.to_string()),
     }
 }
 

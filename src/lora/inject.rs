@@ -9,6 +9,7 @@ use crate::lora::linear::{LoraDelta, LoraLinear};
 use crate::model::names::peft_module;
 use crate::model::decoder::DecoderLayer;
 use crate::model::mlp::Mlp;
+use crate::model::config::Mixer;
 use crate::model::{CausalLm, DecoderConfig};
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -29,16 +30,32 @@ pub fn projections_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut
 /// The projections of decoder layer `i`, named as in [`projections_mut`].
 pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) -> Vec<(String, &mut LoraLinear<B>)> {
     let mut out = Vec::new();
-    let a = &mut layer.self_attn;
-    for (name, p) in [
-        ("q_proj", a.q_proj.as_mut()),
-        ("k_proj", a.k_proj.as_mut()),
-        ("v_proj", a.v_proj.as_mut()),
-        ("qkv_proj", a.qkv_proj.as_mut()),
-        ("o_proj", Some(&mut a.o_proj)),
-    ] {
-        if let Some(p) = p {
-            out.push((format!("model.layers.{i}.self_attn.{name}"), p));
+    if let Some(a) = layer.self_attn.as_mut() {
+        for (name, p) in [
+            ("q_proj", a.q_proj.as_mut()),
+            ("k_proj", a.k_proj.as_mut()),
+            ("v_proj", a.v_proj.as_mut()),
+            ("qkv_proj", a.qkv_proj.as_mut()),
+            ("o_proj", Some(&mut a.o_proj)),
+        ] {
+            if let Some(p) = p {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), p));
+            }
+        }
+    }
+    if let Some(d) = layer.linear_attn.as_mut() {
+        for (name, p) in [
+            ("in_proj_qkv", d.in_proj_qkv.as_mut()),
+            ("in_proj_z", d.in_proj_z.as_mut()),
+            ("in_proj_b", d.in_proj_b.as_mut()),
+            ("in_proj_a", d.in_proj_a.as_mut()),
+            ("in_proj_qkvz", d.in_proj_qkvz.as_mut()),
+            ("in_proj_ba", d.in_proj_ba.as_mut()),
+            ("out_proj", Some(&mut d.out_proj)),
+        ] {
+            if let Some(p) = p {
+                out.push((format!("model.layers.{i}.linear_attn.{name}"), p));
+            }
         }
     }
     if let Some(m) = layer.mlp.as_mut() {
@@ -87,8 +104,16 @@ pub fn projection_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
 pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
     let mut names = Vec::new();
     for i in 0..cfg.num_layers {
-        let attn: &[&str] = if cfg.fused_projections { &["qkv_proj", "o_proj"] } else { &["q_proj", "k_proj", "v_proj", "o_proj"] };
-        names.extend(attn.iter().map(|n| format!("model.layers.{i}.self_attn.{n}")));
+        match (cfg.layer_mixers.get(i), &cfg.delta_net) {
+            (Some(Mixer::GatedDeltaNet), Some(dn)) => {
+                let linear: &[&str] = if dn.grouped { &["in_proj_qkvz", "in_proj_ba", "out_proj"] } else { &["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"] };
+                names.extend(linear.iter().map(|n| format!("model.layers.{i}.linear_attn.{n}")));
+            }
+            _ => {
+                let attn: &[&str] = if cfg.fused_projections { &["qkv_proj", "o_proj"] } else { &["q_proj", "k_proj", "v_proj", "o_proj"] };
+                names.extend(attn.iter().map(|n| format!("model.layers.{i}.self_attn.{n}")));
+            }
+        }
         let mlp: &[&str] = if cfg.fused_projections { &["gate_up_proj", "down_proj"] } else { &["gate_proj", "up_proj", "down_proj"] };
         match &cfg.moe {
             Some(m) if m.is_sparse(i) => {
@@ -132,7 +157,7 @@ pub fn is_target(cfg: &LoraConfig, module: &str) -> bool {
         return hit && layer_allowed(cfg, module);
     }
     match &cfg.target_modules {
-        TargetModules::Pattern(p) if p == "all-linear" => module != "lm_head" && layer_allowed(cfg, module),
+        TargetModules::Pattern(p) if p == "all-linear" => module != "lm_head" && !opt_in_only(module) && layer_allowed(cfg, module),
         // A regex ignores layers_to_transform in PEFT.
         TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$")).is_ok_and(|re| re.is_match(module)),
         TargetModules::List(names) => {
@@ -140,6 +165,13 @@ pub fn is_target(cfg: &LoraConfig, module: &str) -> bool {
             hit && layer_allowed(cfg, module)
         }
     }
+}
+
+/// Projections `all-linear` leaves out and only a name in `target_modules` reaches: a gated delta
+/// net's `in_proj_b` / `in_proj_a` (Qwen3-Next: `in_proj_ba`), which give each value head's
+/// write strength and decay (two numbers per head: no trainer targets them by default).
+fn opt_in_only(module: &str) -> bool {
+    [".linear_attn.in_proj_b", ".linear_attn.in_proj_a", ".linear_attn.in_proj_ba"].iter().any(|s| module.ends_with(s))
 }
 
 fn layer_allowed(cfg: &LoraConfig, module: &str) -> bool {

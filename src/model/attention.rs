@@ -60,6 +60,9 @@ pub struct Attention<B: Backend> {
     /// attention kernel takes them as constants.
     #[module(skip)]
     pub sinks: Option<Arc<Vec<f32>>>,
+    /// Qwen 3.5 / Qwen3-Next: `q_proj` gives `[q_h | gate_h]` per head, and the attention output
+    /// is multiplied by `sigmoid(gate)` before `o_proj`.
+    pub output_gate: bool,
 }
 
 impl<B: TemperBackend> Attention<B> {
@@ -75,6 +78,14 @@ impl<B: TemperBackend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (mut q, mut k, mut v) = self.project(x);
+        let gate = if self.output_gate {
+            // Per head: the first head_dim values are the query, the next head_dim its gate.
+            let both = q.reshape([b, t, h, 2 * hd]);
+            q = both.clone().slice([0..b, 0..t, 0..h, 0..hd]).reshape([b, t, h * hd]);
+            Some(both.slice([0..b, 0..t, 0..h, hd..2 * hd]).reshape([b, t, h * hd]))
+        } else {
+            None
+        };
         if let (Some(qn), Some(kn), true) = (&self.q_norm, &self.k_norm, self.qk_norm_whole) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -109,6 +120,10 @@ impl<B: TemperBackend> Attention<B> {
             sinks: self.sinks.clone(),
         };
         let out = ops::attention(q, k, v, &spec).swap_dims(1, 2).reshape([b, t, h * hd]);
+        let out = match gate {
+            Some(g) => out * burn::tensor::activation::sigmoid(g),
+            None => out,
+        };
         self.o_proj.forward(out)
     }
 

@@ -9,7 +9,8 @@ use crate::lora::LoraLinear;
 use std::sync::Arc;
 
 use crate::model::attention::{Attention, AttentionMask, LayerCache};
-use crate::model::config::DecoderConfig;
+use crate::model::config::{DecoderConfig, Mixer};
+use crate::model::delta_net::{DeltaNetCache, GatedDeltaNet};
 use crate::model::mlp::Mlp;
 use crate::model::moe::{Expert, MoeBlock};
 use crate::model::norm::RmsNorm;
@@ -29,7 +30,10 @@ pub struct Embedding<B: Backend> {
 pub struct DecoderLayer<B: Backend> {
     /// `None` for OLMo 2, which norms the attention and MLP outputs instead.
     pub input_layernorm: Option<RmsNorm<B>>,
-    pub self_attn: Attention<B>,
+    /// The token mixer: attention (`self_attn`) or, on Qwen 3.5 / Qwen3-Next's linear-attention
+    /// layers, a gated delta net (`linear_attn`); the loader builds exactly one.
+    pub self_attn: Option<Attention<B>>,
+    pub linear_attn: Option<GatedDeltaNet<B>>,
     /// Llama-style: the norm before the MLP. Gemma 2 and OLMo 2: the norm after attention.
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
@@ -61,8 +65,49 @@ impl<B: TemperBackend> DecoderLayer<B> {
         }
     }
 
+    /// The token mixer's output for normed input `x` `[batch, seq, hidden]`.
+    pub fn mix(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerState<B>>>) -> Tensor<B, 3> {
+        match (&self.self_attn, &self.linear_attn) {
+            (Some(attn), _) => {
+                let rope = match (&ctx.local_rope, attn.local_rope) {
+                    (Some(local), true) => local,
+                    _ => &ctx.rope,
+                };
+                match cache {
+                    None => attn.forward(x, rope, &ctx.mask, None),
+                    Some(slot) => {
+                        let mut kv = match slot.take() {
+                            Some(LayerState::Attention(c)) => Some(c),
+                            _ => None,
+                        };
+                        let y = attn.forward(x, rope, &ctx.mask, Some(&mut kv));
+                        *slot = kv.map(LayerState::Attention);
+                        y
+                    }
+                }
+            }
+            (None, Some(dn)) => {
+                let segments = ctx.mask.segments.as_ref();
+                match cache {
+                    None => dn.forward(x, segments, None),
+                    Some(slot) => {
+                        let mut state = match slot.take() {
+                            Some(LayerState::DeltaNet(c)) => Some(c),
+                            _ => None,
+                        };
+                        let y = dn.forward(x, segments, Some(&mut state));
+                        *slot = state.map(LayerState::DeltaNet);
+                        y
+                    }
+                }
+            }
+            // The loader always builds one of the two.
+            (None, None) => x,
+        }
+    }
+
     /// `[batch, seq, hidden]` -> same.
-    pub fn forward(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerState<B>>>) -> Tensor<B, 3> {
         let scaled = |t: Tensor<B, 3>| match self.residual_scale {
             Some(s) => t.mul_scalar(s),
             None => t,
@@ -71,11 +116,7 @@ impl<B: TemperBackend> DecoderLayer<B> {
             Some(norm) => norm.forward(x.clone()),
             None => x.clone(),
         };
-        let rope = match (&ctx.local_rope, self.self_attn.local_rope) {
-            (Some(local), true) => local,
-            _ => &ctx.rope,
-        };
-        let h = self.self_attn.forward(normed, rope, &ctx.mask, cache);
+        let h = self.mix(normed, ctx, cache);
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(h);
@@ -150,10 +191,17 @@ impl<B: Backend> ForwardContext<B> {
     }
 }
 
-/// Per-layer key/value cache for incremental decoding.
+/// What one layer keeps between generation calls: keys and values, or a delta net's state.
+#[derive(Debug, Clone)]
+pub enum LayerState<B: Backend> {
+    Attention(LayerCache<B>),
+    DeltaNet(DeltaNetCache<B>),
+}
+
+/// Per-layer cache for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    pub layers: Vec<Option<LayerCache<B>>>,
+    pub layers: Vec<Option<LayerState<B>>>,
     pub len: usize,
 }
 
@@ -308,69 +356,23 @@ fn load_norm_and_head<B: Backend>(cfg: &DecoderConfig, weights: &mut WeightSourc
 pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, dtype: DType, device: &B::Device) -> Result<DecoderLayer<B>> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
-    let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let mut proj = |name: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear<B>> {
-        let b = if bias {
-            Some(w.tensor::<B, 1>(&format!("{p}.{name}.bias"), [out], dtype, device)?)
-        } else {
-            None
-        };
-        // A bitsandbytes 4-bit checkpoint keeps the projection packed (QLoRA).
-        if let Some(q) = w.quant4::<B>(&format!("{p}.{name}.weight"), [out, inp], device)? {
-            return Ok(LoraLinear::frozen_4bit(q, b, device));
-        }
-        let weight = w.tensor::<B, 2>(&format!("{p}.{name}.weight"), [out, inp], dtype, device)?;
-        Ok(LoraLinear::frozen(weight, b))
-    };
-    let (q_proj, k_proj, v_proj, qkv_proj) = if cfg.fused_projections {
-        (None, None, None, Some(proj("self_attn.qkv_proj", q_dim + 2 * kv_dim, h, false)?))
-    } else {
-        (
-            Some(proj("self_attn.q_proj", q_dim, h, cfg.qkv_bias)?),
-            Some(proj("self_attn.k_proj", kv_dim, h, cfg.qkv_bias)?),
-            Some(proj("self_attn.v_proj", kv_dim, h, cfg.qkv_bias)?),
-            None,
-        )
-    };
-    let o_proj = proj("self_attn.o_proj", h, q_dim, cfg.o_bias)?;
-    let mut dense = |prefix: &str, inter: usize| -> Result<Mlp<B>> {
-        let (gate_proj, up_proj, gate_up_proj) = if cfg.fused_projections {
-            (None, None, Some(proj(&format!("{prefix}.gate_up_proj"), 2 * inter, h, false)?))
-        } else {
-            (
-                Some(proj(&format!("{prefix}.gate_proj"), inter, h, cfg.mlp_bias)?),
-                Some(proj(&format!("{prefix}.up_proj"), inter, h, cfg.mlp_bias)?),
-                None,
-            )
-        };
-        let down_proj = proj(&format!("{prefix}.down_proj"), h, inter, cfg.mlp_bias)?;
-        Ok(Mlp { gate_proj, up_proj, gate_up_proj, down_proj, activation: cfg.activation })
-    };
     let (mlp, moe) = match &cfg.moe {
         Some(m) if m.is_sparse(i) => {
             let shared_expert = match m.shared_expert_intermediate {
-                Some(si) => Some(dense("mlp.shared_expert", si)?),
+                Some(si) => Some(load_mlp(cfg, w, &format!("{p}.mlp.shared_expert"), si, dtype, device)?),
                 None => None,
             };
             (None, Some(load_moe(cfg, m, w, &p, shared_expert, dtype, device)?))
         }
-        _ => (Some(dense("mlp", cfg.intermediate_size)?), None),
+        _ => (Some(load_mlp(cfg, w, &format!("{p}.mlp"), cfg.intermediate_size, dtype, device)?), None),
     };
-    let sinks = if cfg.attention_sinks {
-        let s = w.tensor::<B, 1>(&format!("{p}.self_attn.sinks"), [cfg.num_heads], DType::F32, device)?;
-        let host: Vec<f32> = s.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {p}.self_attn.sinks: {e:?}")))?;
-        Some(std::sync::Arc::new(host))
-    } else {
-        None
+    let (self_attn, linear_attn) = match cfg.layer_mixers.get(i).copied().unwrap_or(Mixer::Attention) {
+        Mixer::Attention => (Some(load_attention(cfg, w, &p, i, dtype, device)?), None),
+        Mixer::GatedDeltaNet => (None, Some(load_delta_net(cfg, w, &p, dtype, device)?)),
     };
     let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
     let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(w.norm(&format!("{p}.{name}.weight"), dim, device)?, eps, off))
-    };
-    let (q_norm, k_norm) = match (cfg.qk_norm, cfg.qk_norm_whole) {
-        (true, false) => (Some(norm("self_attn.q_norm", cfg.head_dim)?), Some(norm("self_attn.k_norm", cfg.head_dim)?)),
-        (true, true) => (Some(norm("self_attn.q_norm", q_dim)?), Some(norm("self_attn.k_norm", kv_dim)?)),
-        _ => (None, None),
     };
     let (pre_ff, post_ff) = if cfg.sandwich_norms {
         (Some(norm("pre_feedforward_layernorm", h)?), Some(norm("post_feedforward_layernorm", h)?))
@@ -381,32 +383,143 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
     };
     Ok(DecoderLayer {
         input_layernorm: if cfg.post_norms { None } else { Some(norm("input_layernorm", h)?) },
-        self_attn: Attention {
-            q_proj,
-            k_proj,
-            v_proj,
-            qkv_proj,
-            o_proj,
-            q_norm,
-            k_norm,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            scale: cfg.attn_scale,
-            softcap: cfg.attn_softcap,
-            window: cfg.layer_windows.get(i).copied().flatten(),
-            rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
-            local_rope: cfg.local_rope.is_some() && cfg.layer_windows.get(i).copied().flatten().is_some(),
-            qk_norm_whole: cfg.qk_norm_whole,
-            clip_qkv: cfg.clip_qkv,
-            sinks,
-        },
+        self_attn,
+        linear_attn,
         post_attention_layernorm: norm("post_attention_layernorm", h)?,
         pre_feedforward_layernorm: pre_ff,
         post_feedforward_layernorm: post_ff,
         mlp,
         moe,
         residual_scale: cfg.residual_scale,
+    })
+}
+
+/// The projection `name` (`{name}.weight` `[out, in]`, optional `{name}.bias`); a bitsandbytes
+/// 4-bit checkpoint (or quantize-on-load) keeps it packed (QLoRA).
+fn load_proj<B: Backend>(w: &mut WeightSource, name: &str, out: usize, inp: usize, bias: bool, dtype: DType, device: &B::Device) -> Result<LoraLinear<B>> {
+    let b = if bias { Some(w.tensor::<B, 1>(&format!("{name}.bias"), [out], dtype, device)?) } else { None };
+    if let Some(q) = w.quant4::<B>(&format!("{name}.weight"), [out, inp], device)? {
+        return Ok(LoraLinear::frozen_4bit(q, b, device));
+    }
+    let weight = w.tensor::<B, 2>(&format!("{name}.weight"), [out, inp], dtype, device)?;
+    Ok(LoraLinear::frozen(weight, b))
+}
+
+/// A dense gated MLP under `prefix` (`mlp`, `mlp.shared_expert`) of intermediate size `inter`.
+fn load_mlp<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, prefix: &str, inter: usize, dtype: DType, device: &B::Device) -> Result<Mlp<B>> {
+    let h = cfg.hidden_size;
+    let (gate_proj, up_proj, gate_up_proj) = if cfg.fused_projections {
+        (None, None, Some(load_proj(w, &format!("{prefix}.gate_up_proj"), 2 * inter, h, false, dtype, device)?))
+    } else {
+        (
+            Some(load_proj(w, &format!("{prefix}.gate_proj"), inter, h, cfg.mlp_bias, dtype, device)?),
+            Some(load_proj(w, &format!("{prefix}.up_proj"), inter, h, cfg.mlp_bias, dtype, device)?),
+            None,
+        )
+    };
+    let down_proj = load_proj(w, &format!("{prefix}.down_proj"), h, inter, cfg.mlp_bias, dtype, device)?;
+    Ok(Mlp { gate_proj, up_proj, gate_up_proj, down_proj, activation: cfg.activation })
+}
+
+/// Layer `p`'s self-attention (`{p}.self_attn.*`).
+fn load_attention<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str, i: usize, dtype: DType, device: &B::Device) -> Result<Attention<B>> {
+    let h = cfg.hidden_size;
+    let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let a = format!("{p}.self_attn");
+    let (q_proj, k_proj, v_proj, qkv_proj) = if cfg.fused_projections {
+        (None, None, None, Some(load_proj(w, &format!("{a}.qkv_proj"), q_dim + 2 * kv_dim, h, false, dtype, device)?))
+    } else {
+        // A gated attention's q_proj holds each head's query and gate.
+        let q_rows = if cfg.attn_output_gate { 2 * q_dim } else { q_dim };
+        (
+            Some(load_proj(w, &format!("{a}.q_proj"), q_rows, h, cfg.qkv_bias, dtype, device)?),
+            Some(load_proj(w, &format!("{a}.k_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?),
+            Some(load_proj(w, &format!("{a}.v_proj"), kv_dim, h, cfg.qkv_bias, dtype, device)?),
+            None,
+        )
+    };
+    let o_proj = load_proj(w, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, device)?;
+    let sinks = if cfg.attention_sinks {
+        let s = w.tensor::<B, 1>(&format!("{a}.sinks"), [cfg.num_heads], DType::F32, device)?;
+        let host: Vec<f32> = s.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {a}.sinks: {e:?}")))?;
+        Some(Arc::new(host))
+    } else {
+        None
+    };
+    let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
+    let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> { Ok(RmsNorm::new(w.norm(&format!("{a}.{name}.weight"), dim, device)?, eps, off)) };
+    let (q_norm, k_norm) = match (cfg.qk_norm, cfg.qk_norm_whole) {
+        (true, false) => (Some(norm("q_norm", cfg.head_dim)?), Some(norm("k_norm", cfg.head_dim)?)),
+        (true, true) => (Some(norm("q_norm", q_dim)?), Some(norm("k_norm", kv_dim)?)),
+        _ => (None, None),
+    };
+    let window = cfg.layer_windows.get(i).copied().flatten();
+    Ok(Attention {
+        q_proj,
+        k_proj,
+        v_proj,
+        qkv_proj,
+        o_proj,
+        q_norm,
+        k_norm,
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        scale: cfg.attn_scale,
+        softcap: cfg.attn_softcap,
+        window,
+        rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
+        local_rope: cfg.local_rope.is_some() && window.is_some(),
+        qk_norm_whole: cfg.qk_norm_whole,
+        clip_qkv: cfg.clip_qkv,
+        sinks,
+        output_gate: cfg.attn_output_gate,
+    })
+}
+
+/// Layer `p`'s gated delta net (`{p}.linear_attn.*`), in Qwen 3.5's separate-projection layout
+/// or Qwen3-Next's grouped one.
+fn load_delta_net<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str, dtype: DType, device: &B::Device) -> Result<GatedDeltaNet<B>> {
+    let dn = cfg.delta_net.clone().ok_or_else(|| crate::Error::InvalidArgument(format!("{p} is a linear-attention layer, but the config has no delta-net dimensions")))?;
+    let h = cfg.hidden_size;
+    let (kd, vd, hv) = (dn.num_k_heads * dn.k_head_dim, dn.num_v_heads * dn.v_head_dim, dn.num_v_heads);
+    let a = format!("{p}.linear_attn");
+    let channels = 2 * kd + vd;
+    let proj = |w: &mut WeightSource, name: &str, out: usize, inp: usize| load_proj::<B>(w, &format!("{a}.{name}"), out, inp, false, dtype, device);
+    let (mut qkv, mut z, mut b, mut a_proj, mut qkvz, mut ba) = (None, None, None, None, None, None);
+    if dn.grouped {
+        qkvz = Some(proj(w, "in_proj_qkvz", 2 * kd + 2 * vd, h)?);
+        ba = Some(proj(w, "in_proj_ba", 2 * hv, h)?);
+    } else {
+        qkv = Some(proj(w, "in_proj_qkv", channels, h)?);
+        z = Some(proj(w, "in_proj_z", vd, h)?);
+        b = Some(proj(w, "in_proj_b", hv, h)?);
+        a_proj = Some(proj(w, "in_proj_a", hv, h)?);
+    }
+    let out_proj = proj(w, "out_proj", h, vd)?;
+    let conv = w.tensor::<B, 3>(&format!("{a}.conv1d.weight"), [channels, 1, dn.conv_kernel], dtype, device)?.reshape([channels, dn.conv_kernel]);
+    let frozen1 = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
+    let a_log = w.tensor::<B, 1>(&format!("{a}.A_log"), [hv], DType::F32, device)?;
+    let dt_bias = w.tensor::<B, 1>(&format!("{a}.dt_bias"), [hv], DType::F32, device)?;
+    // The gated norm multiplies by w itself (init ones), whatever the decoder's norms do.
+    let norm = match w {
+        WeightSource::Random { .. } => Tensor::ones([dn.v_head_dim], (device, DType::F32)),
+        _ => w.norm(&format!("{a}.norm.weight"), dn.v_head_dim, device)?,
+    };
+    Ok(GatedDeltaNet {
+        in_proj_qkv: qkv,
+        in_proj_z: z,
+        in_proj_b: b,
+        in_proj_a: a_proj,
+        in_proj_qkvz: qkvz,
+        in_proj_ba: ba,
+        conv1d: Param::from_tensor(conv).set_require_grad(false),
+        a_log: frozen1(a_log),
+        dt_bias: frozen1(dt_bias),
+        norm: frozen1(norm),
+        out_proj,
+        cfg: dn,
+        norm_eps: cfg.rms_norm_eps,
     })
 }
 

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod config;
 pub mod decoder;
+pub mod delta_net;
 pub mod generate;
 pub mod mlp;
 pub mod moe;

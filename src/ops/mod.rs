@@ -1,6 +1,6 @@
-//! Custom operations with hand-written backward passes: blockwise attention and chunked
-//! cross-entropy. Each holds its forward, its backward and the plain reference it is tested
-//! against; the model only calls them.
+//! Custom operations with hand-written backward passes: blockwise attention, chunked
+//! cross-entropy and the gated delta rule (Gated DeltaNet). Each holds its forward, its backward
+//! and the plain reference it is tested against; the model only calls them.
 //!
 //! Burn dispatches a custom backward through the backend type, so the operations are methods
 //! of [`TemperBackend`], a `Backend` extension. The base backends (Flex, ndarray, CUDA, wgpu)
@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod delta_net;
 pub mod dropout;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -23,6 +24,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 pub use attention::AttentionSpec;
 pub use cross_entropy::CrossEntropySpec;
+pub use delta_net::DeltaNetSpec;
 
 use crate::quant::device::Packed4Bit;
 
@@ -39,6 +41,14 @@ pub trait TemperBackend: Backend {
     /// `[vocab, hidden]`, without holding `[tokens, vocab]` logits -> `[1]` (f32).
     fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
         unwrap(cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec))
+    }
+
+    /// The gated delta rule from a zero state: `q`, `k` `[b, t, h, dk]` (L2-normalised, `q`
+    /// scaled by `dk^-0.5`, heads repeated to the value heads), `v` `[b, t, h, dv]`, the log
+    /// decay `g` and `beta` `[b, t, h]` -> `o` `[b, t, h, dv]` in f32 (any input dtype). Under
+    /// autodiff one graph node whose backward recomputes the chunks (no per-op graph).
+    fn temper_gated_delta_rule(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, g: FloatTensor<Self>, beta: FloatTensor<Self>, spec: &DeltaNetSpec) -> FloatTensor<Self> {
+        unwrap(delta_net::forward::<Self>(wrap(q), wrap(k), wrap(v), wrap(g), wrap(beta), spec))
     }
 
     /// `x` `[rows, in]` times a 4-bit weight's `dequant(W)ᵀ` -> `[rows, out]`. Under autodiff the
@@ -160,6 +170,26 @@ impl<B: TemperBackend> Backward<B, 2> for CrossEntropyBackward {
 }
 
 #[derive(Debug)]
+struct DeltaNetBackward;
+
+impl<B: TemperBackend> Backward<B, 5> for DeltaNetBackward {
+    /// q, k, v, g, beta and the spec: the backward recomputes the chunks from them.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, DeltaNetSpec);
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v, node_g, node_beta] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, g, beta, spec) = ops.state;
+        let d = delta_net::backward::<B>(wrap(q), wrap(k), wrap(v), wrap(g), wrap(beta), wrap(grad), &spec);
+        for (node, g) in [(node_q, unwrap(d.q)), (node_k, unwrap(d.k)), (node_v, unwrap(d.v)), (node_g, unwrap(d.g)), (node_beta, unwrap(d.beta))] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Linear4BitBackward;
 
 impl<B: TemperBackend> Backward<B, 1> for Linear4BitBackward {
@@ -203,6 +233,20 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
         }
     }
 
+    fn temper_gated_delta_rule(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, g: FloatTensor<Self>, beta: FloatTensor<Self>, spec: &DeltaNetSpec) -> FloatTensor<Self> {
+        let prep = DeltaNetBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone(), g.node.clone(), beta.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let o = B::temper_gated_delta_rule(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), g.primitive.clone(), beta.primitive.clone(), spec);
+                prep.finish((q.primitive, k.primitive, v.primitive, g.primitive, beta.primitive, spec.clone()), o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::temper_gated_delta_rule(q.primitive, k.primitive, v.primitive, g.primitive, beta.primitive, spec)),
+        }
+    }
+
     fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
         let prep = CrossEntropyBackward
             .prepare::<C>([hidden.node.clone(), weight.node.clone()])
@@ -231,6 +275,12 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
 /// [`TemperBackend::temper_attention`] on tensors.
 pub fn attention<B: TemperBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, spec: &AttentionSpec) -> Tensor<B, 4> {
     wrap(B::temper_attention(unwrap(q), unwrap(k), unwrap(v), spec))
+}
+
+/// [`TemperBackend::temper_gated_delta_rule`] on tensors: `q`, `k` `[b, t, h, dk]`, `v`
+/// `[b, t, h, dv]`, `g`, `beta` `[b, t, h]` -> `o` `[b, t, h, dv]` (f32).
+pub fn gated_delta_rule<B: TemperBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>, spec: &DeltaNetSpec) -> Tensor<B, 4> {
+    wrap(B::temper_gated_delta_rule(unwrap(q), unwrap(k), unwrap(v), unwrap(g), unwrap(beta), spec))
 }
 
 /// [`TemperBackend::temper_cross_entropy`] on tensors.

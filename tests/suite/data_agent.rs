@@ -2,7 +2,8 @@
 //! (tests/fixtures/chat/agent.json, made by scripts/reference/make_chat_fixtures.py) for the real
 //! Qwen3 and Llama-3 templates, Llama 3.2's tool-calling template, and a template with
 //! `{% generation %}` blocks, whose reference mask is transformers' `return_assistant_tokens_mask`;
-//! also the real templates of the issue-12 families and of gpt-oss (harmony) and Mixtral (issue 11).
+//! also the real templates of the issue-12 families, of gpt-oss (harmony) and Mixtral (issue 11),
+//! and of Qwen 3.5 / 3.6 (thinking on by default), with Qwen3's tokenizer as a stand-in.
 //! The trained tokens of each case are listed here, decoded turn by turn.
 
 use std::collections::BTreeMap;
@@ -72,7 +73,7 @@ fn cases() -> Vec<Case> {
             }
         })
         .collect();
-    assert_eq!(cases.len(), 49, "agent fixture cases");
+    assert_eq!(cases.len(), 81, "agent fixture cases");
     cases
 }
 
@@ -421,4 +422,106 @@ fn mixtral_template_trains_each_answer_and_its_eos() {
         let tok = case_tokenizer(case);
         assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), ["2+2 is 4.</s>", "6</s>"], "{name}");
     }
+}
+
+const QWEN35_WEATHER_CALL: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call><|im_end|>";
+
+/// Qwen 3.5's template (Qwen/Qwen3.5-*, tests/fixtures/chat_templates/qwen3_5.jinja): thinking is
+/// on by default, so the generation prompt is `<|im_start|>assistant\n<think>\n` and the model
+/// generates from inside the think block: a turn after the last user query is trained from its
+/// reasoning to its `<|im_end|>`; the empty block of a turn without reasoning (`\n</think>\n\n`
+/// after the prompt) is not trained (`train_on_empty_think: false`). Turns before the last user
+/// query are rendered without their reasoning and trained so. Tool calls are `<function=...>`
+/// blocks with one `<parameter=...>` per argument. With `enable_thinking: false` the generation
+/// prompt closes the block, and the same tokens are trained.
+#[test]
+fn qwen3_5_trains_each_assistant_turn_from_inside_its_think_block() {
+    let cases = cases();
+    let tok = tokenizer("qwen3");
+    let typed_call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=hourly>\nTrue\n</parameter>\n<parameter=ratio>\n0.5\n</parameter>\n<parameter=at>\n{\"lat\": 48.85, \"lon\": 2.35}\n</parameter>\n<parameter=fields>\n[\"temp\", \"rain\"]\n</parameter>\n</function>\n</tool_call><|im_end|>";
+    let typed_reasoning = format!("The tool takes typed arguments.\n</think>\n\n{typed_call}");
+    let expected: Vec<(&str, Vec<String>)> = vec![
+        ("reasoning_single", vec!["Two plus two makes four.\n</think>\n\n2+2 is 4.<|im_end|>".into()]),
+        ("reasoning_multi_turn", vec!["2+2 is 4.<|im_end|>".into(), "Three and three is six.\n</think>\n\n6<|im_end|>".into()]),
+        ("reasoning_content_field", vec!["Small primes: 2, 3, 5, 7.\n</think>\n\n7<|im_end|>".into()]),
+        ("reasoning_content_multi_turn", vec!["7<|im_end|>".into(), "11 is prime.\n</think>\n\n11<|im_end|>".into()]),
+        (
+            "tool_call",
+            vec![
+                "<tool_call>\n<function=get_weather>\n<parameter=unit>\ncelsius\n</parameter>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call><|im_end|>".into(),
+                "It is 18 °C and cloudy in Paris.<|im_end|>".into(),
+            ],
+        ),
+        (
+            "tool_call_reasoning_multi_step",
+            vec![QWEN35_WEATHER_CALL.into(), "It is 18 °C and cloudy.<|im_end|>".into(), "Cloudy, no rain in the result.\n</think>\n\nNot needed, but it is cloudy.<|im_end|>".into()],
+        ),
+        (
+            "parallel_tool_calls",
+            vec![
+                "Let me check both.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call><|im_end|>".into(),
+                "18 °C, cloudy, and it is 14:05.<|im_end|>".into(),
+            ],
+        ),
+        ("plain_multi_turn", vec!["2+2 is 4.<|im_end|>".into(), "6<|im_end|>".into()]),
+        ("plain_no_system", vec!["2+2 is 4.<|im_end|>".into(), "6<|im_end|>".into()]),
+        // Content as a list of text parts: the template joins the parts' text.
+        ("text_parts", vec!["2+2 is 4.<|im_end|>".into(), "Three and three is six.\n</think>\n\n6<|im_end|>".into()]),
+        // `| string` prints Python's `True`; objects and lists go through `| tojson`.
+        ("tool_call_typed_arguments", vec![typed_reasoning.clone(), "Cloudy.\n</think>\n\nCloudy, 18 °C.<|im_end|>".into()]),
+    ];
+    for kwargs in ["{}", "{\"enable_thinking\":false}"] {
+        for (name, want) in &expected {
+            let case = find(&cases, "qwen3", Some("qwen3_5.jinja"), name, kwargs);
+            assert_eq!(trained_runs(&tok, &encode(case, &tok, |_| {})), *want, "{name} {kwargs}");
+        }
+    }
+    // The generation prompt: `<think>\n` opens the block (thinking on), or an empty block closes it.
+    for (kwargs, prompt) in [("{}", "<|im_start|>assistant\n<think>\n"), ("{\"enable_thinking\":false}", "<|im_start|>assistant\n<think>\n\n</think>\n\n")] {
+        for name in ["plain_multi_turn_open", "tool_call_reasoning_pending"] {
+            let case = find(&cases, "qwen3", Some("qwen3_5.jinja"), name, kwargs);
+            assert!(case.add_generation_prompt && case.text.ends_with(&format!("<|im_end|>\n{prompt}")), "{name} {kwargs}");
+        }
+    }
+
+    // The options act on the block the generation prompt opened.
+    let runs = |name: &str, edit: fn(&mut DataConfig)| trained_runs(&tok, &encode(find(&cases, "qwen3", Some("qwen3_5.jinja"), name, "{}"), &tok, edit));
+    let no_reasoning = |c: &mut DataConfig| c.train_on_reasoning = false;
+    assert_eq!(runs("reasoning_single", no_reasoning), ["2+2 is 4.<|im_end|>"]);
+    assert_eq!(runs("reasoning_multi_turn", no_reasoning), ["2+2 is 4.<|im_end|>", "6<|im_end|>"]);
+    assert_eq!(runs("tool_call_typed_arguments", no_reasoning), [typed_call, "Cloudy, 18 °C.<|im_end|>"]);
+    let empty_think = |c: &mut DataConfig| c.train_on_empty_think = true;
+    // `<think>\n\n</think>`: the `\n\n` token holds the prompt's newline and the block's.
+    assert_eq!(runs("plain_multi_turn", empty_think), ["2+2 is 4.<|im_end|>", "\n\n</think>\n\n6<|im_end|>"]);
+    let no_tools = |c: &mut DataConfig| c.train_on_tool_calls = false;
+    assert_eq!(runs("tool_call_reasoning_multi_step", no_tools), ["It is 18 °C and cloudy.<|im_end|>", "Cloudy, no rain in the result.\n</think>\n\nNot needed, but it is cloudy.<|im_end|>"]);
+    let no_eos = |c: &mut DataConfig| c.train_on_eos = false;
+    assert_eq!(runs("reasoning_content_field", no_eos), ["Small primes: 2, 3, 5, 7.\n</think>\n\n7"]);
+
+    // A row whose content is a list of parts is refused by the data loader, naming the row: only
+    // string content is read from files (images and videos are out of scope for a text trainer).
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("parts.jsonl");
+    let row = serde_json::json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]});
+    std::fs::write(&f, format!("{row}\n")).unwrap();
+    let mut cfg = DataConfig::new(&f);
+    cfg.seq_len = 4096;
+    let e = prepare(&cfg, &tok, Path::new("/"), 0).unwrap_err().to_string();
+    assert!(e.contains("parts.jsonl:1: ") && e.contains("messages[0].content"), "{e}");
+}
+
+/// Qwen 3.6's template: Qwen 3.5's with `preserve_thinking` (earlier turns keep their reasoning)
+/// and every non-string tool argument printed with `| tojson` (`true`, not `True`).
+#[test]
+fn qwen3_6_preserve_thinking_keeps_and_trains_earlier_reasoning() {
+    let cases = cases();
+    let tok = tokenizer("qwen3");
+    let runs = |name: &str, kwargs: &str| trained_runs(&tok, &encode(find(&cases, "qwen3", Some("qwen3_6.jinja"), name, kwargs), &tok, |_| {}));
+    assert_eq!(runs("reasoning_multi_turn", "{}"), ["2+2 is 4.<|im_end|>", "Three and three is six.\n</think>\n\n6<|im_end|>"]);
+    assert_eq!(
+        runs("reasoning_multi_turn", "{\"preserve_thinking\":true}"),
+        ["Two plus two makes four.\n</think>\n\n2+2 is 4.<|im_end|>", "Three and three is six.\n</think>\n\n6<|im_end|>"]
+    );
+    let case = find(&cases, "qwen3", Some("qwen3_6.jinja"), "tool_call_typed_arguments", "{}");
+    assert!(case.text.contains("<parameter=hourly>\ntrue\n</parameter>") && case.text.contains("<parameter=ratio>\n0.5\n</parameter>"));
 }

@@ -8,6 +8,7 @@ mod data_chat;
 mod data_formats;
 mod data_packing;
 mod data_preview;
+mod delta_net_op;
 mod hub;
 mod lora_parity;
 mod export_gguf;
@@ -18,6 +19,7 @@ mod qwen35_export;
 mod ops;
 mod parity;
 mod quant;
+mod qwen35;
 mod train_e2e;
 mod train_parity;
 #[cfg(feature = "wgpu")]

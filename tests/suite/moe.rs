@@ -82,7 +82,7 @@ fn moe_logits_and_routing_match_transformers() {
 fn attention_residual(layer: &temper::model::decoder::DecoderLayer<Cpu>, x: Tensor<Cpu, 3>, ctx: &temper::model::decoder::ForwardContext<Cpu>) -> Tensor<Cpu, 3> {
     let normed = layer.input_layernorm.as_ref().expect("pre-norm").forward(x.clone());
     let rope = &ctx.rope;
-    x + layer.self_attn.forward(normed, rope, &ctx.mask, None)
+    x + layer.self_attn.as_ref().expect("an attention layer").forward(normed, rope, &ctx.mask, None)
 }
 
 /// The PEFT gradients of an adapter's tensors, by their PEFT module names.

@@ -1,0 +1,158 @@
+//! Sparse mixture-of-experts layers: [`MoeConfig`] and the MoE defaults of each sparse family.
+
+use std::path::Path;
+
+use super::mlp::Activation;
+use super::{HfConfig, MOE_MODEL_TYPES};
+use crate::{Error, Result};
+
+/// Where a sparse family's expert tensors sit in a checkpoint as the Hub ships it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNaming {
+    /// `mlp.gate.weight`, `mlp.experts.{e}.{gate,up,down}_proj.weight` (Qwen, OLMoE).
+    Qwen,
+    /// `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`.
+    Mixtral,
+    /// gpt-oss: `mlp.router.{weight,bias}`, fused `mlp.experts.gate_up_proj` `[E, H, 2I]` (x @ W,
+    /// gate and up interleaved in its columns) with `gate_up_proj_bias` `[E, 2I]`, `down_proj`
+    /// `[E, I, H]` with `down_proj_bias` `[E, H]`; or the MXFP4 `*_blocks` / `*_scales` of both.
+    GptOss,
+}
+
+/// How the router turns logits into top-k weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routing {
+    /// Softmax over all experts (f32), top-k, optionally renormalised (Mixtral, Qwen, OLMoE).
+    SoftmaxTopK,
+    /// Top-k of the logits, then a softmax over those k (gpt-oss).
+    TopKSoftmax,
+}
+
+/// The experts' gated activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `act(gate) * up`, gate and up the two halves of gate_up.
+    Glu(Activation),
+    /// gpt-oss: gate and up interleaved; `gate = min(gate, limit)`, `up = clamp(up, -limit,
+    /// limit)`, `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampGlu { alpha: f64, limit: f64 },
+}
+
+/// A sparse mixture-of-experts MLP: a softmax router picks `top_k` of `num_experts` experts per
+/// token (transformers' `*TopKRouter`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub expert_intermediate: usize,
+    /// Renormalise the top-k probabilities to sum to one (Mixtral always does).
+    pub norm_topk_prob: bool,
+    /// Per layer: whether its MLP is the sparse block (`decoder_sparse_step`, `mlp_only_layers`).
+    pub sparse_layers: Vec<bool>,
+    /// Qwen2-MoE: an always-on shared expert of this size, gated by sigmoid(shared_expert_gate).
+    pub shared_expert_intermediate: Option<usize>,
+    /// The load-balancing loss coefficient (used only when a recipe turns the loss on).
+    pub router_aux_loss_coef: f64,
+    pub naming: ExpertNaming,
+    pub routing: Routing,
+    pub activation: ExpertActivation,
+    /// gpt-oss: the router and every expert projection have biases.
+    pub biases: bool,
+}
+
+impl MoeConfig {
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.sparse_layers.get(layer).copied().unwrap_or(false)
+    }
+}
+
+impl HfConfig {
+    /// The MoE switches of a sparse family, with the defaults of its transformers 5 config class.
+    pub(super) fn moe_config(&self, path: &Path) -> Result<Option<MoeConfig>> {
+        let mt = self.model_type.as_str();
+        if !MOE_MODEL_TYPES.contains(&mt) {
+            return Ok(None);
+        }
+        let invalid = |key: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: key.to_string(), reason };
+        // (key, experts, top-k, expert intermediate) defaults of each class.
+        let (experts_key, default_experts, default_k, default_expert_i) = match mt {
+            "qwen3_moe" => ("num_experts", 128, 8, 768),
+            "qwen2_moe" => ("num_experts", 60, 4, 1408),
+            // Qwen3_5MoeTextConfig (configuration_qwen3_5_moe.py:105-108).
+            "qwen3_5_moe_text" => ("num_experts", 256, 8, 512),
+            // Qwen3NextConfig (configuration_qwen3_next.py:110-113).
+            "qwen3_next" => ("num_experts", 512, 10, 512),
+            "olmoe" => ("num_experts", 64, 8, 0),
+            "gpt_oss" => ("num_local_experts", 128, 4, 0),
+            _ => ("num_local_experts", 8, 2, 0),
+        };
+        // transformers 5 writes `num_local_experts` for every family (an attribute alias).
+        let local = matches!(mt, "mixtral" | "gpt_oss");
+        let num_experts = if local { self.num_local_experts.or(self.num_experts) } else { self.num_experts.or(self.num_local_experts) }.unwrap_or(default_experts);
+        let top_k = self.num_experts_per_tok.unwrap_or(default_k);
+        if num_experts == 0 || top_k == 0 || top_k > num_experts {
+            return Err(invalid("num_experts_per_tok", format!("{top_k} experts per token of {num_experts} ({experts_key}): need 1 <= k <= experts")));
+        }
+        let qwen_style = matches!(mt, "qwen3_moe" | "qwen2_moe" | "qwen3_5_moe_text" | "qwen3_next");
+        let expert_intermediate = match (qwen_style, self.intermediate_size) {
+            (true, _) => self.moe_intermediate_size.unwrap_or(default_expert_i),
+            (false, Some(i)) => i,
+            (false, None) => return Err(invalid("intermediate_size", "is required: it is each expert's size in this family".into())),
+        };
+        if let Some(j) = self.router_jitter_noise.filter(|j| *j != 0.0) {
+            return Err(Error::Unsupported { path: path.to_path_buf(), key: "router_jitter_noise".into(), value: j.to_string(), reason: "router jitter (random input scaling while training) is not implemented; set it to 0".into() });
+        }
+        let shared_default = match mt {
+            "qwen2_moe" => Some(5632),
+            "qwen3_5_moe_text" | "qwen3_next" => Some(512),
+            _ => None,
+        };
+        Ok(Some(MoeConfig {
+            num_experts,
+            top_k,
+            expert_intermediate,
+            norm_topk_prob: match mt {
+                // Mixtral and Qwen 3.5 MoE always renormalise (Qwen3_5MoeTopKRouter has no switch,
+                // modeling_qwen3_5_moe.py:988); Qwen3-Next defaults to it (configuration_qwen3_next.py:114).
+                "mixtral" | "qwen3_5_moe_text" => true,
+                "qwen3_next" => self.norm_topk_prob.unwrap_or(true),
+                "gpt_oss" => false,
+                _ => self.norm_topk_prob.unwrap_or(false),
+            },
+            sparse_layers: self.sparse_layers(path)?,
+            shared_expert_intermediate: shared_default.map(|d| self.shared_expert_intermediate_size.unwrap_or(d)),
+            router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(if mt == "olmoe" { 0.01 } else { 0.001 }),
+            naming: match mt {
+                "mixtral" => ExpertNaming::Mixtral,
+                "gpt_oss" => ExpertNaming::GptOss,
+                _ => ExpertNaming::Qwen,
+            },
+            routing: if mt == "gpt_oss" { Routing::TopKSoftmax } else { Routing::SoftmaxTopK },
+            activation: if mt == "gpt_oss" {
+                ExpertActivation::ClampGlu { alpha: self.swiglu_alpha.unwrap_or(1.702), limit: self.swiglu_limit.unwrap_or(7.0) }
+            } else {
+                ExpertActivation::Glu(self.activation(path)?)
+            },
+            biases: mt == "gpt_oss",
+        }))
+    }
+
+    /// Per layer, whether its MLP is sparse: Qwen2-MoE, Qwen3-MoE and Qwen3-Next skip the
+    /// `mlp_only_layers` and keep every `decoder_sparse_step`-th layer; the others (Qwen 3.5 MoE
+    /// included, whose config class has neither key) are sparse everywhere.
+    fn sparse_layers(&self, path: &Path) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        let (step, only) = match self.model_type.as_str() {
+            "qwen3_moe" | "qwen2_moe" | "qwen3_next" => (self.decoder_sparse_step.unwrap_or(1), self.mlp_only_layers.clone().unwrap_or_default()),
+            _ => (1, Vec::new()),
+        };
+        if step == 0 {
+            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "decoder_sparse_step".into(), reason: "must be positive".into() });
+        }
+        if let Some(&l) = only.iter().find(|&&l| l >= n) {
+            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "mlp_only_layers".into(), reason: format!("names layer {l}, but the model has {n} layers") });
+        }
+        Ok((0..n).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect())
+    }
+}
