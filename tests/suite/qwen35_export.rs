@@ -823,11 +823,12 @@ fn qwen35_serving_rules_follow_each_servers_code() {
         [vec!["V9"], vec!["L4"], vec!["M9", "M10"]],
         "{v:#?}"
     );
+    // (M4: a vision-language adapter's target_modules is a regex, which mistral.rs does not read.)
     let vlm = edited("qwen3_5_moe_text", t, "moe_vlm", |a| a.nested = true);
     let v = verdicts(&vlm, "models/qwen3_5_moe");
     assert_eq!(
         broken(&v),
-        [vec![], vec!["L4"], vec!["M9", "M10"]],
+        [vec![], vec!["L4"], vec!["M4", "M9", "M10"]],
         "{v:#?}"
     );
     let down_only = edited("qwen3_5_moe_text", t, "down_only", |a| {
@@ -850,42 +851,45 @@ fn qwen35_serving_rules_follow_each_servers_code() {
 // ---- the model itself (needs the Qwen 3.5 decoder) -------------------------------------------
 
 /// Logits of the merged checkpoint, loaded by Temper, against PEFT's logits with the adapter
-/// unmerged. transformers itself differs by 3.4e-4 between the two on these tiny models (fixtures
-/// README: the gated RMSNorm amplifies rounding ~1000x on the memoryless head), so the bound is
-/// that measured difference with a margin, not 1e-4.
-const MERGED_LOGITS_TOL: f32 = 5e-4;
-
+/// unmerged and against Temper's own base + adapter unmerged: 1e-4 for Qwen 3.5 (measured 7.0e-5
+/// / 8.0e-5 against PEFT, 3.4e-5 / 5.2e-5 against Temper unmerged). Qwen3-Next measured 1.5e-4
+/// against PEFT and 3.6e-4 against Temper unmerged, whose own distance to PEFT is 2.1e-4 on this
+/// batch; its merged weights equal base + s·B·A to 1e-5 (`qwen3_next_merge_adds_the_delta_...`),
+/// so the gap is the GDN's amplification of f32 rounding (fixtures README, "Numerical
+/// sensitivity": up to 1e-4 between transformers' own two kernels), not the merge: bounds 2e-4
+/// and 5e-4 there.
 #[test]
 fn qwen35_merged_models_logits_match_peft_with_the_adapter() {
     use burn::tensor::{Int, Tensor, TensorData};
     use temper::model::{load_model, WeightPrecision};
+    type B = crate::common::Cpu;
     let tmp = tempfile::tempdir().unwrap();
     let m = q35_manifest();
     let device = Default::default();
-    for (name, model) in [
-        ("qwen3_5_text", "models/qwen3_5_text"),
-        ("qwen3_5", "models/qwen3_5"),
-        ("qwen3_next", "models/qwen3_next"),
-        ("qwen3_5_moe_text", "models/qwen3_5_moe_text"),
+    for (name, model, vs_peft, vs_own) in [
+        ("qwen3_5_text", "models/qwen3_5_text", 1e-4, 1e-4),
+        ("qwen3_5", "models/qwen3_5", 1e-4, 1e-4),
+        ("qwen3_5_moe_text", "models/qwen3_5_moe_text", 1e-4, 1e-4),
+        ("qwen3_next", "models/qwen3_next", 2e-4, 5e-4),
     ] {
+        let adapter_dir = q35().join("peft").join(name).join("adapter");
         let out = tmp.path().join(name);
-        merge(model, &q35().join("peft").join(name).join("adapter"), &out);
-        let merged = load_model::<crate::common::Cpu>(&out, WeightPrecision::F32, &device)
-            .unwrap()
-            .model;
+        merge(model, &adapter_dir, &out);
         let r = Reference::open(&q35().join(m["peft"][name]["reference"].as_str().unwrap()));
         let (ids, shape) = r.i64("input_ids");
-        let got: Vec<f32> = merged
-            .forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(
-                TensorData::new(ids, [shape[0], shape[1]]),
-                &device,
-            ))
-            .into_data()
-            .to_vec()
-            .unwrap();
-        let diff = max_abs_diff(&got, &r.f32("logits").0);
-        eprintln!("{name}: merged logits vs PEFT with the adapter: {diff:e}");
-        assert!(diff <= MERGED_LOGITS_TOL, "{name}: {diff:e}");
+        let logits = |lm: &temper::model::CausalLm<B>| -> Vec<f32> {
+            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
+            lm.forward(input).into_data().to_vec().unwrap()
+        };
+        let merged = logits(&load_model::<B>(&out, WeightPrecision::F32, &device).unwrap().model);
+        let mut unmerged = load_model::<B>(&q35().join(model), WeightPrecision::F32, &device).unwrap().model;
+        temper::lora::apply_adapter(&mut unmerged, &Adapter::read(&adapter_dir).unwrap()).unwrap();
+        let unmerged = logits(&unmerged);
+        let peft = r.f32("logits").0;
+        let (d_peft, d_own, d_unmerged_peft) = (max_abs_diff(&merged, &peft), max_abs_diff(&merged, &unmerged), max_abs_diff(&unmerged, &peft));
+        eprintln!("{name}: merged vs PEFT {d_peft:e}, merged vs Temper unmerged {d_own:e}, Temper unmerged vs PEFT {d_unmerged_peft:e}");
+        assert!(d_peft <= vs_peft, "{name}: merged logits vs PEFT with the adapter {d_peft:e}");
+        assert!(d_own <= vs_own, "{name}: merged vs unmerged in Temper {d_own:e}");
     }
 }
 
