@@ -42,7 +42,7 @@ impl DeltaNetDims {
             key_dim: get("linear_key_head_dim")?,
             value_dim: get("linear_value_head_dim")?,
         };
-        (dims.value_heads % dims.key_heads == 0).then_some(dims)
+        dims.value_heads.is_multiple_of(dims.key_heads).then_some(dims)
     }
 
     fn ratio(&self) -> usize {
