@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use temper::data::TextTokenizer;
 use temper::model::{Checkpoint, DecoderConfig};
@@ -27,7 +27,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let dtype = ckpt.dominant_dtype().map(|d| format!("{d:?}")).unwrap_or_else(|| "unknown".into());
     let tokenizer = TextTokenizer::from_dir(&args.model).ok();
     let chat_template = tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
-    let info = json!({
+    let hybrid = Hybrid::read(&args.model, &ckpt)?;
+    let mut info = json!({
         "model_type": cfg.model_type,
         "architecture": hf.architectures.as_ref().and_then(|a| a.first()).cloned(),
         "parameters": stored_params,
@@ -52,6 +53,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "chat_template": chat_template,
         "files": ckpt.files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
     });
+    // Keys added for the hybrid models (null / 0 for every other model); the keys above stay.
+    info["layer_pattern"] = hybrid.pattern.as_ref().map_or(serde_json::Value::Null, |p| json!({ "gated_delta_net": p.delta_net, "attention": p.attention, "layer_types": p.layer_types }));
+    info["delta_net"] = serde_json::to_value(&hybrid.dims)?;
+    info["vision_tower_tensors"] = json!(hybrid.vision_tensors);
+    info["mtp_tensors"] = json!(hybrid.mtp_tensors);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
@@ -70,9 +76,22 @@ pub fn run(args: InspectArgs) -> Result<()> {
         let local = cfg.local_rope.as_ref().map_or(String::new(), |r| format!(", own RoPE theta {}", r.theta));
         println!("sliding      {} of {} layers, window {w}{local}", info["sliding_layers"], cfg.num_layers);
     }
+    if let Some(p) = &hybrid.pattern {
+        println!("layer types  {} layers: {} gated delta net, {} gated attention", p.layer_types.len(), p.delta_net, p.attention);
+    }
+    if let Some(d) = &hybrid.dims {
+        let per_key = d.value_heads / d.key_heads.max(1);
+        println!("delta net    {} key heads x {}, {} value heads x {} ({per_key} per key head), conv kernel {}", d.key_heads, d.key_head_dim, d.value_heads, d.value_head_dim, d.conv_kernel);
+    }
     println!("tied head    {}", cfg.tie_word_embeddings);
     if let Some(notice) = cfg.composite_notice() {
         println!("vision       {notice}");
+    }
+    if hybrid.vision_tensors > 0 {
+        println!("vision tower {} tensors (model.visual.*), present and not loaded", hybrid.vision_tensors);
+    }
+    if hybrid.mtp_tensors > 0 {
+        println!("mtp head     {} tensors (mtp.*), present and not loaded", hybrid.mtp_tensors);
     }
     if let Some(q) = info["quantization"].as_str() {
         println!("quantized    {q}");
@@ -86,6 +105,65 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// What a hybrid (Gated DeltaNet + attention) checkpoint has beyond the decoder's usual fields,
+/// read from config.json (`text_config` of a wrapper) and the tensor names.
+struct Hybrid {
+    pattern: Option<Pattern>,
+    dims: Option<DeltaNetDims>,
+    /// `model.visual.*` tensors (the vision tower of a Qwen 3.5 checkpoint), never loaded.
+    vision_tensors: usize,
+    /// `mtp.*` tensors (the multi-token-prediction head), never loaded.
+    mtp_tensors: usize,
+}
+
+struct Pattern {
+    layer_types: Vec<String>,
+    delta_net: usize,
+    attention: usize,
+}
+
+#[derive(serde::Serialize)]
+struct DeltaNetDims {
+    key_heads: u64,
+    value_heads: u64,
+    key_head_dim: u64,
+    value_head_dim: u64,
+    conv_kernel: u64,
+}
+
+impl Hybrid {
+    fn read(dir: &std::path::Path, ckpt: &Checkpoint) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let raw: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = raw.get("text_config").filter(|t| t.is_object()).unwrap_or(&raw);
+        let n = |k: &str| text.get(k).and_then(|v| v.as_u64());
+        let dims = match (n("linear_num_key_heads"), n("linear_num_value_heads"), n("linear_key_head_dim"), n("linear_value_head_dim")) {
+            (Some(key_heads), Some(value_heads), Some(key_head_dim), Some(value_head_dim)) => {
+                Some(DeltaNetDims { key_heads, value_heads, key_head_dim, value_head_dim, conv_kernel: n("linear_conv_kernel_dim").unwrap_or(4) })
+            }
+            _ => None,
+        };
+        // `layer_types`, or transformers' default: every `full_attention_interval`-th layer full.
+        let layers = n("num_hidden_layers").unwrap_or(0) as usize;
+        let types: Option<Vec<String>> = match text.get("layer_types").and_then(|v| v.as_array()) {
+            Some(a) => Some(a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()),
+            None if dims.is_some() => {
+                let every = n("full_attention_interval").unwrap_or(4).max(1) as usize;
+                Some((0..layers).map(|i| if (i + 1) % every == 0 { "full_attention" } else { "linear_attention" }.to_string()).collect())
+            }
+            None => None,
+        };
+        let pattern = types.filter(|t| t.iter().any(|x| x == "linear_attention")).map(|layer_types| Pattern {
+            delta_net: layer_types.iter().filter(|t| *t == "linear_attention").count(),
+            attention: layer_types.iter().filter(|t| *t != "linear_attention").count(),
+            layer_types,
+        });
+        let count = |prefix: &str| ckpt.tensor_names().filter(|t| t.starts_with(prefix)).count();
+        Ok(Hybrid { pattern, dims, vision_tensors: count("model.visual."), mtp_tensors: count("mtp.") })
+    }
 }
 
 /// A bitsandbytes 4-bit checkpoint's scheme, e.g. "bitsandbytes 4-bit nf4, double quantization, compute dtype bfloat16".

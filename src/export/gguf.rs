@@ -7,6 +7,9 @@
 //! llama.cpp scales every tensor pair by alpha / rank(pair) with one alpha. Where the adapter's
 //! own scaling differs (rsLoRA, alpha_pattern), the ratio is folded into B so the GGUF applies
 //! exactly PEFT's scaling (the converter ignores both and under-scales those adapters).
+//!
+//! The Gated DeltaNet hybrids (`qwen35`, `qwen35moe`, `qwen3next`) get the converter's row and
+//! column rewrites of their base weights ([`crate::export::gguf_delta_net`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -14,6 +17,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::export::atomic::write_file_atomically;
+use crate::export::gguf_delta_net::{rewrite, take_cols, take_rows, DeltaNetDims};
 use crate::export::peft::Adapter;
 use crate::{Error, Result};
 
@@ -30,6 +34,10 @@ pub enum GgufType {
 }
 
 /// llama.cpp's architecture name and whether q/k rows are permuted for RoPE.
+///
+/// The Gated DeltaNet hybrids are the classes of llama.cpp's `conversion/qwen.py`:
+/// `Qwen3_5TextModel` (`Qwen3_5ForCausalLM`, `Qwen3_5ForConditionalGeneration`) writes `qwen35`,
+/// `Qwen3_5MoeTextModel` `qwen35moe`, `Qwen3NextModel` `qwen3next`; none permutes q/k.
 pub fn architecture(model_type: &str) -> Option<(&'static str, bool)> {
     Some(match model_type {
         "llama" | "mistral" => ("llama", true),
@@ -38,11 +46,15 @@ pub fn architecture(model_type: &str) -> Option<(&'static str, bool)> {
         "phi3" => ("phi3", false),
         "gemma" => ("gemma", false),
         "gemma2" => ("gemma2", false),
+        "qwen3_5_text" | "qwen3_5" => ("qwen35", false),
+        "qwen3_5_moe_text" | "qwen3_5_moe" => ("qwen35moe", false),
+        "qwen3_next" => ("qwen3next", false),
         _ => return None,
     })
 }
 
-/// `model.layers.3.self_attn.q_proj` -> `blk.3.attn_q.weight`.
+/// `model.layers.3.self_attn.q_proj` -> `blk.3.attn_q.weight`, for any architecture; see
+/// [`tensor_names`] for what one architecture holds.
 pub fn tensor_name(module: &str) -> Option<String> {
     if module == "lm_head" {
         return Some("output.weight".into());
@@ -59,9 +71,40 @@ pub fn tensor_name(module: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // gguf-py's tensor names for the Gated DeltaNet and the shared expert.
+        "linear_attn.in_proj_qkv" => "attn_qkv",
+        "linear_attn.in_proj_z" => "attn_gate",
+        "linear_attn.in_proj_b" => "ssm_beta",
+        "linear_attn.in_proj_a" => "ssm_alpha",
+        "linear_attn.in_proj_ba" => "ssm_ba",
+        "linear_attn.out_proj" => "ssm_out",
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
         _ => return None,
     };
     Some(format!("blk.{layer}.{name}.weight"))
+}
+
+/// The GGUF tensors a module's delta lands in for llama.cpp architecture `arch`, or `None`
+/// where that architecture has no such tensor. Qwen3-Next's grouped `in_proj_qkvz` becomes two,
+/// `attn_qkv` and `attn_gate` (the converter splits it); Qwen 3.5 has no `in_proj_qkvz` /
+/// `in_proj_ba` (vLLM's packed names, not the checkpoint's) and Qwen3-Next no separate
+/// `in_proj_qkv` / `in_proj_z` / `in_proj_b` / `in_proj_a`.
+pub fn tensor_names(arch: &str, module: &str) -> Option<Vec<String>> {
+    let qwen35 = matches!(arch, "qwen35" | "qwen35moe");
+    let last = module.rsplit('.').next().unwrap_or(module);
+    match last {
+        "in_proj_qkvz" if arch == "qwen3next" => {
+            let layer = module.strip_prefix("model.layers.")?.split_once('.')?.0;
+            Some(vec![format!("blk.{layer}.attn_qkv.weight"), format!("blk.{layer}.attn_gate.weight")])
+        }
+        "in_proj_qkvz" => None,
+        "in_proj_ba" if arch != "qwen3next" => None,
+        "in_proj_qkv" | "in_proj_z" | "in_proj_b" | "in_proj_a" if !qwen35 => None,
+        _ if module.contains(".shared_expert.") && !(qwen35 || arch == "qwen3next") => None,
+        _ => tensor_name(module).map(|n| vec![n]),
+    }
 }
 
 /// The converter's `LlamaModel.permute` on the rows of a row-major `[out, cols]` matrix.
@@ -97,15 +140,19 @@ pub fn gguf_file_bytes(adapter: &Adapter, base: &Path, ty: GgufType) -> Result<V
         path: cfg_path.clone(),
         key: "model_type".into(),
         value: format!("{model_type:?}"),
-        reason: "GGUF export supports llama, mistral, qwen2, qwen3, phi3, gemma and gemma2".into(),
+        reason: "GGUF export supports llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, qwen3_5(_text), qwen3_5_moe(_text) and qwen3_next".into(),
     })?;
-    let heads = cfg["num_attention_heads"].as_u64().unwrap_or(0) as usize;
-    let kv_heads = cfg["num_key_value_heads"].as_u64().map_or(heads, |k| k as usize);
+    // A vision-language wrapper keeps the decoder's settings in text_config.
+    let text = cfg.get("text_config").filter(|t| t.is_object()).unwrap_or(&cfg);
+    let heads = text["num_attention_heads"].as_u64().unwrap_or(0) as usize;
+    let kv_heads = text["num_key_value_heads"].as_u64().map_or(heads, |k| k as usize);
+    let delta_net = DeltaNetDims::from_config(&cfg);
     let alpha = adapter.config.lora_alpha;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (module, pair) in &adapter.modules {
-        let name = tensor_name(module).ok_or_else(|| Error::InvalidArgument(format!("adapter module `{module}` has no llama.cpp tensor name")))?;
-        let r = pair.a.shape[0];
+        let names = tensor_names(arch, module)
+            .ok_or_else(|| Error::InvalidArgument(format!("adapter module `{module}` has no tensor in llama.cpp's {arch} GGUF (model_type {model_type:?})")))?;
+        let (r, d_in) = (pair.a.shape[0], pair.a.shape[1]);
         let fold = adapter.config.scaling(module) * r as f64 / alpha;
         let mut b = pair.b.data.clone();
         if (fold - 1.0).abs() > 1e-12 {
@@ -116,8 +163,14 @@ pub fn gguf_file_bytes(adapter: &Adapter, base: &Path, ty: GgufType) -> Result<V
         } else if permute && module.ends_with("self_attn.k_proj") {
             b = permute_rows(&b, r, kv_heads);
         }
-        tensors.push((format!("{name}.lora_a"), vec![pair.a.shape[1], r], pair.a.data.clone()));
-        tensors.push((format!("{name}.lora_b"), vec![r, pair.b.shape[0]], b));
+        // The converter's DeltaNet rewrites: B's rows per GGUF tensor, A's columns.
+        let rw = rewrite(arch, delta_net, module);
+        let a = rw.a_cols.as_ref().map_or_else(|| pair.a.data.clone(), |order| take_cols(&pair.a.data, order));
+        for (name, rows) in names.iter().zip(&rw.b_rows) {
+            let b = rows.as_ref().map_or_else(|| b.clone(), |rows| take_rows(&b, r, rows));
+            tensors.push((format!("{name}.lora_a"), vec![d_in, r], a.clone()));
+            tensors.push((format!("{name}.lora_b"), vec![r, b.len() / r.max(1)], b));
+        }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(gguf_bytes(arch, alpha as f32, &tensors, ty))

@@ -3,11 +3,13 @@
 pub mod atomic;
 pub mod experts;
 pub mod gguf;
+pub mod gguf_delta_net;
 pub mod merge;
 pub mod model_card;
 pub mod ollama;
 pub mod peft;
 pub mod serving;
+pub mod serving_delta_net;
 pub mod shard;
 pub mod verify;
 

@@ -163,7 +163,7 @@ impl Adapter {
             ExpertFormat::Fused => None,
         };
         let names: Vec<&String> = per.as_ref().map_or_else(|| self.modules.keys().collect(), |p| p.keys().collect());
-        let targets: std::collections::BTreeSet<&str> = names.iter().filter(|m| per.is_some() || moe_parameter(m).is_none()).map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+        let targets: std::collections::BTreeSet<String> = names.iter().filter(|m| per.is_some() || moe_parameter(m).is_none()).map(|m| target_name(m)).collect();
         let params: std::collections::BTreeSet<String> = names
             .iter()
             .filter(|m| per.is_none() || m.ends_with(".mlp.gate") || m.ends_with(".mlp.router"))
@@ -175,7 +175,7 @@ impl Adapter {
             .collect();
         // A list of names would also match the vision tower's q_proj / k_proj / v_proj in PEFT.
         let targets = if self.nested {
-            let names: Vec<&str> = targets.into_iter().collect();
+            let names: Vec<String> = targets.iter().map(|t| regex::escape(t)).collect();
             json!(format!(r"^model\.language_model\..*\.({})$", names.join("|")))
         } else {
             json!(targets)
@@ -222,6 +222,19 @@ impl Adapter {
         }
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         f32_safetensors(&entries, metadata)
+    }
+}
+
+/// A module's name in `target_modules`: its last name, which PEFT matches as a suffix, or
+/// `shared_expert.<name>` for a shared expert's projection, as PEFT writes it: a bare `gate_proj`
+/// would also match the dense MLP layers of a model that mixes dense and sparse layers, so PEFT
+/// (and vLLM / mistral.rs, which read the list) would build modules that were never trained.
+fn target_name(module: &str) -> String {
+    let last = module.rsplit('.').next().unwrap_or(module);
+    if module.contains(".shared_expert.") {
+        format!("shared_expert.{last}")
+    } else {
+        last.to_string()
     }
 }
 

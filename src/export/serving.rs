@@ -28,6 +28,10 @@
 //! verdict per server (shared/docs/MOE-NOTES.md §1c: vLLM reads the 2-D per-expert form for the
 //! non-fused families, llama.cpp's converter maps only that form).
 //!
+//! The Gated DeltaNet hybrids (Qwen 3.5, Qwen3-Next) have rules of their own in vLLM and
+//! mistral.rs (M10, and the 3-D expert form of Qwen 3.5 MoE's VLM class):
+//! [`crate::export::serving_delta_net`].
+//!
 //! llama.cpp (`--lora FILE.gguf`): the architecture has a GGUF mapping in `temper export
 //! --format gguf` (L1) and every module a GGUF tensor name (L2); no DoRA, biases or
 //! modules_to_save (L3). The GGUF Temper writes folds rsLoRA and alpha_pattern into B, so the
@@ -40,6 +44,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::export::gguf;
+use crate::export::serving_delta_net as delta_net;
 use crate::export::peft::{LoraPair, CONFIG_FILE, WEIGHTS_FILE};
 use crate::lora::module_names;
 use crate::model::names::{internal_module, peft_module};
@@ -134,17 +139,28 @@ pub fn check_adapter(dir: &Path, base: Option<&ServingBase>) -> Result<Vec<Verdi
     // PEFT's 3-D expert LoRA (`target_parameters`) is one verdict per server, not one per tensor.
     let (experts, tensors): (Vec<TensorInfo>, Vec<TensorInfo>) = tensors.into_iter().partition(|t| t.name.contains(".mlp.experts.lora_") || t.name.contains(".mlp.experts.base_layer.lora_"));
     let mut verdicts = vec![vllm(&cfg, &tensors, base), llama_cpp(&cfg, &tensors, base), mistral_rs(&cfg, &tensors, base)];
+    let model_type = base.map(|b| b.model_type.as_str());
     if !experts.is_empty() {
         let layers = experts.iter().filter(|t| t.name.ends_with("lora_A.weight")).count();
+        let names: Vec<&str> = experts.iter().map(|t| t.name.as_str()).collect();
+        let vllm_why = match delta_net::vllm_3d_experts(model_type, &names) {
+            Some(Ok(())) => None,
+            Some(Err(why)) => Some(why),
+            None => Some(format!("{layers} expert LoRA pairs are PEFT's 3-D form (target_parameters); for Mixtral / Qwen-MoE / OLMoE models vLLM reads the 2-D per-expert form: `temper export --format peft-per-expert --base DIR` writes it")),
+        };
+        if let Some(why) = vllm_why {
+            verdicts[0].problems.push(("V9", why));
+        }
         let why = [
-            ("V9", format!("{layers} expert LoRA pairs are PEFT's 3-D form (target_parameters); for Mixtral / Qwen-MoE / OLMoE models vLLM reads the 2-D per-expert form: `temper export --format peft-per-expert --base DIR` writes it")),
             ("L4", format!("{layers} expert LoRA pairs are PEFT's 3-D form, which llama.cpp's convert_lora_to_gguf.py does not map")),
             ("M9", format!("{layers} expert LoRA pairs are PEFT's 3-D form; mistral.rs's LoRA loader takes per-module Linear pairs")),
         ];
-        for (v, (rule, what)) in verdicts.iter_mut().zip(why) {
+        for (v, (rule, what)) in verdicts[1..].iter_mut().zip(why) {
             v.problems.push((rule, what));
         }
     }
+    let modules: Vec<String> = tensors.iter().filter_map(|t| split_key(&t.name)).map(|(m, _)| m).collect();
+    delta_net::rules(model_type, &modules, &mut verdicts);
     Ok(verdicts)
 }
 
@@ -239,10 +255,14 @@ fn llama_cpp(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) ->
         Some(_) => {}
         None => v.notes.push("base model not found: architecture unchecked".into()),
     }
+    let arch = base.and_then(|b| gguf::architecture(&b.model_type)).map(|(a, _)| a);
     let mut unmapped: Vec<String> = tensors
         .iter()
         .filter_map(|t| split_key(&t.name).map(|(m, _)| m))
-        .filter(|m| gguf::tensor_name(&internal_module(m).0).is_none())
+        .filter(|m| match arch {
+            Some(arch) => gguf::tensor_names(arch, &internal_module(m).0).is_none(),
+            None => gguf::tensor_name(&internal_module(m).0).is_none(),
+        })
         .collect();
     unmapped.dedup();
     if let Some(m) = unmapped.first() {

@@ -15,6 +15,7 @@ mod export_gguf;
 mod export_serving;
 mod merge;
 mod moe;
+mod qwen35_export;
 mod ops;
 mod parity;
 mod quant;
