@@ -343,25 +343,38 @@ fn block_inverse_equals_forward_substitution() {
 /// The same op on the ndarray backend (base method and autodiff node), against Flex.
 #[test]
 fn ndarray_backend_gives_the_same_output_and_gradients() {
-    type Nd = burn::backend::NdArray<f32>;
-    type NdAutodiff = burn::backend::Autodiff<Nd>;
-    fn to<const D: usize>(t: &Tensor<Cpu, D>) -> Tensor<NdAutodiff, D> {
-        Tensor::from_data(t.to_data(), &Default::default())
+    check_op_on::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>("ndarray", &Default::default());
+}
+
+/// The op on backend `A` (base method and autodiff node), against Flex: packed segments and
+/// decays down to -16 per step (chunk-local cumulative sums near -200, where an outer
+/// difference computed the wrong way round overflows). The wgpu group runs it on lavapipe.
+pub fn check_op_on<A>(label: &str, device: &A::Device)
+where
+    A: burn::tensor::backend::AutodiffBackend + tops::TemperBackend,
+    A::InnerBackend: tops::TemperBackend,
+{
+    fn to<A: Backend, const D: usize>(t: &Tensor<Cpu, D>, device: &A::Device) -> Tensor<A, D> {
+        Tensor::from_data(t.to_data(), device)
     }
     let (b, t, h, dk, dv) = (2, 100, 3, 16, 8);
     let x = inputs(b, t, h, dk, dv, 31);
     let up = tensor::<Cpu, 4>(Rng(8).normals(b * t * h * dv), [b, t, h, dv]);
-    let spec = spec(64, Some(packed_segments(t)));
-    let want = grads(&x, &up, &spec, true);
-    let (q, k, v, g, beta) = (to(&x.q).require_grad(), to(&x.k).require_grad(), to(&x.v).require_grad(), to(&x.g).require_grad(), to(&x.beta).require_grad());
+    for (what, spec) in [("unpacked", spec(64, None)), ("packed", spec(64, Some(packed_segments(t))))] {
+        let label = format!("{label} {what}");
+        let want = grads(&x, &up, &spec, true);
+        let req4 = |t: &Tensor<Cpu, 4>| to::<A, 4>(t, device).require_grad();
+    let req3 = |t: &Tensor<Cpu, 3>| to::<A, 3>(t, device).require_grad();
+    let (q, k, v, g, beta) = (req4(&x.q), req4(&x.k), req4(&x.v), req3(&x.g), req3(&x.beta));
     let base = tops::gated_delta_rule(q.clone().inner(), k.clone().inner(), v.clone().inner(), g.clone().inner(), beta.clone().inner(), &spec);
-    assert_close("ndarray base output", &values(base), &want[0], FWD_TOL);
+    assert_close(&format!("{label} base output"), &values(base), &want[0], FWD_TOL);
     let out = tops::gated_delta_rule(q.clone(), k.clone(), v.clone(), g.clone(), beta.clone(), &spec);
-    let gr = (out.clone() * to(&up)).sum().backward();
-    let d4 = |t: &Tensor<NdAutodiff, 4>| values(t.grad(&gr).expect("gradient"));
-    let d3 = |t: &Tensor<NdAutodiff, 3>| values(t.grad(&gr).expect("gradient"));
+    let gr = (out.clone() * to::<A, 4>(&up, device)).sum().backward();
+    let d4 = |t: &Tensor<A, 4>| values(t.grad(&gr).expect("gradient"));
+    let d3 = |t: &Tensor<A, 3>| values(t.grad(&gr).expect("gradient"));
     let got = vec![values(out.inner()), d4(&q), d4(&k), d4(&v), d3(&g), d3(&beta)];
-    compare_grads("ndarray vs flex", &got, &want, true);
+    compare_grads(&format!("{label} vs flex"), &got, &want, true);
+    }
 }
 
 /// Against transformers 5.25's own `torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule`

@@ -28,6 +28,10 @@ use crate::common::{fixtures, max_abs_diff, Cpu, CpuAutodiff, Reference};
 /// absolute; with adapters the largest logits and gradients reach 5 to 10, hence the scale.
 const LOGITS_TOL: f32 = 1e-4;
 const GRAD_TOL: f32 = 1e-4;
+/// The base models' logits on wgpu: its tiled matmuls sum in another order, and the same
+/// amplification puts qwen3_5_moe_text's long row 1.05e-4 from transformers (measured on
+/// lavapipe), where transformers' own two kernels are 8.3e-5 apart.
+pub const GPU_LOGITS_TOL: f32 = 1.5e-4;
 
 /// max(1, max |x|): the scale a tolerance is relative to.
 fn scale_of(x: &[f32]) -> f32 {
@@ -70,11 +74,11 @@ fn logits_of<B: TemperBackend>(model: &CausalLm<B>, input: Tensor<B, 2, Int>, se
 /// loaded), the MoE variants and Qwen3-Next's grouped projections.
 #[test]
 fn qwen35_logits_match_transformers() {
-    check_logits_on::<Cpu>(&Default::default());
+    check_logits_on::<Cpu>(&Default::default(), LOGITS_TOL);
 }
 
 /// [`qwen35_logits_match_transformers`] on backend `B` (the wgpu group runs it too).
-pub fn check_logits_on<B: TemperBackend>(device: &B::Device) {
+pub fn check_logits_on<B: TemperBackend>(device: &B::Device, tol: f32) {
     let m = manifest();
     for name in MODELS {
         let model = model_on::<B>(name, device);
@@ -85,7 +89,7 @@ pub fn check_logits_on<B: TemperBackend>(device: &B::Device) {
             }
             let got = logits_of(&model, ids::<B>(&r, &format!("{key}input_ids"), device), None);
             let d = max_abs_diff(&got, &r.f32(&format!("{key}logits")).0);
-            assert!(d <= LOGITS_TOL, "{name} {key}logits differ by {d:e}");
+            assert!(d <= tol, "{name} {key}logits differ by {d:e} (tolerance {tol:e})");
         }
     }
 }

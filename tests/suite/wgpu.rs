@@ -82,3 +82,27 @@ fn wgpu_lora_on_a_4bit_base_matches_peft() {
     crate::quant::check_4bit_peft_on::<burn::backend::Autodiff<Gpu>>(&Default::default());
 }
 
+
+/// The gated delta rule (chunked forward and hand-written backward) against the CPU, with
+/// strong decays and packed segments.
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_gated_delta_rule_matches_the_cpu() {
+    crate::delta_net_op::check_op_on::<Autodiff<Gpu>>("wgpu", &WgpuDevice::default());
+}
+
+/// Qwen 3.5 / Qwen3-Next: the six hybrid models' logits (the gated delta rule's chunked forward,
+/// the causal convolution, the output-gated attention) on wgpu.
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_qwen35_logits_match_transformers() {
+    crate::qwen35::check_logits_on::<Gpu>(&WgpuDevice::default(), crate::qwen35::GPU_LOGITS_TOL);
+}
+
+/// Qwen 3.5 / Qwen3-Next: PEFT adapters' logits and LoRA gradients (the delta rule's
+/// hand-written backward) on wgpu.
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_qwen35_peft_logits_and_gradients_match() {
+    crate::qwen35::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
+}

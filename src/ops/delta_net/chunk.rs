@@ -118,7 +118,7 @@ impl<B: Backend> Masks<B> {
         };
         let seg = per_head(seg);
         // Segment indices only grow along a row: i and j share a segment when s_i - s_j is 0.
-        let apart = (seg.clone() - seg.swap_dims(2, 3)).clamp(0.0, 1.0);
+        let apart = outer_difference(seg).clamp(0.0, 1.0);
         Self { carry: per_head(carry), end: per_head(end), same: apart.neg().add_scalar(1.0) * causal }
     }
 }
@@ -150,7 +150,7 @@ impl<B: Backend> Intra<B> {
         let kdec = (gamma_last.clone() - gamma.clone()).exp() * masks.end.clone();
         // γ_i - γ_j, zeroed above the diagonal before exp (where it is positive and may
         // overflow), then masked.
-        let diff = (gamma.clone() - gamma.swap_dims(2, 3)).tril(0);
+        let diff = outer_difference(gamma.clone()).tril(0);
         let lambda = gamma_last.exp() * masks.carry.clone().narrow(2, c - 1, 1);
         let d = diff.exp() * masks.same.clone();
         let kt = x.k.clone().swap_dims(2, 3);
@@ -185,4 +185,15 @@ impl<B: Backend> Intra<B> {
         let vp = self.u.clone() - self.w.clone().matmul(states.clone());
         (q.clone() * self.decay_in.clone()).matmul(states.clone()) + self.p.clone().matmul(vp)
     }
+}
+
+/// `x` `[n, m, c, 1]` -> `[n, m, c, c]` with `out[.., i, j] = x_i - x_j`.
+///
+/// Both operands are expanded to the full shape before the subtraction: on wgpu, Burn 0.21's
+/// fusion computes `x - x.swap_dims(2, 3)` (one buffer read through two broadcast layouts) wrongly (for
+/// `x = [-50, -100, -150, -200]` its last row came out `[-150, 100, 150, 200]`), which turned
+/// the decays into `exp(+200)` and the outputs into NaN. Tested on lavapipe by the wgpu group.
+pub(super) fn outer_difference<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, m, c, _] = x.dims();
+    x.clone().expand([n, m, c, c]) - x.swap_dims(2, 3).expand([n, m, c, c])
 }
