@@ -40,7 +40,11 @@ pub fn run(input: &Path, output: &Path) -> temper::Result<(usize, usize)> {
     for row in &rows {
         let obj = row.value.clone().map_err(|e| e.at(&row.file, row.line))?;
         let Some(Value::Object(root)) = obj.get("prompt") else {
-            return Err(temper::Error::Data { path: input.to_path_buf(), line: row.line, reason: "missing object `prompt`".into() });
+            return Err(temper::Error::Data {
+                path: input.to_path_buf(),
+                line: row.line,
+                reason: "missing object `prompt`".into(),
+            });
         };
         flatten(root, &mut Vec::new(), &mut out);
     }

@@ -12,7 +12,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (_, cfg) = DecoderConfig::from_model_dir(&dir)?;
     println!(
         "{}: {} layers, hidden {}, {} heads ({} KV) x {}, vocab {}, {} parameters",
-        cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.num_parameters()
+        cfg.model_type,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.num_parameters()
     );
     let ckpt = Checkpoint::open(&dir)?;
     let mut names: Vec<&String> = ckpt.tensor_names().collect();

@@ -81,12 +81,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     for (i, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
-        let header: Vec<(String, Dtype, Vec<usize>)> = shard.iter().map(|(n, s)| (n.clone(), Dtype::BF16, s.clone())).collect();
+        let header: Vec<(String, Dtype, Vec<usize>)> =
+            shard.iter().map(|(n, s)| (n.clone(), Dtype::BF16, s.clone())).collect();
         let mut w = ShardWriter::create(&model.join(&file), &header, &meta)?;
         for (name, shape) in shard {
             let n: usize = shape.iter().product();
             let norm = name.ends_with("norm.weight");
-            let bytes: Vec<u8> = (0..n).flat_map(|_| half::bf16::from_f32(if norm { 1.0 } else { rng.uniform() * 0.035 }).to_le_bytes()).collect();
+            let bytes: Vec<u8> = (0..n)
+                .flat_map(|_| half::bf16::from_f32(if norm { 1.0 } else { rng.uniform() * 0.035 }).to_le_bytes())
+                .collect();
             w.write(name, &bytes)?;
             weight_map.insert(name.clone(), file.clone());
         }
@@ -116,13 +119,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("mlp.up_proj", FFN, HIDDEN),
             ("mlp.down_proj", HIDDEN, FFN),
         ] {
-            let mut t = |r: usize, c: usize, s: f32| HostTensor { shape: vec![r, c], data: (0..r * c).map(|_| rng.uniform() * s).collect() };
+            let mut t = |r: usize, c: usize, s: f32| HostTensor {
+                shape: vec![r, c],
+                data: (0..r * c).map(|_| rng.uniform() * s).collect(),
+            };
             let pair = LoraPair { a: t(RANK, d_in, 0.02), b: t(d_out, RANK, 0.01) };
             modules.insert(format!("model.layers.{i}.{n}"), pair);
         }
     }
-    let config = LoraConfig { r: RANK, lora_alpha: 32.0, target_modules: TargetModules::Pattern("all-linear".into()), ..LoraConfig::default() };
-    Adapter { config, base_model: "random-llama-1.1b".into(), modules, nested: false, expert_format: Default::default() }.write(&out.join("adapter"), WriteMode::Replace, &[])?;
-    println!("{} parameters-worth of bf16 ({total} bytes) in {} shard(s) under {}", total / 2, shards.len(), model.display());
+    let config = LoraConfig {
+        r: RANK,
+        lora_alpha: 32.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..LoraConfig::default()
+    };
+    Adapter {
+        config,
+        base_model: "random-llama-1.1b".into(),
+        modules,
+        nested: false,
+        expert_format: Default::default(),
+    }
+    .write(&out.join("adapter"), WriteMode::Replace, &[])?;
+    println!(
+        "{} parameters-worth of bf16 ({total} bytes) in {} shard(s) under {}",
+        total / 2,
+        shards.len(),
+        model.display()
+    );
     Ok(())
 }

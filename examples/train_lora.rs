@@ -36,7 +36,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..LoraConfig::default()
         },
         data,
-        train: TrainConfig { max_steps: Some(20), micro_batch_size: 4, learning_rate: 1e-3, warmup_steps: Some(2), ..TrainConfig::default() },
+        train: TrainConfig {
+            max_steps: Some(20),
+            micro_batch_size: 4,
+            learning_rate: 1e-3,
+            warmup_steps: Some(2),
+            ..TrainConfig::default()
+        },
         output_dir,
         recipe_text: None,
         show_progress: true,

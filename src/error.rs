@@ -25,42 +25,20 @@ pub enum Error {
 
     /// A config key has a value this project does not support (or does not support yet).
     #[error("{path}: unsupported `{key}` = {value}: {reason}")]
-    Unsupported {
-        path: PathBuf,
-        key: String,
-        value: String,
-        reason: String,
-    },
+    Unsupported { path: PathBuf, key: String, value: String, reason: String },
 
     /// A config key is missing or has an impossible value.
     #[error("{path}: invalid `{key}`: {reason}")]
-    InvalidConfig {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    InvalidConfig { path: PathBuf, key: String, reason: String },
 
     #[error("{path}: missing tensor `{tensor}`{hint}")]
-    MissingTensor {
-        path: PathBuf,
-        tensor: String,
-        hint: String,
-    },
+    MissingTensor { path: PathBuf, tensor: String, hint: String },
 
     #[error("{path}: tensor `{tensor}` has shape {actual:?}, expected {expected:?}")]
-    TensorShape {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    TensorShape { path: PathBuf, tensor: String, expected: Vec<usize>, actual: Vec<usize> },
 
     #[error("{path}: tensor `{tensor}` has dtype {dtype}, expected F32, F16 or BF16")]
-    TensorDtype {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    TensorDtype { path: PathBuf, tensor: String, dtype: String },
 
     #[error("{path}: not a valid safetensors file ({reason})")]
     Safetensors { path: PathBuf, reason: String },
@@ -70,20 +48,11 @@ pub enum Error {
 
     /// A data file row that cannot be used.
     #[error("{path}:{line}: {reason}")]
-    Data {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
+    Data { path: PathBuf, line: usize, reason: String },
 
     /// A recipe key with a bad value (the key path is dotted, e.g. `train.learning_rate`).
     #[error("{path}{}: recipe key `{key}`: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
-    Recipe {
-        path: PathBuf,
-        line: Option<usize>,
-        key: String,
-        reason: String,
-    },
+    Recipe { path: PathBuf, line: Option<usize>, key: String, reason: String },
 
     /// A Hugging Face Hub download or cache lookup failed (the repository and file are named).
     #[error("hub {repo}: {file}: {reason}")]
@@ -101,9 +70,6 @@ pub enum Error {
 impl Error {
     /// Wrap an `std::io::Error` with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }

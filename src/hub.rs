@@ -34,7 +34,8 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     match hub.file(&repo, "model.safetensors.index.json", false)? {
         Some(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::InvalidConfig {
                 path: index.clone(),
                 key: "weight_map".into(),
@@ -124,14 +125,18 @@ impl Hub {
     fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let home = var("HF_HOME").map(PathBuf::from).or_else(|| {
-            let cache = var("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache")));
+            let cache =
+                var("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache")));
             cache.map(|c| c.join("huggingface"))
         });
-        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join("hub"))).ok_or_else(|| Error::Hub {
-            repo: String::new(),
-            file: String::new(),
-            reason: "no cache folder: set HF_HOME or HF_HUB_CACHE".into(),
-        })?;
+        let cache_dir = var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join("hub")))
+            .ok_or_else(|| Error::Hub {
+                repo: String::new(),
+                file: String::new(),
+                reason: "no cache folder: set HF_HOME or HF_HUB_CACHE".into(),
+            })?;
         let cache = Cache::new(cache_dir.clone());
         let offline = var("HF_HUB_OFFLINE").is_some_and(|v| !matches!(v.as_str(), "0" | "false" | "False"));
         if offline {
@@ -148,7 +153,11 @@ impl Hub {
         if let Some(endpoint) = var("HF_ENDPOINT") {
             builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
         }
-        let api = builder.build().map_err(|e| Error::Hub { repo: String::new(), file: String::new(), reason: e.to_string() })?;
+        let api = builder.build().map_err(|e| Error::Hub {
+            repo: String::new(),
+            file: String::new(),
+            reason: e.to_string(),
+        })?;
         Ok(Self { cache, api: Some(api) })
     }
 

@@ -85,7 +85,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn config_path(p: &Path) -> PathBuf {
-    if p.is_dir() { p.join("config.json") } else { p.to_path_buf() }
+    if p.is_dir() {
+        p.join("config.json")
+    } else {
+        p.to_path_buf()
+    }
 }
 
 /// Matmul FLOPs per token: projections forward (2N) and, training, input gradients (2N) plus
@@ -119,7 +123,11 @@ fn flops_per_token(cfg: &DecoderConfig, seq: usize, rank: usize, training: bool)
         }
     }
     let attn = 4.0 * seq as f64 * q * l;
-    if training { 4.0 * linear + 3.0 * attn + 6.0 * lora } else { 2.0 * linear + attn }
+    if training {
+        4.0 * linear + 3.0 * attn + 6.0 * lora
+    } else {
+        2.0 * linear + attn
+    }
 }
 
 impl TrainTask for BenchArgs {
@@ -135,11 +143,22 @@ impl TrainTask for BenchArgs {
             _ => Precision::Auto,
         };
         // The dtype training would hold this base in (a random base has no stored dtype).
-        let dtype = train_precision(requested, kind).with_context(|| format!("--precision {}", self.precision))?.resolve(None);
-        let mut weights = if self.load_in_4bit { WeightSource::random_4bit(0, cfg.norm_offset, temper::quant::LoadIn4Bit { kind: temper::quant::FourBit::Nf4, double_quant: self.double_quant }) } else { WeightSource::random(0, cfg.norm_offset) };
+        let dtype =
+            train_precision(requested, kind).with_context(|| format!("--precision {}", self.precision))?.resolve(None);
+        let mut weights = if self.load_in_4bit {
+            WeightSource::random_4bit(
+                0,
+                cfg.norm_offset,
+                temper::quant::LoadIn4Bit { kind: temper::quant::FourBit::Nf4, double_quant: self.double_quant },
+            )
+        } else {
+            WeightSource::random(0, cfg.norm_offset)
+        };
         let mut model = CausalLm::<B>::load(&cfg, &mut weights, dtype, &device)?;
         let mut rng = StdRng::seed_from_u64(1);
-        let ids: Vec<Vec<u32>> = (0..self.batch).map(|_| (0..self.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();
+        let ids: Vec<Vec<u32>> = (0..self.batch)
+            .map(|_| (0..self.seq_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect())
+            .collect();
         let batch = Batch {
             labels: ids.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect(),
             positions: vec![(0..self.seq_len).collect(); self.batch],
@@ -151,7 +170,10 @@ impl TrainTask for BenchArgs {
             let inner = burn::module::AutodiffModule::valid(&model);
             let flat: Vec<i64> = batch.input_ids.iter().flatten().map(|&x| x as i64).collect();
             for s in 0..=self.steps {
-                let input = Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(flat.clone(), [self.batch, self.seq_len]), &device);
+                let input = Tensor::<B::InnerBackend, 2, Int>::from_data(
+                    TensorData::new(flat.clone(), [self.batch, self.seq_len]),
+                    &device,
+                );
                 let t0 = Instant::now();
                 let logits = inner.forward(input);
                 let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
@@ -162,15 +184,30 @@ impl TrainTask for BenchArgs {
             }
         } else {
             // A mixture-of-experts model: LoRA on its experts too (PEFT's target_parameters).
-            let target_parameters = cfg.moe.as_ref().map(|_| vec!["mlp.experts.gate_up_proj".to_string(), "mlp.experts.down_proj".to_string()]);
-            let lora = LoraConfig { r: self.rank, lora_alpha: 2.0 * self.rank as f64, lora_dropout: self.lora_dropout, target_parameters, ..LoraConfig::default() };
+            let target_parameters = cfg
+                .moe
+                .as_ref()
+                .map(|_| vec!["mlp.experts.gate_up_proj".to_string(), "mlp.experts.down_proj".to_string()]);
+            let lora = LoraConfig {
+                r: self.rank,
+                lora_alpha: 2.0 * self.rank as f64,
+                lora_dropout: self.lora_dropout,
+                target_parameters,
+                ..LoraConfig::default()
+            };
             inject(&mut model, &lora, 0)?;
             let tc = TrainConfig::default();
             let mut opt = Optimizer::new(&mut model, &tc);
             let mut scaler = LossScaler::for_dtype(dtype, None);
             for s in 0..=self.steps {
                 let t0 = Instant::now();
-                let o = StepOptions { lr: 1e-4, checkpointing: self.gradient_checkpointing, dropout: StepKey { seed: 0, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale, aux_loss_coef: None };
+                let o = StepOptions {
+                    lr: 1e-4,
+                    checkpointing: self.gradient_checkpointing,
+                    dropout: StepKey { seed: 0, step: s as u64, micro_batch: 0 },
+                    loss_scale: scaler.scale,
+                    aux_loss_coef: None,
+                };
                 let stats = optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o)?;
                 scaler.update(stats.overflow);
                 B::sync(&device)?;
@@ -187,7 +224,13 @@ impl TrainTask for BenchArgs {
             model: path.display().to_string(),
             device: kind.to_string(),
             precision: format!("{dtype:?}").to_lowercase(),
-            mode: if self.forward_only { "forward" } else if self.gradient_checkpointing { "train+checkpointing" } else { "train" },
+            mode: if self.forward_only {
+                "forward"
+            } else if self.gradient_checkpointing {
+                "train+checkpointing"
+            } else {
+                "train"
+            },
             parameters: cfg.num_parameters(),
             seq_len: self.seq_len,
             batch: self.batch,
@@ -202,10 +245,16 @@ impl TrainTask for BenchArgs {
         if self.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
-            println!("{} on {} ({}), {} params, batch {} x seq {}", report.model, report.device, report.mode, report.parameters, self.batch, self.seq_len);
+            println!(
+                "{} on {} ({}), {} params, batch {} x seq {}",
+                report.model, report.device, report.mode, report.parameters, self.batch, self.seq_len
+            );
             println!("median step  {:.4} s", report.median_step_s);
             println!("tokens/s     {:.1}", report.tokens_per_s);
-            println!("compute      {:.3} GFLOP/token, {:.4} TFLOP/s achieved", report.gflop_per_token, report.achieved_tflops);
+            println!(
+                "compute      {:.3} GFLOP/token, {:.4} TFLOP/s achieved",
+                report.gflop_per_token, report.achieved_tflops
+            );
             if let Some(m) = report.peak_host_rss_mib {
                 println!("peak RSS     {m:.0} MiB (host)");
             }

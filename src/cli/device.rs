@@ -104,8 +104,16 @@ pub fn resolve(arg: &DeviceArg) -> Result<Resolved> {
                 eprintln!("device: auto picked wgpu");
                 Resolved::Wgpu
             } else {
-                let cuda = if cfg!(feature = "cuda") { "no CUDA driver or device found" } else { "this build has no CUDA backend" };
-                let wgpu = if cfg!(feature = "wgpu") { "no GPU-type Vulkan / Metal / DX12 adapter, and a software one would be slower than the CPU" } else { "this build has no wgpu backend" };
+                let cuda = if cfg!(feature = "cuda") {
+                    "no CUDA driver or device found"
+                } else {
+                    "this build has no CUDA backend"
+                };
+                let wgpu = if cfg!(feature = "wgpu") {
+                    "no GPU-type Vulkan / Metal / DX12 adapter, and a software one would be slower than the CPU"
+                } else {
+                    "this build has no wgpu backend"
+                };
                 eprintln!("device: auto picked cpu ({cuda}; {wgpu})");
                 Resolved::Cpu
             }
@@ -143,7 +151,9 @@ pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Outpu
         Resolved::Cpu => task.run::<Autodiff<Cpu>>(Default::default(), Resolved::Cpu),
         Resolved::NdArray => task.run::<Autodiff<NdArray>>(Default::default(), Resolved::NdArray),
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(i) => task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice { index: i }, Resolved::Cuda(i)),
+        Resolved::Cuda(i) => {
+            task.run::<Autodiff<Cuda>>(burn::backend::cuda::CudaDevice { index: i }, Resolved::Cuda(i))
+        }
         #[cfg(feature = "wgpu")]
         Resolved::Wgpu => task.run::<Autodiff<Wgpu>>(Default::default(), Resolved::Wgpu),
         #[allow(unreachable_patterns)]
@@ -155,7 +165,8 @@ pub fn dispatch_train<T: TrainTask>(arg: &DeviceArg, task: T) -> Result<T::Outpu
 /// reduce indexes past its arguments, burn-cubecl-fusion `engine/codegen/ir.rs:500`, then the
 /// stream panics "Ordering is bigger than operations"); with autotune on the tuner survived it by
 /// falling back to another candidate, but autotune is off (Cargo.toml). wgpu has no bf16.
-pub const WGPU_F16_UNAVAILABLE: &str = "f16 on wgpu crashes Burn 0.21's kernel fusion (a fused reduce, burn-cubecl-fusion ir.rs:500), so wgpu runs in f32";
+pub const WGPU_F16_UNAVAILABLE: &str =
+    "f16 on wgpu crashes Burn 0.21's kernel fusion (a fused reduce, burn-cubecl-fusion ir.rs:500), so wgpu runs in f32";
 
 /// The dtype the frozen base is held in for training, from `train.precision`, saying what
 /// `auto` picked: bf16 on CUDA, f32 on wgpu and the CPU. An f16 base (CUDA only, asked for)
@@ -174,7 +185,9 @@ pub fn train_precision(requested: Precision, kind: Resolved) -> Result<WeightPre
         (Precision::Bf16, Resolved::Cuda(_)) => WeightPrecision::Bf16,
         (Precision::F16, Resolved::Cuda(_)) => WeightPrecision::F16,
         (Precision::F16, Resolved::Wgpu) => bail!("train.precision f16: {WGPU_F16_UNAVAILABLE}; use f32"),
-        (p, k) => bail!("train.precision {p:?} is not available on {k} (CPU and wgpu train in f32; CUDA in f32, bf16 or f16)"),
+        (p, k) => {
+            bail!("train.precision {p:?} is not available on {k} (CPU and wgpu train in f32; CUDA in f32, bf16 or f16)")
+        }
     })
 }
 

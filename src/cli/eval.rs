@@ -51,7 +51,8 @@ impl Task for EvalArgs {
                 long_rows += 1;
             }
             let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-            let (nll, n) = row_nll(&loaded.model, &ids, &labels).with_context(|| format!("{}:{line}", self.data.display()))?;
+            let (nll, n) =
+                row_nll(&loaded.model, &ids, &labels).with_context(|| format!("{}:{line}", self.data.display()))?;
             acc.add(nll, n);
             bar.inc(1);
         }

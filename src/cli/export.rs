@@ -56,7 +56,8 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    let adapter = Adapter::read(&args.adapter).with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+    let adapter =
+        Adapter::read(&args.adapter).with_context(|| format!("reading adapter {}", args.adapter.display()))?;
     if args.out.exists() && !args.force {
         bail!("{} already exists (use --force to replace it)", args.out.display());
     }
@@ -79,18 +80,24 @@ pub fn run(args: ExportArgs) -> Result<()> {
             let Some(dir) = base.as_ref() else {
                 bail!("--format peft-per-expert needs the base model folder (--base DIR): Mixtral names its experts differently from the other families");
             };
-            let (_, cfg) = temper::model::DecoderConfig::from_model_dir(dir).with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+            let (_, cfg) = temper::model::DecoderConfig::from_model_dir(dir)
+                .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
             if cfg.moe.is_none() {
                 bail!("{} is not a mixture-of-experts model ({}): use --format peft", dir.display(), cfg.model_type);
             }
             let mut per = adapter.clone();
-            per.expert_format = temper::export::experts::ExpertFormat::PerExpert { mixtral: cfg.model_type == "mixtral" };
+            per.expert_format =
+                temper::export::experts::ExpertFormat::PerExpert { mixtral: cfg.model_type == "mixtral" };
             per.write(&args.out, WriteMode::Replace, &[])?;
             base
         }
         Format::Gguf => {
             let Some(base) = args.base.as_ref().map(PathBuf::from).or_else(recorded) else {
-                bail!("base model {:?} of {} is not a local folder: pass --base DIR (only its config.json is read)", adapter.base_model, args.adapter.display());
+                bail!(
+                    "base model {:?} of {} is not a local folder: pass --base DIR (only its config.json is read)",
+                    adapter.base_model,
+                    args.adapter.display()
+                );
             };
             write_gguf(&adapter, &base, &args.out, ty)?;
             Some(base)
@@ -123,7 +130,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
         }
     };
     eprintln!("wrote {}", args.out.display());
-    let checked = if matches!(args.format, Format::Peft | Format::PeftPerExpert) { args.out.clone() } else { args.adapter.clone() };
+    let checked = if matches!(args.format, Format::Peft | Format::PeftPerExpert) {
+        args.out.clone()
+    } else {
+        args.adapter.clone()
+    };
     super::print_servability(&checked, base_dir.as_deref());
     Ok(())
 }

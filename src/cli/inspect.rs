@@ -19,11 +19,8 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> Result<()> {
     let (hf, cfg) = DecoderConfig::from_model_dir(&args.model)?;
     let ckpt = Checkpoint::open(&args.model)?;
-    let stored_params: usize = ckpt
-        .tensor_names()
-        .filter_map(|n| ckpt.info(n))
-        .map(|(_, shape)| shape.iter().product::<usize>())
-        .sum();
+    let stored_params: usize =
+        ckpt.tensor_names().filter_map(|n| ckpt.info(n)).map(|(_, shape)| shape.iter().product::<usize>()).sum();
     let dtype = ckpt.dominant_dtype().map(|d| format!("{d:?}")).unwrap_or_else(|| "unknown".into());
     let tokenizer = TextTokenizer::from_dir(&args.model).ok();
     let chat_template = tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
@@ -54,7 +51,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "files": ckpt.files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
     });
     // Keys added for the hybrid models (null / 0 for every other model); the keys above stay.
-    info["layer_pattern"] = hybrid.pattern.as_ref().map_or(serde_json::Value::Null, |p| json!({ "gated_delta_net": p.delta_net, "attention": p.attention, "layer_types": p.layer_types }));
+    info["layer_pattern"] = hybrid.pattern.as_ref().map_or(
+        serde_json::Value::Null,
+        |p| json!({ "gated_delta_net": p.delta_net, "attention": p.attention, "layer_types": p.layer_types }),
+    );
     info["delta_net"] = serde_json::to_value(&hybrid.dims)?;
     info["vision_tower_tensors"] = json!(hybrid.vision_tensors);
     info["mtp_tensors"] = json!(hybrid.mtp_tensors);
@@ -62,7 +62,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    let gqa = if cfg.num_kv_heads == cfg.num_heads { String::new() } else { format!(" (GQA: {} KV heads)", cfg.num_kv_heads) };
+    let gqa = if cfg.num_kv_heads == cfg.num_heads {
+        String::new()
+    } else {
+        format!(" (GQA: {} KV heads)", cfg.num_kv_heads)
+    };
     println!("model        {}", args.model.display());
     println!("architecture {} ({})", cfg.model_type, info["architecture"].as_str().unwrap_or("-"));
     println!("parameters   {} ({})", stored_params, human(stored_params));
@@ -77,11 +81,19 @@ pub fn run(args: InspectArgs) -> Result<()> {
         println!("sliding      {} of {} layers, window {w}{local}", info["sliding_layers"], cfg.num_layers);
     }
     if let Some(p) = &hybrid.pattern {
-        println!("layer types  {} layers: {} gated delta net, {} gated attention", p.layer_types.len(), p.delta_net, p.attention);
+        println!(
+            "layer types  {} layers: {} gated delta net, {} gated attention",
+            p.layer_types.len(),
+            p.delta_net,
+            p.attention
+        );
     }
     if let Some(d) = &hybrid.dims {
         let per_key = d.value_heads / d.key_heads.max(1);
-        println!("delta net    {} key heads x {}, {} value heads x {} ({per_key} per key head), conv kernel {}", d.key_heads, d.key_head_dim, d.value_heads, d.value_head_dim, d.conv_kernel);
+        println!(
+            "delta net    {} key heads x {}, {} value heads x {} ({per_key} per key head), conv kernel {}",
+            d.key_heads, d.key_head_dim, d.value_heads, d.value_head_dim, d.conv_kernel
+        );
     }
     println!("tied head    {}", cfg.tie_word_embeddings);
     if let Some(notice) = cfg.composite_notice() {
@@ -137,13 +149,23 @@ impl Hybrid {
     fn read(dir: &std::path::Path, ckpt: &Checkpoint) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let raw: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let text = raw.get("text_config").filter(|t| t.is_object()).unwrap_or(&raw);
         let n = |k: &str| text.get(k).and_then(|v| v.as_u64());
-        let dims = match (n("linear_num_key_heads"), n("linear_num_value_heads"), n("linear_key_head_dim"), n("linear_value_head_dim")) {
-            (Some(key_heads), Some(value_heads), Some(key_head_dim), Some(value_head_dim)) => {
-                Some(DeltaNetDims { key_heads, value_heads, key_head_dim, value_head_dim, conv_kernel: n("linear_conv_kernel_dim").unwrap_or(4) })
-            }
+        let dims = match (
+            n("linear_num_key_heads"),
+            n("linear_num_value_heads"),
+            n("linear_key_head_dim"),
+            n("linear_value_head_dim"),
+        ) {
+            (Some(key_heads), Some(value_heads), Some(key_head_dim), Some(value_head_dim)) => Some(DeltaNetDims {
+                key_heads,
+                value_heads,
+                key_head_dim,
+                value_head_dim,
+                conv_kernel: n("linear_conv_kernel_dim").unwrap_or(4),
+            }),
             _ => None,
         };
         // `layer_types`, or transformers' default: every `full_attention_interval`-th layer full.
@@ -152,7 +174,11 @@ impl Hybrid {
             Some(a) => Some(a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()),
             None if dims.is_some() => {
                 let every = n("full_attention_interval").unwrap_or(4).max(1) as usize;
-                Some((0..layers).map(|i| if (i + 1) % every == 0 { "full_attention" } else { "linear_attention" }.to_string()).collect())
+                Some(
+                    (0..layers)
+                        .map(|i| if (i + 1) % every == 0 { "full_attention" } else { "linear_attention" }.to_string())
+                        .collect(),
+                )
             }
             None => None,
         };

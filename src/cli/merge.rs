@@ -80,10 +80,14 @@ pub fn run(args: MergeArgs) -> Result<()> {
         untie: args.untie,
     };
     let mode = if args.force { WriteMode::Replace } else { WriteMode::Refuse };
-    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("merge {spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    let bar = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("merge {spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     let start = Instant::now();
-    let summary = merge_model(&args.model, &inputs, opts, &args.out, mode, &mut |shard| bar.set_message(shard.to_string()))
-        .with_context(|| format!("merging into {}", args.out.display()))?;
+    let summary =
+        merge_model(&args.model, &inputs, opts, &args.out, mode, &mut |shard| bar.set_message(shard.to_string()))
+            .with_context(|| format!("merging into {}", args.out.display()))?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
@@ -112,7 +116,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
             report.tokens,
             report.max_abs_logit_diff,
             report.max_abs_logit,
-            if matches!(written, Some(safetensors::Dtype::BF16 | safetensors::Dtype::F16)) { "; the merged weights are rounded to 16 bits: merge with --dtype f32 to tell rounding from a wrong merge" } else { "" }
+            if matches!(written, Some(safetensors::Dtype::BF16 | safetensors::Dtype::F16)) {
+                "; the merged weights are rounded to 16 bits: merge with --dtype f32 to tell rounding from a wrong merge"
+            } else {
+                ""
+            }
         );
         Some(report)
     } else {
@@ -129,7 +137,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
 const VERIFY_DEFAULT_MAX_PARAMETERS: usize = 2_000_000_000;
 
 fn small_enough(model: &std::path::Path) -> bool {
-    temper::model::DecoderConfig::from_model_dir(model).is_ok_and(|(_, cfg)| cfg.num_parameters() <= VERIFY_DEFAULT_MAX_PARAMETERS)
+    temper::model::DecoderConfig::from_model_dir(model)
+        .is_ok_and(|(_, cfg)| cfg.num_parameters() <= VERIFY_DEFAULT_MAX_PARAMETERS)
 }
 
 struct VerifyTask {

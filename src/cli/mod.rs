@@ -6,10 +6,10 @@ mod eval;
 mod export;
 mod generate;
 mod inspect;
-mod train;
-mod preview;
 mod merge;
+mod preview;
 mod selftest;
+mod train;
 
 use std::path::PathBuf;
 
@@ -102,14 +102,18 @@ impl ModelArgs {
     ) -> Result<temper::model::LoadedModel<B>> {
         use anyhow::Context;
         let dir = resolve_model(&self.model.to_string_lossy(), None)?;
-        let four_bit = self.load_in_4bit.then_some(temper::quant::LoadIn4Bit { kind: self.quant_type.four_bit(), double_quant: self.double_quant });
-        let mut loaded = temper::model::load_model_4bit::<B>(&dir, precision, four_bit, device).with_context(|| format!("loading {}", dir.display()))?;
+        let four_bit = self
+            .load_in_4bit
+            .then_some(temper::quant::LoadIn4Bit { kind: self.quant_type.four_bit(), double_quant: self.double_quant });
+        let mut loaded = temper::model::load_model_4bit::<B>(&dir, precision, four_bit, device)
+            .with_context(|| format!("loading {}", dir.display()))?;
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");
         }
         if let Some(a) = &self.adapter {
             let adapter = temper::export::Adapter::read(a)?;
-            temper::lora::apply_adapter(&mut loaded.model, &adapter).with_context(|| format!("applying adapter {}", a.display()))?;
+            temper::lora::apply_adapter(&mut loaded.model, &adapter)
+                .with_context(|| format!("applying adapter {}", a.display()))?;
         }
         Ok(loaded)
     }

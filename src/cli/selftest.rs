@@ -81,14 +81,33 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        let logits = if report.logits_tol_relative { format!("{}% of the largest logit", report.logits_tol * 100.0) } else { format!("{:e}", report.logits_tol) };
-        println!("selftest on {} in {} (logits within {logits}, loss within {:e} of transformers)", report.device, report.precision, report.loss_tol);
+        let logits = if report.logits_tol_relative {
+            format!("{}% of the largest logit", report.logits_tol * 100.0)
+        } else {
+            format!("{:e}", report.logits_tol)
+        };
+        println!(
+            "selftest on {} in {} (logits within {logits}, loss within {:e} of transformers)",
+            report.device, report.precision, report.loss_tol
+        );
         for m in &report.models {
-            println!("{:<18} {}  max |logit diff| {:.2e} (largest logit {:.1})  loss {:.6} vs {:.6}", m.name, if m.pass { "ok  " } else { "FAIL" }, m.max_abs_logit_diff, m.max_abs_logit, m.loss, m.reference_loss);
+            println!(
+                "{:<18} {}  max |logit diff| {:.2e} (largest logit {:.1})  loss {:.6} vs {:.6}",
+                m.name,
+                if m.pass { "ok  " } else { "FAIL" },
+                m.max_abs_logit_diff,
+                m.max_abs_logit,
+                m.loss,
+                m.reference_loss
+            );
         }
     }
     if !report.pass {
-        bail!("selftest failed: {} of {} fixture models outside tolerance", report.models.iter().filter(|m| !m.pass).count(), report.models.len());
+        bail!(
+            "selftest failed: {} of {} fixture models outside tolerance",
+            report.models.iter().filter(|m| !m.pass).count(),
+            report.models.len()
+        );
     }
     Ok(())
 }
@@ -98,19 +117,43 @@ impl Task for SelftestArgs {
 
     fn run<B: TemperBackend>(self, device: B::Device, precision: WeightPrecision) -> Result<Report> {
         let manifest_path = self.fixtures.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
-        let manifest: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
-        let models = manifest["models"].as_object().ok_or_else(|| anyhow!("{}: no `models` object", manifest_path.display()))?;
+        let text =
+            std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+        let manifest: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
+        let models =
+            manifest["models"].as_object().ok_or_else(|| anyhow!("{}: no `models` object", manifest_path.display()))?;
         let half = precision != WeightPrecision::F32;
-        let (logits_tol, loss_tol) = if half { (HALF_LOGITS_REL_TOL, HALF_LOSS_TOL) } else { (F32_LOGITS_TOL, F32_LOSS_TOL) };
+        let (logits_tol, loss_tol) =
+            if half { (HALF_LOGITS_REL_TOL, HALF_LOSS_TOL) } else { (F32_LOGITS_TOL, F32_LOSS_TOL) };
         let mut results = Vec::new();
         for (name, entry) in models {
-            let field = |k: &str| entry[k].as_str().ok_or_else(|| anyhow!("{}: models.{name}.{k} is not a string", manifest_path.display()));
-            let reference_loss = entry["loss"].as_f64().ok_or_else(|| anyhow!("{}: models.{name}.loss is not a number", manifest_path.display()))? as f32;
-            let (diff, scale, loss) = check_model::<B>(&self.fixtures.join(field("path")?), &self.fixtures.join(field("reference")?), precision, &device).with_context(|| format!("fixture {name}"))?;
+            let field = |k: &str| {
+                entry[k]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("{}: models.{name}.{k} is not a string", manifest_path.display()))
+            };
+            let reference_loss = entry["loss"]
+                .as_f64()
+                .ok_or_else(|| anyhow!("{}: models.{name}.loss is not a number", manifest_path.display()))?
+                as f32;
+            let (diff, scale, loss) = check_model::<B>(
+                &self.fixtures.join(field("path")?),
+                &self.fixtures.join(field("reference")?),
+                precision,
+                &device,
+            )
+            .with_context(|| format!("fixture {name}"))?;
             let bound = if half { logits_tol * scale.max(1.0) } else { logits_tol };
             let pass = diff <= bound && (loss - reference_loss).abs() <= loss_tol;
-            results.push(ModelResult { name: name.clone(), max_abs_logit_diff: diff, max_abs_logit: scale, loss, reference_loss, pass });
+            results.push(ModelResult {
+                name: name.clone(),
+                max_abs_logit_diff: diff,
+                max_abs_logit: scale,
+                loss,
+                reference_loss,
+                pass,
+            });
         }
         if results.is_empty() {
             bail!("{}: no fixture models", manifest_path.display());
@@ -120,13 +163,26 @@ impl Task for SelftestArgs {
             WeightPrecision::F16 => "f16",
             _ => "f32",
         };
-        Ok(Report { device: String::new(), precision: name.into(), logits_tol, logits_tol_relative: half, loss_tol, pass: results.iter().all(|m| m.pass), models: results })
+        Ok(Report {
+            device: String::new(),
+            precision: name.into(),
+            logits_tol,
+            logits_tol_relative: half,
+            loss_tol,
+            pass: results.iter().all(|m| m.pass),
+            models: results,
+        })
     }
 }
 
 /// Max |logit - reference| (over the positions the reference holds: the last ones), max
 /// |reference logit|, and the mean next-token loss over all positions.
-fn check_model<B: TemperBackend>(model_dir: &Path, reference: &Path, precision: WeightPrecision, device: &B::Device) -> Result<(f32, f32, f32)> {
+fn check_model<B: TemperBackend>(
+    model_dir: &Path,
+    reference: &Path,
+    precision: WeightPrecision,
+    device: &B::Device,
+) -> Result<(f32, f32, f32)> {
     let model = load_model::<B>(model_dir, precision, device)?.model;
     let bytes = std::fs::read(reference).with_context(|| format!("reading {}", reference.display()))?;
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", reference.display()))?;
@@ -138,18 +194,32 @@ fn check_model<B: TemperBackend>(model_dir: &Path, reference: &Path, precision: 
         Ok((t.data().to_vec(), t.shape().to_vec()))
     };
     let (ids, shape) = tensor("input_ids", Dtype::I64)?;
-    let ids: Vec<i64> = ids.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
+    let ids: Vec<i64> =
+        ids.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
     let (want, want_shape) = tensor("logits", Dtype::F32)?;
-    let want = bytes_to_f32(Dtype::F32, &want).ok_or_else(|| anyhow!("{}: tensor logits is not f32", reference.display()))?;
+    let want =
+        bytes_to_f32(Dtype::F32, &want).ok_or_else(|| anyhow!("{}: tensor logits is not f32", reference.display()))?;
     let [b, t] = [shape[0], shape[1]];
     let tail = want_shape.get(1).copied().unwrap_or(t).min(t);
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), device);
     let logits = model.forward(input).cast(burn::tensor::DType::F32);
-    let got: Vec<f32> = logits.clone().slice([0..b, t - tail..t]).into_data().convert::<f32>().to_vec().map_err(|e| anyhow!("reading logits: {e:?}"))?;
+    let got: Vec<f32> = logits
+        .clone()
+        .slice([0..b, t - tail..t])
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow!("reading logits: {e:?}"))?;
     if got.len() != want.len() {
         bail!("{}: logits have {} values, the model gave {}", reference.display(), want.len(), got.len());
     }
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
     let rows: Vec<Vec<i64>> = ids.chunks(t).map(<[i64]>::to_vec).collect();
     let (targets, count) = shift_labels(&rows);
     let loss = nll_sum(logits, &targets).into_scalar().elem::<f32>() / count.max(1) as f32;

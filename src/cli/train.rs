@@ -37,7 +37,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = match args.device {
         Some(d) => d,
-        None => loaded.recipe.device.parse::<DeviceArg>().map_err(anyhow::Error::msg).with_context(|| format!("{}: recipe key `device`", args.recipe.display()))?,
+        None => loaded
+            .recipe
+            .device
+            .parse::<DeviceArg>()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{}: recipe key `device`", args.recipe.display()))?,
     };
     dispatch_train(&device, TrainJob { loaded })
 }
@@ -49,8 +54,16 @@ impl TrainTask for TrainJob {
         let r = &self.loaded.recipe;
         let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
         let tokenizer = TextTokenizer::from_dir(&dir)?;
-        let four_bit = r.quantization.as_ref().map(|q| q.four_bit()).transpose().map_err(|(k, e)| anyhow::anyhow!("quantization.{k}: {e}"))?.flatten();
-        let loaded = temper::model::load_model_4bit::<B>(&dir, train_precision(r.train.precision, kind)?, four_bit, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let four_bit = r
+            .quantization
+            .as_ref()
+            .map(|q| q.four_bit())
+            .transpose()
+            .map_err(|(k, e)| anyhow::anyhow!("quantization.{k}: {e}"))?
+            .flatten();
+        let loaded =
+            temper::model::load_model_4bit::<B>(&dir, train_precision(r.train.precision, kind)?, four_bit, &device)
+                .with_context(|| format!("loading {}", dir.display()))?;
         if let Some(k) = four_bit {
             eprintln!("base quantized to {} as it loads (QLoRA)", k.describe());
         }
@@ -58,20 +71,25 @@ impl TrainTask for TrainJob {
             eprintln!("{notice}");
         }
         if r.train.output_router_logits && loaded.model.config.moe.is_none() {
-            anyhow::bail!("train.output_router_logits: {} ({}) is not a mixture-of-experts model, so it has no router to balance", dir.display(), loaded.model.config.model_type);
+            anyhow::bail!(
+                "train.output_router_logits: {} ({}) is not a mixture-of-experts model, so it has no router to balance",
+                dir.display(),
+                loaded.model.config.model_type
+            );
         }
         let data = prepare(&r.data, &tokenizer, std::path::Path::new("."), r.train.seed)?;
         let s = &data.stats;
         eprintln!(
             "data: {} rows, {} tokens, {} trained, {} truncated to {} tokens; eval: {} rows",
-            s.rows, s.tokens, s.trained_tokens, s.truncated_rows, r.data.seq_len, data.eval.as_ref().map_or(0, Vec::len)
+            s.rows,
+            s.tokens,
+            s.trained_tokens,
+            s.truncated_rows,
+            r.data.seq_len,
+            data.eval.as_ref().map_or(0, Vec::len)
         );
-        let pad_id = tokenizer
-            .pad_token
-            .as_deref()
-            .and_then(|t| tokenizer.token_to_id(t))
-            .or(tokenizer.eos_id())
-            .unwrap_or(0);
+        let pad_id =
+            tokenizer.pad_token.as_deref().and_then(|t| tokenizer.token_to_id(t)).or(tokenizer.eos_id()).unwrap_or(0);
         let run = RunConfig {
             base_model: r.base_model.clone(),
             lora: r.lora.clone(),

@@ -11,7 +11,14 @@ use crate::train::loss::IGNORE_INDEX;
 const LENGTH_GROUP_BATCHES: usize = 64;
 
 /// Micro-batches of one epoch, in an order fixed by `(seed, epoch)`.
-pub fn batches(examples: &[Example], micro_batch_size: usize, cfg: &DataConfig, pad_id: u32, seed: u64, epoch: usize) -> Vec<Batch> {
+pub fn batches(
+    examples: &[Example],
+    micro_batch_size: usize,
+    cfg: &DataConfig,
+    pad_id: u32,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Batch> {
     let mbs = micro_batch_size.max(1);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(epoch as u64 * 0x9E37_79B9));
@@ -71,10 +78,12 @@ impl Batch {
     /// token is never trained to predict it.
     pub fn packed(examples: &[Example], packs: &[Vec<usize>], pad_id: u32) -> Self {
         let t = packs.iter().map(|p| p.iter().map(|&i| examples[i].input_ids.len()).sum::<usize>()).max().unwrap_or(0);
-        let mut b = Batch { input_ids: Vec::new(), labels: Vec::new(), positions: Vec::new(), segments: Some(Vec::new()) };
+        let mut b =
+            Batch { input_ids: Vec::new(), labels: Vec::new(), positions: Vec::new(), segments: Some(Vec::new()) };
         let mut segments = Vec::with_capacity(packs.len());
         for p in packs {
-            let (mut ids, mut labels, mut pos, mut seg) = (Vec::with_capacity(t), Vec::with_capacity(t), Vec::with_capacity(t), Vec::with_capacity(t));
+            let (mut ids, mut labels, mut pos, mut seg) =
+                (Vec::with_capacity(t), Vec::with_capacity(t), Vec::with_capacity(t), Vec::with_capacity(t));
             for (s, &i) in p.iter().enumerate() {
                 let e = &examples[i];
                 ids.extend_from_slice(&e.input_ids);

@@ -176,7 +176,10 @@ impl DataConfig {
             }
         }
         if let Some(k) = self.think_tags.iter().position(|t| t.trim().is_empty()) {
-            return Err(("think_tags", format!("tag {} is empty: give the opening and closing tags, e.g. [\"<think>\", \"</think>\"]", k + 1)));
+            return Err((
+                "think_tags",
+                format!("tag {} is empty: give the opening and closing tags, e.g. [\"<think>\", \"</think>\"]", k + 1),
+            ));
         }
         Ok(())
     }

@@ -124,7 +124,10 @@ impl<'a> Encoder<'a> {
                 // The end-of-turn token right after the turn (past any whitespace-only tokens, as
                 // templates that write "\n<|eot|>" have it) is what teaches the model to stop.
                 let mut j = k + 1;
-                while j < input_ids.len() && !self.tok.is_special(input_ids[j]) && full.get(offsets[j].0..offsets[j].1).is_some_and(|t| t.trim().is_empty()) {
+                while j < input_ids.len()
+                    && !self.tok.is_special(input_ids[j])
+                    && full.get(offsets[j].0..offsets[j].1).is_some_and(|t| t.trim().is_empty())
+                {
                     j += 1;
                 }
                 if self.cfg.train_on_eos && j < input_ids.len() && self.tok.is_special(input_ids[j]) {
@@ -140,7 +143,8 @@ impl<'a> Encoder<'a> {
     /// The spans of `{% generation %}` blocks, each one turn: mapped to the assistant messages in
     /// order when there are as many, so `train_on_tool_calls` can tell which turn calls tools.
     fn generation_turns(&self, messages: &[Message], spans: Vec<(usize, usize)>) -> Result<Vec<Turn>, RowError> {
-        let assistants: Vec<usize> = messages.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
+        let assistants: Vec<usize> =
+            messages.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
         let mapped = spans.len() == assistants.len();
         if !mapped && !self.cfg.train_on_tool_calls {
             return Err(RowError::new(
@@ -148,7 +152,11 @@ impl<'a> Encoder<'a> {
                 format!("the chat template's {{% generation %}} blocks ({}) are not one per assistant message ({}), so `train_on_tool_calls: false` cannot tell which turns call tools", spans.len(), assistants.len()),
             ));
         }
-        Ok(spans.into_iter().enumerate().map(|(k, (start, end))| Turn { message: mapped.then(|| assistants[k]), start, end, ends_with_eot: true }).collect())
+        Ok(spans
+            .into_iter()
+            .enumerate()
+            .map(|(k, (start, end))| Turn { message: mapped.then(|| assistants[k]), start, end, ends_with_eot: true })
+            .collect())
     }
 
     /// Where each assistant turn lies in `full`, the rendering of the whole conversation, found
@@ -161,7 +169,12 @@ impl<'a> Encoder<'a> {
     /// 2. Its start moves back to the end of the generation prompt (what `add_generation_prompt`
     ///    adds to the messages before it), so text the template writes between the prompt and
     ///    the content, such as Qwen3's `<think>\n`, is trained: the model generates it.
-    fn assistant_spans(&self, messages: &[Message], full: &str, kwargs: &BTreeMap<String, serde_json::Value>) -> Result<Vec<Turn>, String> {
+    fn assistant_spans(
+        &self,
+        messages: &[Message],
+        full: &str,
+        kwargs: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<Vec<Turn>, String> {
         let mut turns = Vec::new();
         let mut floor = 0;
         // One copy of the conversation; each probe swaps one message out and back.
@@ -197,8 +210,13 @@ impl<'a> Encoder<'a> {
                 return Err(format!("message {i}: the template's rendering of this assistant message reaches into the previous turn, so its tokens cannot be masked"));
             }
             // A prefix render that fails (a template that wants a user turn last) only loses the hint.
-            let prompt = match (self.template.render(&messages[..i], false, kwargs), self.template.render(&messages[..i], true, kwargs)) {
-                (Ok(without), Ok(with)) => with.get(common_prefix_len(&without, &with)..).unwrap_or_default().to_string(),
+            let prompt = match (
+                self.template.render(&messages[..i], false, kwargs),
+                self.template.render(&messages[..i], true, kwargs),
+            ) {
+                (Ok(without), Ok(with)) => {
+                    with.get(common_prefix_len(&without, &with)..).unwrap_or_default().to_string()
+                }
                 _ => String::new(),
             };
             let start = generation_start(full, floor, start, &prompt);
@@ -255,7 +273,9 @@ impl<'a> Encoder<'a> {
 /// refuses a call message with both).
 fn with_placeholder_calls(m: &Message) -> Message {
     let mut kept = m.clone();
-    let reasoning = ["thinking", "reasoning_content"].into_iter().find(|k| kept.fields.get(*k).and_then(serde_json::Value::as_str).is_some_and(|s| !s.is_empty()));
+    let reasoning = ["thinking", "reasoning_content"]
+        .into_iter()
+        .find(|k| kept.fields.get(*k).and_then(serde_json::Value::as_str).is_some_and(|s| !s.is_empty()));
     match reasoning {
         Some(k) => {
             kept.fields.insert(k.into(), PLACEHOLDER.into());
@@ -333,5 +353,3 @@ fn generation_start(full: &str, floor: usize, content: usize, prompt: &str) -> u
 fn common_prefix_len(a: &str, b: &str) -> usize {
     a.char_indices().zip(b.chars()).find(|((_, x), y)| x != y).map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
-
-

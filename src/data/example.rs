@@ -48,12 +48,7 @@ impl Batch {
             input_ids.push(ids);
             labels.push(lab);
         }
-        Self {
-            positions: vec![(0..t).collect(); examples.len()],
-            input_ids,
-            labels,
-            segments: None,
-        }
+        Self { positions: vec![(0..t).collect(); examples.len()], input_ids, labels, segments: None }
     }
 
     pub fn rows(&self) -> usize {

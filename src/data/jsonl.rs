@@ -54,11 +54,7 @@ pub fn read_text_rows(path: &Path) -> Result<Vec<(usize, String)>> {
                 line,
                 reason: format!("`text` must be a string, found {}", kind(other)),
             }),
-            None => Err(Error::Data {
-                path: path.to_path_buf(),
-                line,
-                reason: "missing field `text`".into(),
-            }),
+            None => Err(Error::Data { path: path.to_path_buf(), line, reason: "missing field `text`".into() }),
         })
         .collect()
 }

@@ -43,7 +43,11 @@ pub struct DataStats {
 impl DataStats {
     /// Share of tokens that are trained.
     pub fn trained_share(&self) -> f64 {
-        if self.tokens == 0 { 0.0 } else { self.trained_tokens as f64 / self.tokens as f64 }
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.trained_tokens as f64 / self.tokens as f64
+        }
     }
 
     /// A few human-readable lines for stderr.
@@ -172,7 +176,13 @@ pub fn chat_template(cfg: &DataConfig, tokenizer: &TextTokenizer, base_dir: &Pat
 }
 
 /// Parse, encode and truncate rows; stop at the first bad row unless `skip_invalid_rows`.
-fn encode_rows(rows: &[RawRow], format: DataFormat, encoder: &Encoder, cfg: &DataConfig, stats: &mut DataStats) -> Result<Vec<Example>> {
+fn encode_rows(
+    rows: &[RawRow],
+    format: DataFormat,
+    encoder: &Encoder,
+    cfg: &DataConfig,
+    stats: &mut DataStats,
+) -> Result<Vec<Example>> {
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let result = row.value.clone().and_then(|obj| {
@@ -182,7 +192,8 @@ fn encode_rows(rows: &[RawRow], format: DataFormat, encoder: &Encoder, cfg: &Dat
             ex.input_ids.truncate(cfg.seq_len);
             ex.labels.truncate(cfg.seq_len);
             if ex.trained_tokens() == 0 {
-                let why = if truncated { format!(" after truncation to seq_len {}", cfg.seq_len) } else { String::new() };
+                let why =
+                    if truncated { format!(" after truncation to seq_len {}", cfg.seq_len) } else { String::new() };
                 return Err(RowError::new(SkipReason::NoTrainedTokens, format!("no trained token{why}")));
             }
             Ok((ex, truncated))

@@ -17,7 +17,8 @@ pub fn load_data_config(path: &Path) -> Result<DataConfig> {
 
 /// `data:` of recipe text (`path` only names the file in errors).
 pub fn data_config_from_str(text: &str, path: &Path) -> Result<DataConfig> {
-    let err = |key: &str, reason: String| Error::Recipe { path: path.to_path_buf(), line: None, key: key.into(), reason };
+    let err =
+        |key: &str, reason: String| Error::Recipe { path: path.to_path_buf(), line: None, key: key.into(), reason };
     let root: Value = serde_norway::from_str(text).map_err(|e| err("", located(&e)))?;
     let Value::Mapping(map) = &root else {
         return Err(err("", "a recipe is a YAML mapping of sections".into()));

@@ -82,7 +82,9 @@ pub fn parse(obj: &Map<String, Value>, format: DataFormat, cfg: &DataConfig) -> 
 fn string(obj: &Map<String, Value>, cfg: &DataConfig, field: &str, non_empty: bool) -> Result<String, RowError> {
     let col = cfg.column(field);
     match obj.get(col) {
-        Some(Value::String(s)) if non_empty && s.trim().is_empty() => Err(RowError::new(SkipReason::EmptyField, format!("`{col}` is empty"))),
+        Some(Value::String(s)) if non_empty && s.trim().is_empty() => {
+            Err(RowError::new(SkipReason::EmptyField, format!("`{col}` is empty")))
+        }
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(RowError::wrong_type(col, "a string", other)),
         None => Err(RowError::missing(col)),
@@ -102,7 +104,9 @@ fn conversation(obj: &Map<String, Value>, cfg: &DataConfig) -> Result<Conversati
         let value = match obj.get(col) {
             None | Some(Value::Null) => continue,
             // Many tool datasets store the list as a JSON string.
-            Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| RowError::new(SkipReason::WrongType, format!("`{col}` is a string that is not JSON: {e}")))?,
+            Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
+                RowError::new(SkipReason::WrongType, format!("`{col}` is a string that is not JSON: {e}"))
+            })?,
             Some(v) => v.clone(),
         };
         if !value.is_array() {
@@ -172,12 +176,33 @@ fn chat(obj: &Map<String, Value>, cfg: &DataConfig) -> Result<Vec<Message>, RowE
             None | Some(Value::Null) => 0,
             Some(Value::Array(calls)) if role == "assistant" => {
                 if let Some((k, bad)) = calls.iter().enumerate().find(|(_, c)| !c.is_object()) {
-                    return Err(RowError::new(SkipReason::ToolCall, format!("{}[{k}]: a tool call must be an object, found {}", at("tool_calls"), crate::data::jsonl::kind(bad))));
+                    return Err(RowError::new(
+                        SkipReason::ToolCall,
+                        format!(
+                            "{}[{k}]: a tool call must be an object, found {}",
+                            at("tool_calls"),
+                            crate::data::jsonl::kind(bad)
+                        ),
+                    ));
                 }
                 calls.len()
             }
-            Some(Value::Array(_)) => return Err(RowError::new(SkipReason::ToolCall, format!("{}: only assistant messages make tool calls, this one is `{role}`", at("tool_calls")))),
-            Some(other) => return Err(RowError::new(SkipReason::ToolCall, format!("{}: must be a list of tool calls, found {}", at("tool_calls"), crate::data::jsonl::kind(other)))),
+            Some(Value::Array(_)) => {
+                return Err(RowError::new(
+                    SkipReason::ToolCall,
+                    format!("{}: only assistant messages make tool calls, this one is `{role}`", at("tool_calls")),
+                ))
+            }
+            Some(other) => {
+                return Err(RowError::new(
+                    SkipReason::ToolCall,
+                    format!(
+                        "{}: must be a list of tool calls, found {}",
+                        at("tool_calls"),
+                        crate::data::jsonl::kind(other)
+                    ),
+                ))
+            }
         };
         let reasoning = match m.get("reasoning_content") {
             None | Some(Value::Null) => "",
@@ -199,7 +224,10 @@ fn chat(obj: &Map<String, Value>, cfg: &DataConfig) -> Result<Vec<Message>, RowE
         if role == "tool" {
             let call = out.iter().rev().find(|p| p.role != "tool");
             if !call.is_some_and(|p| p.role == "assistant" && !p.tool_calls().is_empty()) {
-                return Err(RowError::new(SkipReason::ToolCall, format!("{col}[{i}]: a `tool` message must follow an assistant message with `tool_calls`")));
+                return Err(RowError::new(
+                    SkipReason::ToolCall,
+                    format!("{col}[{i}]: a `tool` message must follow an assistant message with `tool_calls`"),
+                ));
             }
         }
         out.push(msg);

@@ -87,7 +87,11 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
         }
         files.sort();
         if files.is_empty() {
-            return Err(Error::Data { path: path.to_path_buf(), line: 0, reason: "folder has no .jsonl, .json or .parquet file".into() });
+            return Err(Error::Data {
+                path: path.to_path_buf(),
+                line: 0,
+                reason: "folder has no .jsonl, .json or .parquet file".into(),
+            });
         }
         return Ok(files);
     }
@@ -149,7 +153,10 @@ fn read_json_array(file: &Arc<PathBuf>, limit: usize) -> Result<Vec<RawRow>> {
     }
     let mut pos = skip_ws(&bytes, 0);
     if bytes.get(pos) != Some(&b'[') {
-        return Err(err(pos, "a .json data file must hold one array of objects (use .jsonl for one object per line)".into()));
+        return Err(err(
+            pos,
+            "a .json data file must hold one array of objects (use .jsonl for one object per line)".into(),
+        ));
     }
     pos = skip_ws(&bytes, pos + 1);
     let mut rows = Vec::new();

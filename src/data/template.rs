@@ -134,14 +134,25 @@ impl ChatTemplate {
     }
 
     /// `apply_chat_template(messages, add_generation_prompt, tokenize=False, **kwargs)`.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, kwargs: &BTreeMap<String, serde_json::Value>) -> Result<String, String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        kwargs: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<String, String> {
         self.render_with_spans(messages, add_generation_prompt, kwargs).map(|(text, _)| text)
     }
 
     /// The rendered text and the byte spans of its `{% generation %}` blocks (none without them).
-    pub fn render_with_spans(&self, messages: &[Message], add_generation_prompt: bool, kwargs: &BTreeMap<String, serde_json::Value>) -> Result<(String, Spans), String> {
+    pub fn render_with_spans(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        kwargs: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<(String, Spans), String> {
         let tmpl = self.env.get_template("chat").map_err(|e| describe(&e))?;
-        let mut ctx: BTreeMap<String, JValue> = kwargs.iter().map(|(k, v)| (k.clone(), JValue::from(minijinja::value::Serde(v)))).collect();
+        let mut ctx: BTreeMap<String, JValue> =
+            kwargs.iter().map(|(k, v)| (k.clone(), JValue::from(minijinja::value::Serde(v)))).collect();
         ctx.insert("messages".into(), JValue::from(minijinja::value::Serde(messages)));
         ctx.insert("add_generation_prompt".into(), JValue::from(add_generation_prompt));
         ctx.insert("bos_token".into(), JValue::from(self.bos_token.clone()));
@@ -210,7 +221,20 @@ fn generation_blocks_as_filters(source: &str) -> (String, bool) {
 /// Python's `datetime.now().strftime(fmt)` for the directives chat templates use (dates in their
 /// system prompts); the time is UTC. Unknown directives are kept as written.
 fn strftime(fmt: &str, now: std::time::SystemTime) -> String {
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, tod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -273,7 +297,10 @@ mod tests {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_722_085_509 - 86_400);
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
         assert_eq!(strftime("%A %B %e, %y %H:%M:%S %I%p %j %%", t), "Friday July 26, 24 13:05:09 01PM 208 %");
-        assert_eq!(strftime("%d-%m-%Y %a", std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)), "29-02-2000 Tue");
+        assert_eq!(
+            strftime("%d-%m-%Y %a", std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
+            "29-02-2000 Tue"
+        );
     }
 
     #[test]
@@ -303,7 +330,8 @@ fn py_string(v: JValue) -> JValue {
 fn tojson(v: JValue, kwargs: minijinja::value::Kwargs) -> Result<String, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&v).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json =
+        serde_json::to_value(&v).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
     py_json(&json, indent, 0, &mut out);
     Ok(out)

@@ -44,10 +44,8 @@ impl TextTokenizer {
                 reason: "not found (the model folder needs a tokenizer.json)".into(),
             });
         }
-        let inner = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let inner =
+            Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer { path: path.clone(), reason: e.to_string() })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config: Value = if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -57,9 +55,8 @@ impl TextTokenizer {
         };
         let class = config.get("tokenizer_class").and_then(Value::as_str).unwrap_or("");
         let flags_decide = FLAG_CLASSES.contains(&class);
-        let flag = |k: &str, default: bool| {
-            flags_decide.then(|| config.get(k).and_then(Value::as_bool).unwrap_or(default))
-        };
+        let flag =
+            |k: &str, default: bool| flags_decide.then(|| config.get(k).and_then(Value::as_bool).unwrap_or(default));
         let chat_template = match config.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             // A list of named templates: the one called "default".
@@ -74,7 +71,9 @@ impl TextTokenizer {
         let jinja_file = dir.join("chat_template.jinja");
         let chat_template = match chat_template {
             Some(t) => Some(t),
-            None if jinja_file.is_file() => Some(std::fs::read_to_string(&jinja_file).map_err(|e| Error::io(&jinja_file, e))?),
+            None if jinja_file.is_file() => {
+                Some(std::fs::read_to_string(&jinja_file).map_err(|e| Error::io(&jinja_file, e))?)
+            }
             None => None,
         };
         Ok(Self {
@@ -139,19 +138,19 @@ impl TextTokenizer {
     }
 
     fn encode_raw(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, special).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            reason: format!("encoding failed: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: format!("encoding failed: {e}") })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Encode without special tokens, with each token's byte span in `text`.
     pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            reason: format!("encoding failed: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: format!("encoding failed: {e}") })?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -162,18 +161,16 @@ impl TextTokenizer {
 
     /// Decode ids to text, keeping special tokens (what the model sees).
     pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            reason: format!("decoding failed: {e}"),
-        })
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: format!("decoding failed: {e}") })
     }
 
     /// Decode ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            reason: format!("decoding failed: {e}"),
-        })
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: format!("decoding failed: {e}") })
     }
 }
 

@@ -41,8 +41,16 @@ pub fn split_expert_name(module: &str) -> Option<(&str, usize, &str)> {
 
 /// Turn the 3-D and per-expert pairs PEFT wrote into Temper's per-expert modules, in place.
 /// `ranks(module)` gives the configured rank of a fused expert parameter's name.
-pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(&str) -> usize, path: &std::path::Path) -> Result<ExpertFormat> {
-    let bad = |tensor: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: tensor.to_string(), reason };
+pub fn split_experts(
+    modules: &mut BTreeMap<String, LoraPair>,
+    rank_of: impl Fn(&str) -> usize,
+    path: &std::path::Path,
+) -> Result<ExpertFormat> {
+    let bad = |tensor: &str, reason: String| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        key: tensor.to_string(),
+        reason,
+    };
     let mut format = ExpertFormat::Fused;
     // 2-D per expert: gate/up (w1/w3) pairs become one gate_up pair; w2 is down.
     let per_expert: Vec<String> = modules.keys().filter(|k| per_expert_role(k).is_some()).cloned().collect();
@@ -66,7 +74,11 @@ pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(
         modules.insert(format!("{base}.{GATE_UP}"), stack_block_diagonal(&g, &u));
     }
     // 3-D: `...mlp.experts` and `...mlp.experts.base_layer`.
-    let fused: Vec<String> = modules.keys().filter(|k| k.ends_with(".mlp.experts") || k.ends_with(".mlp.experts.base_layer")).cloned().collect();
+    let fused: Vec<String> = modules
+        .keys()
+        .filter(|k| k.ends_with(".mlp.experts") || k.ends_with(".mlp.experts.base_layer"))
+        .cloned()
+        .collect();
     let mut by_layer: BTreeMap<String, Vec<(String, LoraPair)>> = BTreeMap::new();
     for key in fused {
         let prefix = key.trim_end_matches(".base_layer").to_string();
@@ -88,7 +100,12 @@ pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(
                     _ => return Err(bad(&format!("base_model.model.{k0}.lora_B.weight"), "the two expert LoRA pairs of this layer do not have the shapes of gate_up_proj [2I, H] and down_proj [H, I]".into())),
                 }
             }
-            _ => return Err(bad(&format!("base_model.model.{prefix}"), "more than two expert LoRA pairs in one layer".into())),
+            _ => {
+                return Err(bad(
+                    &format!("base_model.model.{prefix}"),
+                    "more than two expert LoRA pairs in one layer".into(),
+                ))
+            }
         };
         for ((key, pair), role) in pairs.into_iter().zip(roles) {
             let fused_name = format!("{prefix}.{role}");
@@ -107,7 +124,10 @@ pub fn split_experts(modules: &mut BTreeMap<String, LoraPair>, rank_of: impl Fn(
                         b[o * r + j] = pair.b.data[o * rows + j * e_count + e];
                     }
                 }
-                let pair = LoraPair { a: HostTensor { shape: vec![r, d_in], data: a }, b: HostTensor { shape: vec![d_out, r], data: b } };
+                let pair = LoraPair {
+                    a: HostTensor { shape: vec![r, d_in], data: a },
+                    b: HostTensor { shape: vec![d_out, r], data: b },
+                };
                 modules.insert(format!("{prefix}.{e}.{role}"), pair);
             }
         }
@@ -152,7 +172,10 @@ fn stack_block_diagonal(g: &LoraPair, u: &LoraPair) -> LoraPair {
     for o in 0..iu {
         b[(ig + o) * r + rg..(ig + o + 1) * r].copy_from_slice(&u.b.data[o * ru..(o + 1) * ru]);
     }
-    LoraPair { a: HostTensor { shape: vec![r, g.a.shape[1]], data: a }, b: HostTensor { shape: vec![ig + iu, r], data: b } }
+    LoraPair {
+        a: HostTensor { shape: vec![r, g.a.shape[1]], data: a },
+        b: HostTensor { shape: vec![ig + iu, r], data: b },
+    }
 }
 
 /// The adapter's modules with each layer's per-expert pairs fused into PEFT's 3-D form (names
@@ -181,12 +204,16 @@ pub fn fuse_experts(modules: &BTreeMap<String, LoraPair>) -> Result<(BTreeMap<St
     for ((prefix, proj), experts) in &groups {
         let e_count = experts.len();
         if experts.keys().copied().ne(0..e_count) {
-            return Err(Error::InvalidArgument(format!("{prefix}: LoRA on some experts' {proj} but not all; PEFT's 3-D form needs every expert")));
+            return Err(Error::InvalidArgument(format!(
+                "{prefix}: LoRA on some experts' {proj} but not all; PEFT's 3-D form needs every expert"
+            )));
         }
         let first = experts[&0];
         let (r, d_in, d_out) = (first.a.shape[0], first.a.shape[1], first.b.shape[0]);
         if experts.values().any(|p| p.a.shape != first.a.shape || p.b.shape != first.b.shape) {
-            return Err(Error::InvalidArgument(format!("{prefix}: the experts' {proj} deltas differ in rank or shape; PEFT's 3-D form needs one")));
+            return Err(Error::InvalidArgument(format!(
+                "{prefix}: the experts' {proj} deltas differ in rank or shape; PEFT's 3-D form needs one"
+            )));
         }
         let rows = e_count * r;
         let mut a = Vec::with_capacity(rows * d_in);
@@ -199,8 +226,18 @@ pub fn fuse_experts(modules: &BTreeMap<String, LoraPair>) -> Result<(BTreeMap<St
                 }
             }
         }
-        let key = if proj == GATE_UP && layers_with_both.contains(prefix) { format!("{prefix}.base_layer") } else { prefix.clone() };
-        out.insert(key, LoraPair { a: HostTensor { shape: vec![rows, d_in], data: a }, b: HostTensor { shape: vec![d_out, rows], data: b } });
+        let key = if proj == GATE_UP && layers_with_both.contains(prefix) {
+            format!("{prefix}.base_layer")
+        } else {
+            prefix.clone()
+        };
+        out.insert(
+            key,
+            LoraPair {
+                a: HostTensor { shape: vec![rows, d_in], data: a },
+                b: HostTensor { shape: vec![d_out, rows], data: b },
+            },
+        );
         params.insert(format!("mlp.experts.{proj}"));
     }
     Ok((out, params.into_iter().collect()))
@@ -222,14 +259,21 @@ pub fn per_expert(modules: &BTreeMap<String, LoraPair>, mixtral: bool) -> BTreeM
             out.insert(name.clone(), pair.clone());
             continue;
         };
-        let base = if mixtral { format!("{}.block_sparse_moe.experts.{e}", prefix.trim_end_matches(".mlp.experts")) } else { format!("{prefix}.{e}") };
+        let base = if mixtral {
+            format!("{}.block_sparse_moe.experts.{e}", prefix.trim_end_matches(".mlp.experts"))
+        } else {
+            format!("{prefix}.{e}")
+        };
         let n = |qwen: &str, mx: &str| format!("{base}.{}", if mixtral { mx } else { qwen });
         if proj == DOWN {
             out.insert(n("down_proj", "w2"), pair.clone());
             continue;
         }
         let (r, half) = (pair.a.shape[0], pair.b.shape[0] / 2);
-        let rows = |lo: usize| LoraPair { a: pair.a.clone(), b: HostTensor { shape: vec![half, r], data: pair.b.data[lo * r..(lo + half) * r].to_vec() } };
+        let rows = |lo: usize| LoraPair {
+            a: pair.a.clone(),
+            b: HostTensor { shape: vec![half, r], data: pair.b.data[lo * r..(lo + half) * r].to_vec() },
+        };
         out.insert(n("gate_proj", "w1"), rows(0));
         out.insert(n("up_proj", "w3"), rows(half));
     }

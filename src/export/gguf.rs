@@ -150,8 +150,11 @@ pub fn gguf_file_bytes(adapter: &Adapter, base: &Path, ty: GgufType) -> Result<V
     let alpha = adapter.config.lora_alpha;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (module, pair) in &adapter.modules {
-        let names = tensor_names(arch, module)
-            .ok_or_else(|| Error::InvalidArgument(format!("adapter module `{module}` has no tensor in llama.cpp's {arch} GGUF (model_type {model_type:?})")))?;
+        let names = tensor_names(arch, module).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "adapter module `{module}` has no tensor in llama.cpp's {arch} GGUF (model_type {model_type:?})"
+            ))
+        })?;
         let (r, d_in) = (pair.a.shape[0], pair.a.shape[1]);
         let fold = adapter.config.scaling(module) * r as f64 / alpha;
         let mut b = pair.b.data.clone();

@@ -26,16 +26,8 @@ pub struct DeltaNetDims {
 impl DeltaNetDims {
     /// `None` when the config has no linear-attention dims (every other model).
     pub fn from_config(cfg: &Value) -> Option<Self> {
-        let text = cfg
-            .get("text_config")
-            .filter(|t| t.is_object())
-            .unwrap_or(cfg);
-        let get = |k: &str| {
-            text.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .filter(|&x| x > 0)
-        };
+        let text = cfg.get("text_config").filter(|t| t.is_object()).unwrap_or(cfg);
+        let get = |k: &str| text.get(k).and_then(Value::as_u64).map(|x| x as usize).filter(|&x| x > 0);
         let dims = DeltaNetDims {
             key_heads: get("linear_num_key_heads")?,
             value_heads: get("linear_num_value_heads")?,
@@ -61,10 +53,7 @@ pub struct Rewrite {
 
 impl Rewrite {
     fn plain() -> Self {
-        Rewrite {
-            b_rows: vec![None],
-            a_cols: None,
-        }
+        Rewrite { b_rows: vec![None], a_cols: None }
     }
 }
 
@@ -89,18 +78,13 @@ pub fn rewrite(arch: &str, dims: Option<DeltaNetDims>, module: &str) -> Rewrite 
     if arch == "qwen3next" && last == "in_proj_qkvz" {
         let group = 2 * d.key_dim + 2 * d.ratio() * d.value_dim;
         let part = |offset: usize, len: usize| -> Vec<usize> {
-            (0..d.key_heads)
-                .flat_map(|g| (0..len).map(move |i| g * group + offset + i))
-                .collect()
+            (0..d.key_heads).flat_map(|g| (0..len).map(move |i| g * group + offset + i)).collect()
         };
         let v = d.ratio() * d.value_dim;
         let mut qkv = part(0, d.key_dim);
         qkv.extend(part(d.key_dim, d.key_dim));
         qkv.extend(part(2 * d.key_dim, v));
-        return Rewrite {
-            b_rows: vec![Some(qkv), Some(part(2 * d.key_dim + v, v))],
-            a_cols: None,
-        };
+        return Rewrite { b_rows: vec![Some(qkv), Some(part(2 * d.key_dim + v, v))], a_cols: None };
     }
     if !matches!(arch, "qwen35" | "qwen35moe") || d.ratio() == 1 {
         return Rewrite::plain();
@@ -109,43 +93,27 @@ pub fn rewrite(arch: &str, dims: Option<DeltaNetDims>, module: &str) -> Rewrite 
     match last {
         "in_proj_qkv" => {
             let qk = 2 * d.key_heads * d.key_dim;
-            let rows = (0..qk)
-                .chain(tiled(d.value_dim).into_iter().map(|i| qk + i))
-                .collect();
-            Rewrite {
-                b_rows: vec![Some(rows)],
-                a_cols: None,
-            }
+            let rows = (0..qk).chain(tiled(d.value_dim).into_iter().map(|i| qk + i)).collect();
+            Rewrite { b_rows: vec![Some(rows)], a_cols: None }
         }
-        "in_proj_z" => Rewrite {
-            b_rows: vec![Some(tiled(d.value_dim))],
-            a_cols: None,
-        },
-        "in_proj_b" | "in_proj_a" => Rewrite {
-            b_rows: vec![Some(tiled(1))],
-            a_cols: None,
-        },
-        "out_proj" if module.contains(".linear_attn.") => Rewrite {
-            b_rows: vec![None],
-            a_cols: Some(tiled(d.value_dim)),
-        },
+        "in_proj_z" => Rewrite { b_rows: vec![Some(tiled(d.value_dim))], a_cols: None },
+        "in_proj_b" | "in_proj_a" => Rewrite { b_rows: vec![Some(tiled(1))], a_cols: None },
+        "out_proj" if module.contains(".linear_attn.") => {
+            Rewrite { b_rows: vec![None], a_cols: Some(tiled(d.value_dim)) }
+        }
         _ => Rewrite::plain(),
     }
 }
 
 /// Rows `rows` of a row-major matrix with `cols` columns.
 pub fn take_rows(data: &[f32], cols: usize, rows: &[usize]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|&r| data[r * cols..(r + 1) * cols].iter().copied())
-        .collect()
+    rows.iter().flat_map(|&r| data[r * cols..(r + 1) * cols].iter().copied()).collect()
 }
 
 /// Columns in the order `order` of a row-major matrix with `order.len()` columns.
 pub fn take_cols(data: &[f32], order: &[usize]) -> Vec<f32> {
     let cols = order.len();
-    data.chunks_exact(cols)
-        .flat_map(|row| order.iter().map(move |&c| row[c]))
-        .collect()
+    data.chunks_exact(cols).flat_map(|row| order.iter().map(move |&c| row[c])).collect()
 }
 
 #[cfg(test)]
@@ -162,25 +130,10 @@ mod tests {
 
     #[test]
     fn qwen3_next_qkvz_splits_into_ungrouped_qkv_and_z() {
-        let d = DeltaNetDims {
-            key_heads: 2,
-            value_heads: 4,
-            key_dim: 1,
-            value_dim: 1,
-        };
+        let d = DeltaNetDims { key_heads: 2, value_heads: 4, key_dim: 1, value_dim: 1 };
         // Per group: q k v v z z (6 rows).
-        let r = rewrite(
-            "qwen3next",
-            Some(d),
-            "model.layers.0.linear_attn.in_proj_qkvz",
-        );
-        assert_eq!(
-            r.b_rows,
-            vec![Some(vec![0, 6, 1, 7, 2, 3, 8, 9]), Some(vec![4, 5, 10, 11])]
-        );
-        assert_eq!(
-            take_cols(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 0, 1]),
-            [3.0, 1.0, 2.0, 6.0, 4.0, 5.0]
-        );
+        let r = rewrite("qwen3next", Some(d), "model.layers.0.linear_attn.in_proj_qkvz");
+        assert_eq!(r.b_rows, vec![Some(vec![0, 6, 1, 7, 2, 3, 8, 9]), Some(vec![4, 5, 10, 11])]);
+        assert_eq!(take_cols(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 0, 1]), [3.0, 1.0, 2.0, 6.0, 4.0, 5.0]);
     }
 }

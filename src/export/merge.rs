@@ -112,9 +112,19 @@ struct Plan<'a> {
 
 /// Merge into `out` atomically: a failure leaves no partial folder, and an existing `out` is
 /// only replaced with [`WriteMode::Replace`].
-pub fn merge_model(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out: &Path, mode: WriteMode, progress: &mut dyn FnMut(&str)) -> Result<MergeSummary> {
+pub fn merge_model(
+    model: &Path,
+    inputs: &[MergeInput],
+    opts: MergeOptions,
+    out: &Path,
+    mode: WriteMode,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MergeSummary> {
     if same_dir(model, out) {
-        return Err(Error::InvalidArgument(format!("--out {} is the base model folder: write the merged model elsewhere", out.display())));
+        return Err(Error::InvalidArgument(format!(
+            "--out {} is the base model folder: write the merged model elsewhere",
+            out.display()
+        )));
     }
     let mut summary = None;
     write_dir_atomically(out, mode, |tmp| {
@@ -129,13 +139,20 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 /// Write the merged model into the existing, empty folder `out` (not atomic; see [`merge_model`]).
-pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out: &Path, progress: &mut dyn FnMut(&str)) -> Result<MergeSummary> {
+pub fn write_merged(
+    model: &Path,
+    inputs: &[MergeInput],
+    opts: MergeOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MergeSummary> {
     if inputs.is_empty() {
         return Err(Error::InvalidArgument("no adapter to merge".into()));
     }
     let config_path = model.join("config.json");
     let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let mut config: Value = serde_json::from_str(&config_text).map_err(|source| Error::Json { path: config_path.clone(), source })?;
+    let mut config: Value =
+        serde_json::from_str(&config_text).map_err(|source| Error::Json { path: config_path.clone(), source })?;
     let checkpoint = Checkpoint::open(model)?;
     let mut plan = plan(model, &config, &checkpoint, inputs, opts)?;
     let files: Vec<PathBuf> = checkpoint.files().iter().map(|p| p.to_path_buf()).collect();
@@ -146,7 +163,8 @@ pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out
         plan.quant_source = Some(checkpoint);
     }
 
-    let mut summary = MergeSummary { shards: files.len(), tensors: 0, merged: 0, bytes: 0, untied: plan.untie, dequantized: 0 };
+    let mut summary =
+        MergeSummary { shards: files.len(), tensors: 0, merged: 0, bytes: 0, untied: plan.untie, dequantized: 0 };
     let mut weight_map = BTreeMap::new();
     for src in &files {
         let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -190,7 +208,13 @@ pub fn write_merged(model: &Path, inputs: &[MergeInput], opts: MergeOptions, out
     Ok(summary)
 }
 
-fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeInput], opts: MergeOptions) -> Result<Plan<'a>> {
+fn plan<'a>(
+    model: &Path,
+    config: &Value,
+    ckpt: &Checkpoint,
+    inputs: &'a [MergeInput],
+    opts: MergeOptions,
+) -> Result<Plan<'a>> {
     // transformers omits the key when it equals the class default (true for Gemma, false for
     // Llama); a checkpoint without lm_head.weight is tied either way.
     let layout = ckpt.layout();
@@ -203,7 +227,11 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
     let mut new_lm_head = false;
     for input in inputs {
         if !input.weight.is_finite() {
-            return Err(Error::InvalidArgument(format!("--weights: {} is not a finite number (adapter {})", input.weight, input.dir.display())));
+            return Err(Error::InvalidArgument(format!(
+                "--weights: {} is not a finite number (adapter {})",
+                input.weight,
+                input.dir.display()
+            )));
         }
         let cfg_path = input.dir.join(CONFIG_FILE);
         for (module, pair) in &input.adapter.modules {
@@ -241,7 +269,11 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
                 ))
             })?;
             if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
-                return Err(Error::TensorDtype { path: model.to_path_buf(), tensor: base_key, dtype: format!("{dtype:?} (quantized or integer weights cannot be merged exactly)") });
+                return Err(Error::TensorDtype {
+                    path: model.to_path_buf(),
+                    tensor: base_key,
+                    dtype: format!("{dtype:?} (quantized or integer weights cannot be merged exactly)"),
+                });
             }
             let (r, in_f, out_f) = (pair.a.shape[0], pair.a.shape[1], pair.b.shape[0]);
             if shape != [out_f, in_f] {
@@ -262,7 +294,12 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
                 });
             }
             let scale = (input.weight * input.adapter.config.scaling(module)) as f32;
-            terms.entry(key).or_default().push(Term { pair: std::borrow::Cow::Borrowed(pair), scale, offset: 0, transposed: false });
+            terms.entry(key).or_default().push(Term {
+                pair: std::borrow::Cow::Borrowed(pair),
+                scale,
+                offset: 0,
+                transposed: false,
+            });
         }
     }
     Ok(Plan { terms, untie, new_lm_head, lm_head, embed, four_bit, quant_aux, quant_source: None })
@@ -270,7 +307,13 @@ fn plan<'a>(model: &Path, config: &Value, ckpt: &Checkpoint, inputs: &'a [MergeI
 
 /// Stream one shard: header first, then each tensor read, merged, cast, checked and written.
 /// Returns the tensor names written.
-fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: &mut MergeSummary) -> Result<Vec<String>> {
+fn merge_shard(
+    src: &Path,
+    dst: &Path,
+    plan: &Plan,
+    dtype: MergeDtype,
+    summary: &mut MergeSummary,
+) -> Result<Vec<String>> {
     let mut reader = ShardReader::open(src)?;
     // (name in the output, index of the source tensor in `reader`)
     let mut order: Vec<(String, usize)> = Vec::with_capacity(reader.tensors.len() + 1);
@@ -309,7 +352,11 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
             _ if terms.is_none() && src_dtype == *out_dtype => reader.read_bytes(*i)?,
             _ => {
                 let raw = reader.read_bytes(*i)?;
-                let w = bytes_to_f32(src_dtype, &raw).ok_or_else(|| Error::TensorDtype { path: src.to_path_buf(), tensor: name.clone(), dtype: format!("{src_dtype:?}") })?;
+                let w = bytes_to_f32(src_dtype, &raw).ok_or_else(|| Error::TensorDtype {
+                    path: src.to_path_buf(),
+                    tensor: name.clone(),
+                    dtype: format!("{src_dtype:?}"),
+                })?;
                 drop(raw);
                 with_terms(w, terms, shape, *out_dtype, summary)?
             }
@@ -329,9 +376,19 @@ fn merge_shard(src: &Path, dst: &Path, plan: &Plan, dtype: MergeDtype, summary: 
 
 /// `w` (f32, of `shape`) with its LoRA terms added (a merged tensor is `[out, in]`), as
 /// `out_dtype` bytes.
-fn with_terms(mut w: Vec<f32>, terms: Option<&Vec<Term>>, shape: &[usize], out_dtype: Dtype, summary: &mut MergeSummary) -> Result<Vec<u8>> {
+fn with_terms(
+    mut w: Vec<f32>,
+    terms: Option<&Vec<Term>>,
+    shape: &[usize],
+    out_dtype: Dtype,
+    summary: &mut MergeSummary,
+) -> Result<Vec<u8>> {
     if let Some(terms) = terms {
-        let d_in = shape.last().copied().filter(|_| shape.len() >= 2).ok_or_else(|| Error::InvalidArgument(format!("LoRA terms for a tensor of shape {shape:?}")))?;
+        let d_in = shape
+            .last()
+            .copied()
+            .filter(|_| shape.len() >= 2)
+            .ok_or_else(|| Error::InvalidArgument(format!("LoRA terms for a tensor of shape {shape:?}")))?;
         for t in terms {
             add_lora(&mut w, d_in, t)?;
         }
@@ -348,36 +405,72 @@ fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
     if t.transposed {
         // W [in, out] += scale · (B @ A)ᵀ = scale · Aᵀ @ Bᵀ; `d_in` is the tensor's last dim = out.
         let (r, d_out, d_inner) = (a.shape[0], b.shape[0], a.shape[1]);
-        let w = w.get_mut(t.offset..t.offset + d_out * d_inner).ok_or_else(|| Error::InvalidArgument(format!("LoRA update of {d_inner} x {d_out} at {} does not fit the tensor", t.offset)))?;
+        let w = w.get_mut(t.offset..t.offset + d_out * d_inner).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "LoRA update of {d_inner} x {d_out} at {} does not fit the tensor",
+                t.offset
+            ))
+        })?;
         if d_in != d_out || b.shape != [d_out, r] || a.data.len() != r * d_inner || b.data.len() != d_out * r {
-            return Err(Error::InvalidArgument(format!("LoRA shapes A {:?}, B {:?} do not fit a transposed [{d_inner}, {d_in}] weight", a.shape, b.shape)));
+            return Err(Error::InvalidArgument(format!(
+                "LoRA shapes A {:?}, B {:?} do not fit a transposed [{d_inner}, {d_in}] weight",
+                a.shape, b.shape
+            )));
         }
         // SAFETY: as below; Aᵀ is A read with strides (1, d_inner), Bᵀ is B with strides (1, r).
         unsafe {
             matrixmultiply::sgemm(
-                d_inner, r, d_out, t.scale,
-                a.data.as_ptr(), 1, d_inner as isize,
-                b.data.as_ptr(), 1, r as isize,
+                d_inner,
+                r,
+                d_out,
+                t.scale,
+                a.data.as_ptr(),
+                1,
+                d_inner as isize,
+                b.data.as_ptr(),
+                1,
+                r as isize,
                 1.0,
-                w.as_mut_ptr(), d_out as isize, 1,
+                w.as_mut_ptr(),
+                d_out as isize,
+                1,
             );
         }
         return Ok(());
     }
     let (r, d_out) = (a.shape[0], b.shape[0]);
-    let w = w.get_mut(t.offset..t.offset + d_out * d_in).ok_or_else(|| Error::InvalidArgument(format!("LoRA update of {d_out} x {d_in} at {} does not fit the tensor", t.offset)))?;
-    if a.shape != [r, d_in] || b.shape != [d_out, r] || a.data.len() != r * d_in || b.data.len() != d_out * r || w.len() != d_out * d_in {
-        return Err(Error::InvalidArgument(format!("LoRA shapes A {:?}, B {:?} do not fit a [{d_out}, {d_in}] weight", a.shape, b.shape)));
+    let w = w.get_mut(t.offset..t.offset + d_out * d_in).ok_or_else(|| {
+        Error::InvalidArgument(format!("LoRA update of {d_out} x {d_in} at {} does not fit the tensor", t.offset))
+    })?;
+    if a.shape != [r, d_in]
+        || b.shape != [d_out, r]
+        || a.data.len() != r * d_in
+        || b.data.len() != d_out * r
+        || w.len() != d_out * d_in
+    {
+        return Err(Error::InvalidArgument(format!(
+            "LoRA shapes A {:?}, B {:?} do not fit a [{d_out}, {d_in}] weight",
+            a.shape, b.shape
+        )));
     }
     // SAFETY: the three buffers are distinct allocations whose lengths were just checked
     // against the row-major strides given (B [d_out, r], A [r, d_in], W [d_out, d_in]).
     unsafe {
         matrixmultiply::sgemm(
-            d_out, r, d_in, t.scale,
-            b.data.as_ptr(), r as isize, 1,
-            a.data.as_ptr(), d_in as isize, 1,
+            d_out,
+            r,
+            d_in,
+            t.scale,
+            b.data.as_ptr(),
+            r as isize,
+            1,
+            a.data.as_ptr(),
+            d_in as isize,
+            1,
             1.0,
-            w.as_mut_ptr(), d_in as isize, 1,
+            w.as_mut_ptr(),
+            d_in as isize,
+            1,
         );
     }
     Ok(())
@@ -386,7 +479,10 @@ fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
 /// A bitsandbytes 4-bit checkpoint's 4-bit weights (name -> `[out, in]`, and the dtype to write:
 /// `--dtype`, or the dtype it was quantized from), and the quant-state tensors a dequantized
 /// checkpoint drops. Empty for any other checkpoint.
-fn four_bit_weights(ckpt: &Checkpoint, dtype: MergeDtype) -> Result<(HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>)> {
+fn four_bit_weights(
+    ckpt: &Checkpoint,
+    dtype: MergeDtype,
+) -> Result<(HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>)> {
     let mut weights = HashMap::new();
     let mut aux = std::collections::HashSet::new();
     for entry in bnb_4bit_weights(ckpt)? {
@@ -411,7 +507,8 @@ fn dtype_name(d: Dtype) -> &'static str {
 
 fn write_index(src: &Path, dst: &Path, weight_map: BTreeMap<String, String>, total: u64) -> Result<()> {
     let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
-    let mut index: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: src.to_path_buf(), source })?;
+    let mut index: Value =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: src.to_path_buf(), source })?;
     if !index.get("metadata").is_some_and(Value::is_object) {
         index["metadata"] = Value::Object(Default::default());
     }
@@ -430,7 +527,11 @@ fn copy_side_files(model: &Path, out: &Path) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let ext = Path::new(&name).extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
         let is_file = entry.file_type().map_err(|e| Error::io(entry.path(), e))?.is_file();
-        if !is_file || name.starts_with('.') || skip_ext.contains(&ext.as_str()) || [INDEX_FILE, "config.json", "README.md"].contains(&name.as_str()) {
+        if !is_file
+            || name.starts_with('.')
+            || skip_ext.contains(&ext.as_str())
+            || [INDEX_FILE, "config.json", "README.md"].contains(&name.as_str())
+        {
             continue;
         }
         std::fs::copy(entry.path(), out.join(&name)).map_err(|e| Error::io(entry.path(), e))?;
@@ -454,7 +555,12 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `[E, 2I, H]`; down into `down_proj` (`w2`) or its slice of `experts.down_proj`. Mixtral's
 /// router is `block_sparse_moe.gate`. `None` for any other module.
 #[allow(clippy::type_complexity)]
-fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPair) -> Result<Option<Vec<(String, std::borrow::Cow<'a, LoraPair>, usize, bool)>>> {
+fn moe_terms<'a>(
+    model: &Path,
+    ckpt: &Checkpoint,
+    module: &str,
+    pair: &'a LoraPair,
+) -> Result<Option<Vec<(String, std::borrow::Cow<'a, LoraPair>, usize, bool)>>> {
     use std::borrow::Cow;
     let layout = ckpt.layout();
     let name = |n: &str| layout.checkpoint_name(n);
@@ -477,7 +583,12 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
     let layer = prefix.trim_end_matches(".mlp.experts");
     let fused = name(&format!("{prefix}.{proj}"));
     if ckpt.contains(&format!("{fused}_blocks")) {
-        return Err(Error::Unsupported { path: model.to_path_buf(), key: format!("{fused}_blocks"), value: "MXFP4".into(), reason: "merging into MXFP4 expert weights is not implemented; merge into a bf16 copy of the base".into() });
+        return Err(Error::Unsupported {
+            path: model.to_path_buf(),
+            key: format!("{fused}_blocks"),
+            value: "MXFP4".into(),
+            reason: "merging into MXFP4 expert weights is not implemented; merge into a bf16 copy of the base".into(),
+        });
     }
     if let Some((_, shape)) = ckpt.info(&fused) {
         // gpt-oss keeps its experts as x @ W: `[E, in, out]` (its biases mark the layout).
@@ -489,12 +600,21 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
         return Ok(Some(vec![(fused, Cow::Borrowed(pair), e * out_f * in_f, transposed)]));
     }
     let mixtral = ckpt.contains(&name(&format!("{layer}.block_sparse_moe.experts.{e}.w2.weight")));
-    let key = |qwen: &str, mx: &str| if mixtral { name(&format!("{layer}.block_sparse_moe.experts.{e}.{mx}.weight")) } else { name(&format!("{prefix}.{e}.{qwen}.weight")) };
+    let key = |qwen: &str, mx: &str| {
+        if mixtral {
+            name(&format!("{layer}.block_sparse_moe.experts.{e}.{mx}.weight"))
+        } else {
+            name(&format!("{prefix}.{e}.{qwen}.weight"))
+        }
+    };
     let check = |key: &String, want: [usize; 2]| -> Result<()> {
         match ckpt.info(key) {
             Some((_, shape)) if shape == want => Ok(()),
             Some((_, shape)) => Err(mismatch(key, &shape, want)),
-            None => Err(Error::InvalidArgument(format!("adapter module `{module}`: {} has no tensor `{key}`: was the adapter trained on another base model?", model.display()))),
+            None => Err(Error::InvalidArgument(format!(
+                "adapter module `{module}`: {} has no tensor `{key}`: was the adapter trained on another base model?",
+                model.display()
+            ))),
         }
     };
     if proj == "down_proj" {
@@ -505,7 +625,10 @@ fn moe_terms<'a>(model: &Path, ckpt: &Checkpoint, module: &str, pair: &'a LoraPa
     // gate_up: B's first half of the rows is gate's, the second up's.
     let half = out_f / 2;
     let r = pair.a.shape[0];
-    let rows = |lo: usize| LoraPair { a: pair.a.clone(), b: HostTensor { shape: vec![half, r], data: pair.b.data[lo * r..(lo + half) * r].to_vec() } };
+    let rows = |lo: usize| LoraPair {
+        a: pair.a.clone(),
+        b: HostTensor { shape: vec![half, r], data: pair.b.data[lo * r..(lo + half) * r].to_vec() },
+    };
     let (g, u) = (key("gate_proj", "w1"), key("up_proj", "w3"));
     check(&g, [half, in_f])?;
     check(&u, [half, in_f])?;

@@ -6,7 +6,8 @@ use crate::export::merge::{MergeDtype, MergeInput, MergeOptions, MergeSummary};
 
 /// A model card for a merged model (YAML front matter the Hub reads, then plain Markdown).
 pub fn merged_model_card(base: &Path, inputs: &[MergeInput], opts: MergeOptions, summary: &MergeSummary) -> String {
-    let base_name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| base.display().to_string());
+    let base_name =
+        base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| base.display().to_string());
     let hub_base = inputs
         .iter()
         .map(|i| i.adapter.base_model.as_str())
@@ -28,7 +29,9 @@ pub fn merged_model_card(base: &Path, inputs: &[MergeInput], opts: MergeOptions,
          (`AutoModelForCausalLM.from_pretrained`) and needs no adapter library.\n\n",
         env!("CARGO_PKG_VERSION")
     ));
-    card.push_str("| adapter | trained on | weight | r | lora_alpha | rsLoRA | modules |\n|---|---|---|---|---|---|---|\n");
+    card.push_str(
+        "| adapter | trained on | weight | r | lora_alpha | rsLoRA | modules |\n|---|---|---|---|---|---|---|\n",
+    );
     for i in inputs {
         let c = &i.adapter.config;
         card.push_str(&format!(
@@ -48,7 +51,11 @@ pub fn merged_model_card(base: &Path, inputs: &[MergeInput], opts: MergeOptions,
         summary.tensors,
         summary.shards,
         summary.bytes,
-        if summary.untied { " lm_head was untied from the input embeddings (`tie_word_embeddings: false`)." } else { "" }
+        if summary.untied {
+            " lm_head was untied from the input embeddings (`tie_word_embeddings: false`)."
+        } else {
+            ""
+        }
     ));
     card
 }

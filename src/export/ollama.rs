@@ -111,7 +111,9 @@ pub struct OllamaOptions<'a> {
 /// The Modelfile text, and the format its template was translated from.
 pub fn modelfile(opts: &OllamaOptions) -> (String, Option<ChatFormat>) {
     let format = opts.chat_template.and_then(ChatFormat::detect);
-    let mut out = String::from("# Written by `temper export --format ollama`. Create the model with:\n#   ollama create NAME -f Modelfile\n");
+    let mut out = String::from(
+        "# Written by `temper export --format ollama`. Create the model with:\n#   ollama create NAME -f Modelfile\n",
+    );
     out.push_str(&format!("FROM {}\nADAPTER ./adapter.gguf\n", opts.from));
     let mut stops: Vec<&str> = Vec::new();
     match format {
@@ -119,7 +121,9 @@ pub fn modelfile(opts: &OllamaOptions) -> (String, Option<ChatFormat>) {
             out.push_str(&format!("TEMPLATE \"\"\"{}\"\"\"\n", f.ollama_template()));
             stops.extend(f.stops());
         }
-        None => out.push_str("# No TEMPLATE: the base's chat format is not one Temper translates; Ollama keeps the base model's.\n"),
+        None => out.push_str(
+            "# No TEMPLATE: the base's chat format is not one Temper translates; Ollama keeps the base model's.\n",
+        ),
     }
     if let Some(eos) = opts.eos_token.filter(|e| !e.is_empty() && !stops.contains(e)) {
         stops.push(eos);
@@ -132,9 +136,18 @@ pub fn modelfile(opts: &OllamaOptions) -> (String, Option<ChatFormat>) {
 
 /// Write `adapter.gguf` and `Modelfile` into the folder `out`, atomically. `hf_base` is the
 /// adapter's base model in the Hugging Face layout (its config.json names the architecture).
-pub fn write_ollama(adapter: &Adapter, hf_base: &Path, opts: &OllamaOptions, out: &Path, mode: WriteMode) -> Result<Option<ChatFormat>> {
+pub fn write_ollama(
+    adapter: &Adapter,
+    hf_base: &Path,
+    opts: &OllamaOptions,
+    out: &Path,
+    mode: WriteMode,
+) -> Result<Option<ChatFormat>> {
     if opts.from.trim().is_empty() || opts.from.contains('\n') {
-        return Err(Error::InvalidArgument(format!("--base {:?}: expected an Ollama model name or a GGUF file", opts.from)));
+        return Err(Error::InvalidArgument(format!(
+            "--base {:?}: expected an Ollama model name or a GGUF file",
+            opts.from
+        )));
     }
     let gguf = gguf_file_bytes(adapter, hf_base, opts.gguf_type)?;
     let (text, format) = modelfile(opts);

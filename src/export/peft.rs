@@ -109,25 +109,22 @@ impl Adapter {
             });
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let file: PeftConfigFile = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: cfg_path.clone(),
-            source,
-        })?;
+        let file: PeftConfigFile =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
         let config = file.to_lora_config(&cfg_path)?;
         let base_model = file.base_model_name_or_path.clone().unwrap_or_default();
         let (mut modules, nested) = read_tensors(&dir.join(WEIGHTS_FILE))?;
         let targets = |fused: &str| {
-            let hit = config.target_parameters.iter().flatten().any(|t| fused == t || fused.ends_with(&format!(".{t}")));
-            if hit { config.rank_alpha(fused).0 } else { 0 }
+            let hit =
+                config.target_parameters.iter().flatten().any(|t| fused == t || fused.ends_with(&format!(".{t}")));
+            if hit {
+                config.rank_alpha(fused).0
+            } else {
+                0
+            }
         };
         let expert_format = crate::export::experts::split_experts(&mut modules, targets, &dir.join(WEIGHTS_FILE))?;
-        Ok(Adapter {
-            config,
-            base_model,
-            modules,
-            nested,
-            expert_format,
-        })
+        Ok(Adapter { config, base_model, modules, nested, expert_format })
     }
 
     /// Write `adapter_config.json` (2-space indent, sorted keys) and
@@ -136,13 +133,18 @@ impl Adapter {
     pub fn write(&self, dir: &Path, mode: WriteMode, extra_files: &[(&str, Vec<u8>)]) -> Result<()> {
         for (name, pair) in &self.modules {
             if pair.a.data.iter().chain(&pair.b.data).any(|x| !x.is_finite()) {
-                return Err(Error::NonFinite(format!("adapter weights of {name}; nothing written to {}", dir.display())));
+                return Err(Error::NonFinite(format!(
+                    "adapter weights of {name}; nothing written to {}",
+                    dir.display()
+                )));
             }
         }
-        let config = serde_json::to_string_pretty(&self.config_json()).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let config =
+            serde_json::to_string_pretty(&self.config_json()).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let weights = self.safetensors_bytes()?;
         write_dir_atomically(dir, mode, |tmp| {
-            std::fs::write(tmp.join(CONFIG_FILE), config.as_bytes()).map_err(|e| Error::io(tmp.join(CONFIG_FILE), e))?;
+            std::fs::write(tmp.join(CONFIG_FILE), config.as_bytes())
+                .map_err(|e| Error::io(tmp.join(CONFIG_FILE), e))?;
             std::fs::write(tmp.join(WEIGHTS_FILE), &weights).map_err(|e| Error::io(tmp.join(WEIGHTS_FILE), e))?;
             for (name, bytes) in extra_files {
                 std::fs::write(tmp.join(name), bytes).map_err(|e| Error::io(tmp.join(name), e))?;
@@ -163,7 +165,8 @@ impl Adapter {
             ExpertFormat::Fused => None,
         };
         let names: Vec<&String> = per.as_ref().map_or_else(|| self.modules.keys().collect(), |p| p.keys().collect());
-        let targets: std::collections::BTreeSet<String> = names.iter().filter(|m| per.is_some() || moe_parameter(m).is_none()).map(|m| target_name(m)).collect();
+        let targets: std::collections::BTreeSet<String> =
+            names.iter().filter(|m| per.is_some() || moe_parameter(m).is_none()).map(|m| target_name(m)).collect();
         let params: std::collections::BTreeSet<String> = names
             .iter()
             .filter(|m| per.is_none() || m.ends_with(".mlp.gate") || m.ends_with(".mlp.router"))
@@ -212,7 +215,9 @@ impl Adapter {
     fn safetensors_bytes(&self) -> Result<Vec<u8>> {
         let mut entries: Vec<(String, &HostTensor)> = Vec::new();
         let (fused, _) = match self.expert_format {
-            crate::export::experts::ExpertFormat::PerExpert { mixtral } => (crate::export::experts::per_expert(&self.modules, mixtral), Vec::new()),
+            crate::export::experts::ExpertFormat::PerExpert { mixtral } => {
+                (crate::export::experts::per_expert(&self.modules, mixtral), Vec::new())
+            }
             crate::export::experts::ExpertFormat::Fused => crate::export::experts::fuse_experts(&self.modules)?,
         };
         for (module, pair) in &fused {
@@ -239,8 +244,12 @@ fn target_name(module: &str) -> String {
 }
 
 /// Serialise f32 host tensors (name, tensor) into safetensors bytes with `metadata`.
-pub fn f32_safetensors(entries: &[(String, &HostTensor)], metadata: std::collections::HashMap<String, String>) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = entries.iter().map(|(_, t)| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+pub fn f32_safetensors(
+    entries: &[(String, &HostTensor)],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> =
+        entries.iter().map(|(_, t)| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = entries
         .iter()
         .zip(&bytes)
@@ -250,7 +259,8 @@ pub fn f32_safetensors(entries: &[(String, &HostTensor)], metadata: std::collect
                 .map_err(|e| Error::InvalidArgument(format!("tensor {k}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::InvalidArgument(format!("serialising safetensors: {e}")))
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::InvalidArgument(format!("serialising safetensors: {e}")))
 }
 
 impl PeftConfigFile {
@@ -275,7 +285,11 @@ impl PeftConfigFile {
             return Err(refuse("fan_in_fan_out", "true".into(), "GPT-2 style Conv1D layouts are not supported"));
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(refuse("modules_to_save", format!("{:?}", self.modules_to_save), "fully trained extra modules are not supported"));
+            return Err(refuse(
+                "modules_to_save",
+                format!("{:?}", self.modules_to_save),
+                "fully trained extra modules are not supported",
+            ));
         }
         if self.lora_bias {
             return Err(refuse("lora_bias", "true".into(), "LoRA bias terms are not supported"));
@@ -289,14 +303,20 @@ impl PeftConfigFile {
             ("alora_invocation_tokens", &self.alora_invocation_tokens),
         ] {
             if v.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(refuse(key, v.as_ref().map(Value::to_string).unwrap_or_default(), "this PEFT option is not supported"));
+                return Err(refuse(
+                    key,
+                    v.as_ref().map(Value::to_string).unwrap_or_default(),
+                    "this PEFT option is not supported",
+                ));
             }
         }
         let layers_to_transform = match &self.layers_to_transform {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as usize]),
             Some(Value::Array(a)) => Some(a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect()),
-            Some(other) => return Err(refuse("layers_to_transform", other.to_string(), "expected an integer or a list")),
+            Some(other) => {
+                return Err(refuse("layers_to_transform", other.to_string(), "expected an integer or a list"))
+            }
         };
         let init_lora_weights = match &self.init_lora_weights {
             Some(Value::Bool(b)) => LoraInit::Flag(*b),
@@ -316,8 +336,12 @@ impl PeftConfigFile {
             alpha_pattern: self.alpha_pattern.clone().unwrap_or_default(),
             target_parameters: match &self.target_parameters {
                 None | Some(Value::Null) => None,
-                Some(Value::Array(a)) if a.iter().all(Value::is_string) => Some(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
-                Some(other) => return Err(refuse("target_parameters", other.to_string(), "expected a list of parameter names")),
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+                    Some(a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                }
+                Some(other) => {
+                    return Err(refuse("target_parameters", other.to_string(), "expected a list of parameter names"))
+                }
             },
         })
     }
@@ -326,10 +350,8 @@ impl PeftConfigFile {
 /// `adapter_model.safetensors` -> A/B pairs by module name (f32, bf16 and f16 accepted).
 fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
     let mut a_parts: BTreeMap<String, HostTensor> = BTreeMap::new();
     let mut b_parts: BTreeMap<String, HostTensor> = BTreeMap::new();
     let mut nested = false;
@@ -347,10 +369,7 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
             tensor: key.clone(),
             dtype: format!("{:?}", view.dtype()),
         })?;
-        let t = HostTensor {
-            shape: view.shape().to_vec(),
-            data,
-        };
+        let t = HostTensor { shape: view.shape().to_vec(), data };
         if t.shape.len() != 2 {
             return Err(Error::TensorShape {
                 path: path.to_path_buf(),
@@ -361,7 +380,11 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
         }
         let (module, composite) = internal_module(&module);
         nested |= composite;
-        if which == 'A' { a_parts.insert(module, t) } else { b_parts.insert(module, t) };
+        if which == 'A' {
+            a_parts.insert(module, t)
+        } else {
+            b_parts.insert(module, t)
+        };
     }
     let mut out = BTreeMap::new();
     for (module, a) in a_parts {

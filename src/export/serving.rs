@@ -44,8 +44,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::export::gguf;
-use crate::export::serving_delta_net as delta_net;
 use crate::export::peft::{LoraPair, CONFIG_FILE, WEIGHTS_FILE};
+use crate::export::serving_delta_net as delta_net;
 use crate::lora::module_names;
 use crate::model::names::{internal_module, peft_module};
 use crate::model::DecoderConfig;
@@ -77,8 +77,14 @@ impl ServingBase {
         let mut modules: Vec<String> = module_names(&cfg).iter().map(|m| peft_module(m, composite)).collect();
         // The 2-D per-expert names of every expert (what `--format peft-per-expert` writes).
         let mixtral = cfg.model_type == "mixtral";
-        let experts: BTreeMap<String, LoraPair> = modules.iter().filter(|m| crate::export::experts::split_expert_name(m).is_some()).map(|m| (m.clone(), LoraPair::placeholder())).collect();
-        modules.extend(crate::export::experts::per_expert(&experts, mixtral).into_keys().filter(|k| !experts.contains_key(k)));
+        let experts: BTreeMap<String, LoraPair> = modules
+            .iter()
+            .filter(|m| crate::export::experts::split_expert_name(m).is_some())
+            .map(|m| (m.clone(), LoraPair::placeholder()))
+            .collect();
+        modules.extend(
+            crate::export::experts::per_expert(&experts, mixtral).into_keys().filter(|k| !experts.contains_key(k)),
+        );
         Ok(ServingBase { model_type: raw["model_type"].as_str().unwrap_or_default().to_string(), modules })
     }
 }
@@ -133,12 +139,17 @@ pub fn check_adapter(dir: &Path, base: Option<&ServingBase>) -> Result<Vec<Verdi
     let cfg: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
     let weights = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors { path: weights.clone(), reason: e.to_string() })?;
-    let mut tensors: Vec<TensorInfo> = meta.tensors().into_iter().map(|(name, info)| TensorInfo { name, shape: info.shape.clone() }).collect();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Safetensors { path: weights.clone(), reason: e.to_string() })?;
+    let mut tensors: Vec<TensorInfo> =
+        meta.tensors().into_iter().map(|(name, info)| TensorInfo { name, shape: info.shape.clone() }).collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     // PEFT's 3-D expert LoRA (`target_parameters`) is one verdict per server, not one per tensor.
-    let (experts, tensors): (Vec<TensorInfo>, Vec<TensorInfo>) = tensors.into_iter().partition(|t| t.name.contains(".mlp.experts.lora_") || t.name.contains(".mlp.experts.base_layer.lora_"));
-    let mut verdicts = vec![vllm(&cfg, &tensors, base), llama_cpp(&cfg, &tensors, base), mistral_rs(&cfg, &tensors, base)];
+    let (experts, tensors): (Vec<TensorInfo>, Vec<TensorInfo>) = tensors
+        .into_iter()
+        .partition(|t| t.name.contains(".mlp.experts.lora_") || t.name.contains(".mlp.experts.base_layer.lora_"));
+    let mut verdicts =
+        vec![vllm(&cfg, &tensors, base), llama_cpp(&cfg, &tensors, base), mistral_rs(&cfg, &tensors, base)];
     let model_type = base.map(|b| b.model_type.as_str());
     if !experts.is_empty() {
         let layers = experts.iter().filter(|t| t.name.ends_with("lora_A.weight")).count();
@@ -168,7 +179,10 @@ pub fn check_adapter(dir: &Path, base: Option<&ServingBase>) -> Result<Vec<Verdi
 fn split_key(name: &str) -> Option<(String, &str)> {
     let parts: Vec<&str> = name.split('.').collect();
     let n = parts.len();
-    let ok = name.starts_with("base_model.model.") && n >= 4 && parts[n - 1] == "weight" && (parts[n - 2] == "lora_A" || parts[n - 2] == "lora_B");
+    let ok = name.starts_with("base_model.model.")
+        && n >= 4
+        && parts[n - 1] == "weight"
+        && (parts[n - 2] == "lora_A" || parts[n - 2] == "lora_B");
     ok.then(|| (parts[2..n - 2].join("."), parts[n - 2]))
 }
 
@@ -224,7 +238,8 @@ fn vllm(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) -> Verd
         Some(&m) if m > VLLM_DEFAULT_MAX_RANK => v.notes.push(format!("start vLLM with --max-lora-rank {m}")),
         Some(_) => {}
     }
-    let supported: Option<std::collections::BTreeSet<&str>> = base.map(|b| b.modules.iter().map(|m| last_name(m)).collect());
+    let supported: Option<std::collections::BTreeSet<&str>> =
+        base.map(|b| b.modules.iter().map(|m| last_name(m)).collect());
     for t in tensors {
         match split_key(&t.name) {
             None => v.problems.push(("V6", format!("tensor `{}` is not a LoRA weight vLLM reads", t.name))),
@@ -238,7 +253,10 @@ fn vllm(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) -> Verd
         }
     }
     if non_empty(cfg, "rank_pattern") || non_empty(cfg, "alpha_pattern") {
-        v.problems.push(("V8", "rank_pattern / alpha_pattern give per-module scales; vLLM applies one lora_alpha / r to all".into()));
+        v.problems.push((
+            "V8",
+            "rank_pattern / alpha_pattern give per-module scales; vLLM applies one lora_alpha / r to all".into(),
+        ));
     }
     if base.is_none() {
         v.notes.push("base model not found: module names unchecked".into());
@@ -274,7 +292,9 @@ fn llama_cpp(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) ->
     if v.ok() {
         v.notes.push("as the GGUF of `temper export --format gguf`".into());
         if flag(cfg, "use_rslora") || non_empty(cfg, "alpha_pattern") {
-            v.notes.push("llama.cpp's convert_lora_to_gguf.py would under-scale this rsLoRA / alpha_pattern adapter".into());
+            v.notes.push(
+                "llama.cpp's convert_lora_to_gguf.py would under-scale this rsLoRA / alpha_pattern adapter".into(),
+            );
         }
     }
     v
@@ -285,7 +305,12 @@ fn mistral_rs(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) -
     if cfg.get("peft_type").and_then(Value::as_str).is_some_and(|p| p != "LORA") {
         v.problems.push(("M1", "peft_type is not LORA".into()));
     }
-    if flag(cfg, "use_dora") || bias_set(cfg) || flag(cfg, "lora_bias") || non_empty(cfg, "modules_to_save") || flag(cfg, "use_qalora") {
+    if flag(cfg, "use_dora")
+        || bias_set(cfg)
+        || flag(cfg, "lora_bias")
+        || non_empty(cfg, "modules_to_save")
+        || flag(cfg, "use_qalora")
+    {
         v.problems.push(("M1", "DoRA, biases, modules_to_save or QA-LoRA".into()));
     }
     for key in ["alora_invocation_tokens", "layer_replication", "trainable_token_indices"] {
@@ -295,12 +320,14 @@ fn mistral_rs(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) -
     }
     match cfg.get("init_lora_weights") {
         None | Some(Value::Null) | Some(Value::Bool(_)) => {}
-        Some(Value::String(s)) if !["pissa", "olora", "corda", "loftq", "lora_ga"].iter().any(|p| s.to_lowercase().starts_with(p)) => {}
+        Some(Value::String(s))
+            if !["pissa", "olora", "corda", "loftq", "lora_ga"].iter().any(|p| s.to_lowercase().starts_with(p)) => {}
         Some(other) => v.problems.push(("M2", format!("init_lora_weights {other} transforms the base weights"))),
     }
     let r = rank(cfg);
     let ranks = rank_pattern(cfg);
-    let alphas: BTreeMap<String, f64> = serde_json::from_value(cfg.get("alpha_pattern").cloned().unwrap_or(Value::Null)).unwrap_or_default();
+    let alphas: BTreeMap<String, f64> =
+        serde_json::from_value(cfg.get("alpha_pattern").cloned().unwrap_or(Value::Null)).unwrap_or_default();
     let alpha_ok = cfg.get("lora_alpha").and_then(Value::as_f64).is_some_and(f64::is_finite);
     if r == 0 || !alpha_ok || ranks.values().any(|&x| x == 0) || alphas.values().any(|a| !a.is_finite()) {
         v.problems.push(("M3", "rank 0 or a non-finite alpha".into()));
@@ -315,7 +342,9 @@ fn mistral_rs(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) -
     };
     match &targets {
         None => v.problems.push(("M4", "target_modules is not a list of names (a regex or missing)".into())),
-        Some(t) if t.is_empty() || t.iter().any(String::is_empty) => v.problems.push(("M4", "target_modules is empty or has an empty name".into())),
+        Some(t) if t.is_empty() || t.iter().any(String::is_empty) => {
+            v.problems.push(("M4", "target_modules is empty or has an empty name".into()))
+        }
         Some(_) => {}
     }
     let mut sites = 0;
@@ -337,7 +366,8 @@ fn mistral_rs(cfg: &Value, tensors: &[TensorInfo], base: Option<&ServingBase>) -
         if module == "lm_head" && which == "lora_A" {
             v.problems.push(("M5", "an adapter on lm_head".into()));
         }
-        let want = ranks.iter().find(|(k, _)| module == **k || module.ends_with(&format!(".{k}"))).map_or(r, |(_, &x)| x);
+        let want =
+            ranks.iter().find(|(k, _)| module == **k || module.ends_with(&format!(".{k}"))).map_or(r, |(_, &x)| x);
         let rank_dim = match (t.shape.len(), which) {
             (2, "lora_A") => Some(t.shape[0]),
             (2, _) => Some(t.shape[1]),

@@ -35,20 +35,11 @@
 use crate::export::serving::Verdict;
 
 /// The DeltaNet's input projections, as the checkpoints name them.
-const INPUT_PROJECTIONS: [&str; 6] = [
-    "in_proj_qkv",
-    "in_proj_z",
-    "in_proj_b",
-    "in_proj_a",
-    "in_proj_qkvz",
-    "in_proj_ba",
-];
+const INPUT_PROJECTIONS: [&str; 6] =
+    ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba"];
 
 fn is_qwen35(model_type: Option<&str>) -> bool {
-    matches!(
-        model_type,
-        Some("qwen3_5_text" | "qwen3_5" | "qwen3_5_moe_text" | "qwen3_5_moe")
-    )
+    matches!(model_type, Some("qwen3_5_text" | "qwen3_5" | "qwen3_5_moe_text" | "qwen3_5_moe"))
 }
 
 fn last_name(module: &str) -> &str {
@@ -68,11 +59,7 @@ pub fn vllm_3d_experts(model_type: Option<&str>, names: &[&str]) -> Option<Resul
             *both |= name[at..].starts_with(".mlp.experts.base_layer.");
         }
     }
-    let half: Vec<&str> = layers
-        .iter()
-        .filter(|(_, both)| !**both)
-        .map(|(layer, _)| *layer)
-        .collect();
+    let half: Vec<&str> = layers.iter().filter(|(_, both)| !**both).map(|(layer, _)| *layer).collect();
     Some(match half.first() {
         None => Ok(()),
         Some(first) => Err(format!(
@@ -93,15 +80,9 @@ pub fn rules(model_type: Option<&str>, modules: &[String], verdicts: &mut [Verdi
     let has = |names: &[&str]| modules.iter().any(|m| names.contains(&last_name(m)));
     if let Some(vllm) = verdicts.first_mut() {
         if qwen35 && has(&["in_proj_b", "in_proj_a"]) {
-            vllm.notes.push(
-                "vLLM packs in_proj_b and in_proj_a into its in_proj_ba, one LoRA slice each"
-                    .into(),
-            );
+            vllm.notes.push("vLLM packs in_proj_b and in_proj_a into its in_proj_ba, one LoRA slice each".into());
         }
-        let per_expert = modules
-            .iter()
-            .filter(|m| crate::export::experts::split_expert_name(m).is_some())
-            .count();
+        let per_expert = modules.iter().filter(|m| crate::export::experts::split_expert_name(m).is_some()).count();
         if model_type == Some("qwen3_5_moe") && per_expert > 0 {
             vllm.problems.push((
                 "V9",
@@ -113,11 +94,8 @@ pub fn rules(model_type: Option<&str>, modules: &[String], verdicts: &mut [Verdi
         }
     }
     let fused: Vec<&str> = {
-        let mut names: Vec<&str> = modules
-            .iter()
-            .map(|m| last_name(m))
-            .filter(|n| INPUT_PROJECTIONS.contains(n))
-            .collect();
+        let mut names: Vec<&str> =
+            modules.iter().map(|m| last_name(m)).filter(|n| INPUT_PROJECTIONS.contains(n)).collect();
         names.sort_unstable();
         names.dedup();
         names
@@ -125,7 +103,10 @@ pub fn rules(model_type: Option<&str>, modules: &[String], verdicts: &mut [Verdi
     if let (Some(mistral), false) = (verdicts.get_mut(2), fused.is_empty()) {
         mistral.problems.push((
             "M10",
-            format!("mistral.rs loads the DeltaNet's input projections ({}) as plain Linear layers, which take no LoRA", fused.join(", ")),
+            format!(
+                "mistral.rs loads the DeltaNet's input projections ({}) as plain Linear layers, which take no LoRA",
+                fused.join(", ")
+            ),
         ));
     }
 }

@@ -35,10 +35,7 @@ pub struct ShardReader {
 impl ShardReader {
     /// Read and check the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |reason: String| Error::Safetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::Safetensors { path: path.to_path_buf(), reason };
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut len_bytes = [0u8; 8];
@@ -49,7 +46,8 @@ impl ShardReader {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-        let mut map: BTreeMap<String, Value> = serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let mut map: BTreeMap<String, Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
         let metadata = match map.remove("__metadata__") {
             None | Some(Value::Null) => None,
             Some(v) => Some(serde_json::from_value(v).map_err(|e| bad(format!("__metadata__: {e}")))?),
@@ -66,20 +64,20 @@ impl ShardReader {
             let [start, stop] = e.data_offsets;
             let want = nbytes(e.dtype, &e.shape);
             if start != end || stop < start || stop - start != want {
-                return Err(bad(format!("tensor `{name}` has data offsets {:?}, expected [{end}, {}]", e.data_offsets, end + want)));
+                return Err(bad(format!(
+                    "tensor `{name}` has data offsets {:?}, expected [{end}, {}]",
+                    e.data_offsets,
+                    end + want
+                )));
             }
             end = stop;
         }
         if end as u64 != data_len {
-            return Err(bad(format!("tensor data ends at byte {end} but the file holds {data_len} data bytes: truncated download?")));
+            return Err(bad(format!(
+                "tensor data ends at byte {end} but the file holds {data_len} data bytes: truncated download?"
+            )));
         }
-        Ok(ShardReader {
-            path: path.to_path_buf(),
-            file,
-            data_start: 8 + header_len,
-            metadata,
-            tensors,
-        })
+        Ok(ShardReader { path: path.to_path_buf(), file, data_start: 8 + header_len, metadata, tensors })
     }
 
     /// The raw little-endian bytes of tensor `index`.
@@ -213,20 +211,24 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     /// Write the header for `tensors` (name, dtype, shape), laid out contiguously in that order.
-    pub fn create(path: &Path, tensors: &[(String, Dtype, Vec<usize>)], metadata: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Dtype, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
         let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| Error::InvalidArgument(e.to_string()))?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        );
         let mut planned = Vec::with_capacity(tensors.len());
         let mut offset = 0usize;
         for (name, dtype, shape) in tensors {
             let n = nbytes(*dtype, shape);
-            let entry = TensorEntry {
-                dtype: *dtype,
-                shape: shape.clone(),
-                data_offsets: [offset, offset + n],
-            };
+            let entry = TensorEntry { dtype: *dtype, shape: shape.clone(), data_offsets: [offset, offset + n] };
             offset += n;
-            header.insert(name.clone(), serde_json::to_value(&entry).map_err(|e| Error::InvalidArgument(e.to_string()))?);
+            header
+                .insert(name.clone(), serde_json::to_value(&entry).map_err(|e| Error::InvalidArgument(e.to_string()))?);
             planned.push((name.clone(), entry));
         }
         let mut json = serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -236,21 +238,24 @@ impl ShardWriter {
         }
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&(json.len() as u64).to_le_bytes()).and_then(|_| out.write_all(&json)).map_err(|e| Error::io(path, e))?;
-        Ok(ShardWriter {
-            path: path.to_path_buf(),
-            out,
-            planned,
-            next: 0,
-        })
+        out.write_all(&(json.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(&json))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(ShardWriter { path: path.to_path_buf(), out, planned, next: 0 })
     }
 
     /// Append the next tensor's bytes; its name and size must be the planned ones.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let (want, entry) = self.planned.get(self.next).ok_or_else(|| Error::InvalidArgument(format!("{}: tensor `{name}` was not planned", self.path.display())))?;
+        let (want, entry) = self.planned.get(self.next).ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: tensor `{name}` was not planned", self.path.display()))
+        })?;
         let size = entry.data_offsets[1] - entry.data_offsets[0];
         if want != name || size != bytes.len() {
-            return Err(Error::InvalidArgument(format!("{}: expected tensor `{want}` of {size} bytes, got `{name}` of {} bytes", self.path.display(), bytes.len())));
+            return Err(Error::InvalidArgument(format!(
+                "{}: expected tensor `{want}` of {size} bytes, got `{name}` of {} bytes",
+                self.path.display(),
+                bytes.len()
+            )));
         }
         self.out.write_all(bytes).map_err(|e| Error::io(&self.path, e))?;
         self.next += 1;
@@ -260,7 +265,12 @@ impl ShardWriter {
     /// Flush and sync; every planned tensor must have been written.
     pub fn finish(mut self) -> Result<u64> {
         if self.next != self.planned.len() {
-            return Err(Error::InvalidArgument(format!("{}: {} of {} tensors written", self.path.display(), self.next, self.planned.len())));
+            return Err(Error::InvalidArgument(format!(
+                "{}: {} of {} tensors written",
+                self.path.display(),
+                self.next,
+                self.planned.len()
+            )));
         }
         self.out.flush().map_err(|e| Error::io(&self.path, e))?;
         let file = self.out.into_inner().map_err(|e| Error::io(&self.path, e.into_error()))?;

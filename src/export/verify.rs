@@ -26,12 +26,22 @@ pub struct VerifyReport {
 /// Compare logits of `base` + `inputs` (unmerged) with `merged` on `tokens` token ids, in f32
 /// on `device`. The two models are streamed side by side, one decoder layer of each loaded at a
 /// time: peak memory is the embeddings and heads of both plus two layers, never a whole model.
-pub fn verify_merge<B: TemperBackend>(base: &Path, inputs: &[MergeInput], merged: &Path, tokens: &[u32], device: &B::Device) -> Result<VerifyReport> {
+pub fn verify_merge<B: TemperBackend>(
+    base: &Path,
+    inputs: &[MergeInput],
+    merged: &Path,
+    tokens: &[u32],
+    device: &B::Device,
+) -> Result<VerifyReport> {
     let combined = combine(inputs)?;
     let (_, cfg_base) = DecoderConfig::from_model_dir(base)?;
     let (_, cfg_merged) = DecoderConfig::from_model_dir(merged)?;
     if cfg_base.num_layers != cfg_merged.num_layers || cfg_base.vocab_size != cfg_merged.vocab_size {
-        return Err(Error::InvalidArgument(format!("--verify: {} and {} are not the same architecture", base.display(), merged.display())));
+        return Err(Error::InvalidArgument(format!(
+            "--verify: {} and {} are not the same architecture",
+            base.display(),
+            merged.display()
+        )));
     }
     let mut w_base = WeightSource::Checkpoint(Checkpoint::open(base)?);
     let mut w_merged = WeightSource::Checkpoint(Checkpoint::open(merged)?);
@@ -55,7 +65,10 @@ pub fn verify_merge<B: TemperBackend>(base: &Path, inputs: &[MergeInput], merged
         x_merged = layer.forward(x_merged, &ctx_merged, None);
     }
     if let Some(name) = remaining.keys().next() {
-        return Err(Error::InvalidArgument(format!("--verify: the adapters have weights for `{name}`, which {} does not have", base.display())));
+        return Err(Error::InvalidArgument(format!(
+            "--verify: the adapters have weights for `{name}`, which {} does not have",
+            base.display()
+        )));
     }
     let want = logits(head_base.logits(head_base.model.norm.forward(x_base)))?;
     let got = logits(head_merged.logits(head_merged.model.norm.forward(x_merged)))?;
@@ -94,7 +107,9 @@ pub fn combine(inputs: &[MergeInput]) -> Result<Adapter> {
         let mut col = 0;
         for (p, s) in &list {
             if p.a.shape[1] != d_in || p.b.shape[0] != d_out {
-                return Err(Error::InvalidArgument(format!("adapters disagree on the shape of `{m}`: were they trained on different base models?")));
+                return Err(Error::InvalidArgument(format!(
+                    "adapters disagree on the shape of `{m}`: were they trained on different base models?"
+                )));
             }
             let r = p.a.shape[0];
             a.extend_from_slice(&p.a.data);
@@ -105,10 +120,17 @@ pub fn combine(inputs: &[MergeInput]) -> Result<Adapter> {
             }
             col += r;
         }
-        modules.insert(m, LoraPair { a: HostTensor { shape: vec![rank, d_in], data: a }, b: HostTensor { shape: vec![d_out, rank], data: b } });
+        modules.insert(
+            m,
+            LoraPair {
+                a: HostTensor { shape: vec![rank, d_in], data: a },
+                b: HostTensor { shape: vec![d_out, rank], data: b },
+            },
+        );
     }
     let r0 = modules.values().next().map_or(1, |p| p.a.shape[0]);
-    let odd: BTreeMap<String, usize> = modules.iter().filter(|(_, p)| p.a.shape[0] != r0).map(|(m, p)| (regex::escape(m), p.a.shape[0])).collect();
+    let odd: BTreeMap<String, usize> =
+        modules.iter().filter(|(_, p)| p.a.shape[0] != r0).map(|(m, p)| (regex::escape(m), p.a.shape[0])).collect();
     let config = LoraConfig {
         r: r0,
         lora_alpha: r0 as f64,
@@ -117,5 +139,11 @@ pub fn combine(inputs: &[MergeInput]) -> Result<Adapter> {
         rank_pattern: odd,
         ..LoraConfig::default()
     };
-    Ok(Adapter { config, base_model: first.adapter.base_model.clone(), modules, nested: first.adapter.nested, expert_format: first.adapter.expert_format })
+    Ok(Adapter {
+        config,
+        base_model: first.adapter.base_model.clone(),
+        modules,
+        nested: first.adapter.nested,
+        expert_format: first.adapter.expert_format,
+    })
 }

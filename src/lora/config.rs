@@ -111,7 +111,9 @@ impl LoraConfig {
         match &self.init_lora_weights {
             LoraInit::Flag(_) => {}
             LoraInit::Named(n) if n == "gaussian" => {}
-            LoraInit::Named(n) => return Err(format!("`init_lora_weights` {n:?} is not supported (true, false or \"gaussian\")")),
+            LoraInit::Named(n) => {
+                return Err(format!("`init_lora_weights` {n:?} is not supported (true, false or \"gaussian\")"))
+            }
         }
         if self.target_parameters.as_ref().is_some_and(|t| !t.is_empty()) && self.lora_dropout > 0.0 {
             return Err(format!("`lora_dropout` {} with `target_parameters`: PEFT's LoRA on parameters has no dropout (it refuses to load such an adapter); set lora_dropout: 0", self.lora_dropout));
@@ -124,7 +126,8 @@ impl LoraConfig {
         }
         if let TargetModules::Pattern(p) = &self.target_modules {
             if p != "all-linear" {
-                regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| format!("`target_modules` is not a valid regex: {e}"))?;
+                regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| format!("`target_modules` is not a valid regex: {e}"))?;
             }
         }
         Ok(())

@@ -6,10 +6,10 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::linear::{LoraDelta, LoraLinear};
-use crate::model::names::peft_module;
+use crate::model::config::Mixer;
 use crate::model::decoder::DecoderLayer;
 use crate::model::mlp::Mlp;
-use crate::model::config::Mixer;
+use crate::model::names::peft_module;
 use crate::model::{CausalLm, DecoderConfig};
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -106,19 +106,31 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
     for i in 0..cfg.num_layers {
         match (cfg.layer_mixers.get(i), &cfg.delta_net) {
             (Some(Mixer::GatedDeltaNet), Some(dn)) => {
-                let linear: &[&str] = if dn.grouped { &["in_proj_qkvz", "in_proj_ba", "out_proj"] } else { &["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"] };
+                let linear: &[&str] = if dn.grouped {
+                    &["in_proj_qkvz", "in_proj_ba", "out_proj"]
+                } else {
+                    &["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+                };
                 names.extend(linear.iter().map(|n| format!("model.layers.{i}.linear_attn.{n}")));
             }
             _ => {
-                let attn: &[&str] = if cfg.fused_projections { &["qkv_proj", "o_proj"] } else { &["q_proj", "k_proj", "v_proj", "o_proj"] };
+                let attn: &[&str] = if cfg.fused_projections {
+                    &["qkv_proj", "o_proj"]
+                } else {
+                    &["q_proj", "k_proj", "v_proj", "o_proj"]
+                };
                 names.extend(attn.iter().map(|n| format!("model.layers.{i}.self_attn.{n}")));
             }
         }
-        let mlp: &[&str] = if cfg.fused_projections { &["gate_up_proj", "down_proj"] } else { &["gate_proj", "up_proj", "down_proj"] };
+        let mlp: &[&str] =
+            if cfg.fused_projections { &["gate_up_proj", "down_proj"] } else { &["gate_proj", "up_proj", "down_proj"] };
         match &cfg.moe {
             Some(m) if m.is_sparse(i) => {
                 let p = format!("model.layers.{i}.mlp");
-                names.push(format!("{p}.{}", if m.naming == crate::model::config::ExpertNaming::GptOss { "router" } else { "gate" }));
+                names.push(format!(
+                    "{p}.{}",
+                    if m.naming == crate::model::config::ExpertNaming::GptOss { "router" } else { "gate" }
+                ));
                 for e in 0..m.num_experts {
                     names.push(format!("{p}.experts.{e}.gate_up_proj"));
                     names.push(format!("{p}.experts.{e}.down_proj"));
@@ -157,7 +169,9 @@ pub fn is_target(cfg: &LoraConfig, module: &str) -> bool {
         return hit && layer_allowed(cfg, module);
     }
     match &cfg.target_modules {
-        TargetModules::Pattern(p) if p == "all-linear" => module != "lm_head" && !opt_in_only(module) && layer_allowed(cfg, module),
+        TargetModules::Pattern(p) if p == "all-linear" => {
+            module != "lm_head" && !opt_in_only(module) && layer_allowed(cfg, module)
+        }
         // A regex ignores layers_to_transform in PEFT.
         TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$")).is_ok_and(|re| re.is_match(module)),
         TargetModules::List(names) => {
@@ -201,7 +215,9 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) 
     let mut rng = StdRng::seed_from_u64(seed);
     // A tied head is the embedding matrix: PEFT would adapt it in place; Temper has no separate
     // head to adapt, so naming it is an error rather than a silent no-op.
-    if model.lm_head.is_none() && matches!(&cfg.target_modules, TargetModules::List(names) if names.iter().any(|n| n == "lm_head")) {
+    if model.lm_head.is_none()
+        && matches!(&cfg.target_modules, TargetModules::List(names) if names.iter().any(|n| n == "lm_head"))
+    {
         return Err(Error::InvalidArgument(
             "lora.target_modules names lm_head, but this model ties lm_head to embed_tokens (tie_word_embeddings): there is no separate head to adapt; remove lm_head from target_modules".into(),
         ));
@@ -237,7 +253,13 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) 
         return Err(Error::InvalidArgument(format!(
             "lora.target_modules {:?} matches no projection of this model (its projections: {})",
             cfg.target_modules,
-            projection_names(model).iter().map(|n| n.rsplit('.').next().unwrap_or(n)).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", ")
+            projection_names(model)
+                .iter()
+                .map(|n| n.rsplit('.').next().unwrap_or(n))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     Ok(targeted)

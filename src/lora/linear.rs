@@ -85,10 +85,8 @@ impl<B: TemperBackend> LoraLinear<B> {
             if let (true, Some(step)) = (lora.dropout > 0.0, dropout::active()) {
                 h = dropout::apply(h, step.mask_key(lora.module), lora.dropout);
             }
-            let delta = h
-                .matmul(lora.lora_a.val().transpose())
-                .matmul(lora.lora_b.val().transpose())
-                .mul_scalar(lora.scaling);
+            let delta =
+                h.matmul(lora.lora_a.val().transpose()).matmul(lora.lora_b.val().transpose()).mul_scalar(lora.scaling);
             y = y + delta.cast(dtype);
         }
         y.reshape([b, t, d_out])

@@ -27,7 +27,12 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &Adapter) -> 
 }
 
 /// Put the adapter's A/B into those of `projections` it has, removing them from `remaining`.
-pub fn apply_to<B: Backend>(projections: Vec<(String, &mut LoraLinear<B>)>, adapter: &Adapter, remaining: &mut BTreeMap<&str, &LoraPair>, device: &B::Device) -> Result<()> {
+pub fn apply_to<B: Backend>(
+    projections: Vec<(String, &mut LoraLinear<B>)>,
+    adapter: &Adapter,
+    remaining: &mut BTreeMap<&str, &LoraPair>,
+    device: &B::Device,
+) -> Result<()> {
     for (name, proj) in projections {
         let Some(pair) = remaining.remove(name.as_str()) else { continue };
         let [d_out, d_in] = proj.dims();
@@ -41,7 +46,9 @@ pub fn apply_to<B: Backend>(projections: Vec<(String, &mut LoraLinear<B>)>, adap
         let (cfg_r, _) = adapter.config.rank_alpha(&name);
         // A per-expert adapter's gate and up pairs become one gate_up pair of twice the rank
         // (export::experts), with the scaling of rank r.
-        let fused_halves = name.ends_with(".gate_up_proj") && crate::export::experts::split_expert_name(&name).is_some() && r == 2 * cfg_r;
+        let fused_halves = name.ends_with(".gate_up_proj")
+            && crate::export::experts::split_expert_name(&name).is_some()
+            && r == 2 * cfg_r;
         if cfg_r != r && !fused_halves {
             return Err(Error::InvalidArgument(format!(
                 "adapter tensor {name}.lora_A has rank {r} but adapter_config.json gives rank {cfg_r} for this module"
@@ -73,13 +80,7 @@ pub fn extract_adapter<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig,
     let mut modules = BTreeMap::new();
     for (name, proj) in projections_mut(model) {
         if let Some(lora) = &proj.lora {
-            modules.insert(
-                name,
-                LoraPair {
-                    a: to_host(lora.lora_a.val())?,
-                    b: to_host(lora.lora_b.val())?,
-                },
-            );
+            modules.insert(name, LoraPair { a: to_host(lora.lora_a.val())?, b: to_host(lora.lora_b.val())? });
         }
     }
     Ok(Adapter {

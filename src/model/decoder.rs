@@ -66,7 +66,12 @@ impl<B: TemperBackend> DecoderLayer<B> {
     }
 
     /// The token mixer's output for normed input `x` `[batch, seq, hidden]`.
-    pub fn mix(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerState<B>>>) -> Tensor<B, 3> {
+    pub fn mix(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &ForwardContext<B>,
+        cache: Option<&mut Option<LayerState<B>>>,
+    ) -> Tensor<B, 3> {
         match (&self.self_attn, &self.linear_attn) {
             (Some(attn), _) => {
                 let rope = match (&ctx.local_rope, attn.local_rope) {
@@ -107,7 +112,12 @@ impl<B: TemperBackend> DecoderLayer<B> {
     }
 
     /// `[batch, seq, hidden]` -> same.
-    pub fn forward(&self, x: Tensor<B, 3>, ctx: &ForwardContext<B>, cache: Option<&mut Option<LayerState<B>>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &ForwardContext<B>,
+        cache: Option<&mut Option<LayerState<B>>>,
+    ) -> Tensor<B, 3> {
         let scaled = |t: Tensor<B, 3>| match self.residual_scale {
             Some(s) => t.mul_scalar(s),
             None => t,
@@ -170,16 +180,20 @@ pub struct ForwardContext<B: Backend> {
 
 impl<B: Backend> ForwardContext<B> {
     /// The context of a model with config `cfg` whose activations are `dtype` on `device`.
-    pub fn new(cfg: &DecoderConfig, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>, dtype: DType, device: &B::Device) -> Self {
+    pub fn new(
+        cfg: &DecoderConfig,
+        positions: &[Vec<usize>],
+        past_len: usize,
+        segments: Option<Vec<Vec<u32>>>,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
         let heads = [cfg.num_heads, cfg.num_kv_heads];
         let tables = |rope: &RopeConfig| rope.tables(positions, &heads, cfg.head_dim, dtype, device);
         ForwardContext {
             rope: tables(&cfg.rope),
             local_rope: cfg.local_rope.as_ref().map(tables),
-            mask: AttentionMask {
-                past_len,
-                segments: segments.map(Arc::new),
-            },
+            mask: AttentionMask { past_len, segments: segments.map(Arc::new) },
             router: None,
         }
     }
@@ -207,10 +221,7 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            len: 0,
-        }
+        Self { layers: vec![None; num_layers], len: 0 }
     }
 }
 
@@ -228,7 +239,12 @@ impl<B: Backend> CausalLm<B> {
 
     /// The model without its layers (embeddings, final norm, head), for running the layers
     /// one at a time as they are loaded ([`load_layer`]).
-    pub fn load_without_layers(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<Self> {
+    pub fn load_without_layers(
+        cfg: &DecoderConfig,
+        weights: &mut WeightSource,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Self> {
         let embed = load_embedding(cfg, weights, dtype, device)?;
         let (norm, lm_head) = load_norm_and_head(cfg, weights, dtype, device)?;
         Ok(Self { model: DecoderModel { embed_tokens: embed, layers: Vec::new(), norm }, lm_head, config: cfg.clone() })
@@ -245,7 +261,12 @@ impl<B: Backend> CausalLm<B> {
 
     /// Rotary tables and masks for `positions` (one row per sequence), `past_len` cached
     /// positions, and optional per-row segment ids (packing).
-    pub fn context(&self, positions: &[Vec<usize>], past_len: usize, segments: Option<Vec<Vec<u32>>>) -> ForwardContext<B> {
+    pub fn context(
+        &self,
+        positions: &[Vec<usize>],
+        past_len: usize,
+        segments: Option<Vec<Vec<u32>>>,
+    ) -> ForwardContext<B> {
         ForwardContext::new(&self.config, positions, past_len, segments, self.dtype(), &self.device())
     }
 
@@ -294,7 +315,12 @@ impl<B: TemperBackend> CausalLm<B> {
     }
 
     /// Final hidden states: `[batch, seq]` token ids -> `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, ctx: &ForwardContext<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden_states(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        ctx: &ForwardContext<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let t = ids.dims()[1];
         let mut x = self.embed(ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -335,12 +361,23 @@ impl<B: TemperBackend> CausalLm<B> {
     }
 }
 
-fn load_embedding<B: Backend>(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<Embedding<B>> {
-    let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [cfg.vocab_size, cfg.hidden_size], dtype, device)?;
+fn load_embedding<B: Backend>(
+    cfg: &DecoderConfig,
+    weights: &mut WeightSource,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<Embedding<B>> {
+    let embed =
+        weights.tensor::<B, 2>("model.embed_tokens.weight", [cfg.vocab_size, cfg.hidden_size], dtype, device)?;
     Ok(Embedding { weight: Param::from_tensor(embed).set_require_grad(false) })
 }
 
-fn load_norm_and_head<B: Backend>(cfg: &DecoderConfig, weights: &mut WeightSource, dtype: DType, device: &B::Device) -> Result<(RmsNorm<B>, Option<LoraLinear<B>>)> {
+fn load_norm_and_head<B: Backend>(
+    cfg: &DecoderConfig,
+    weights: &mut WeightSource,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<(RmsNorm<B>, Option<LoraLinear<B>>)> {
     let h = cfg.hidden_size;
     let norm = RmsNorm::new(weights.norm("model.norm.weight", h, device)?, cfg.rms_norm_eps, cfg.norm_offset);
     let lm_head = if cfg.tie_word_embeddings {
@@ -353,7 +390,13 @@ fn load_norm_and_head<B: Backend>(cfg: &DecoderConfig, weights: &mut WeightSourc
 }
 
 /// Decoder layer `i` from a weight source (merge --verify streams the model layer by layer).
-pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usize, dtype: DType, device: &B::Device) -> Result<DecoderLayer<B>> {
+pub fn load_layer<B: Backend>(
+    cfg: &DecoderConfig,
+    w: &mut WeightSource,
+    i: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<DecoderLayer<B>> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
     let (mlp, moe) = match &cfg.moe {
@@ -396,7 +439,15 @@ pub fn load_layer<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, i: usiz
 
 /// The projection `name` (`{name}.weight` `[out, in]`, optional `{name}.bias`); a bitsandbytes
 /// 4-bit checkpoint (or quantize-on-load) keeps it packed (QLoRA).
-fn load_proj<B: Backend>(w: &mut WeightSource, name: &str, out: usize, inp: usize, bias: bool, dtype: DType, device: &B::Device) -> Result<LoraLinear<B>> {
+fn load_proj<B: Backend>(
+    w: &mut WeightSource,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<LoraLinear<B>> {
     let b = if bias { Some(w.tensor::<B, 1>(&format!("{name}.bias"), [out], dtype, device)?) } else { None };
     if let Some(q) = w.quant4::<B>(&format!("{name}.weight"), [out, inp], device)? {
         return Ok(LoraLinear::frozen_4bit(q, b, device));
@@ -406,7 +457,14 @@ fn load_proj<B: Backend>(w: &mut WeightSource, name: &str, out: usize, inp: usiz
 }
 
 /// A dense gated MLP under `prefix` (`mlp`, `mlp.shared_expert`) of intermediate size `inter`.
-fn load_mlp<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, prefix: &str, inter: usize, dtype: DType, device: &B::Device) -> Result<Mlp<B>> {
+fn load_mlp<B: Backend>(
+    cfg: &DecoderConfig,
+    w: &mut WeightSource,
+    prefix: &str,
+    inter: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<Mlp<B>> {
     let h = cfg.hidden_size;
     let (gate_proj, up_proj, gate_up_proj) = if cfg.fused_projections {
         (None, None, Some(load_proj(w, &format!("{prefix}.gate_up_proj"), 2 * inter, h, false, dtype, device)?))
@@ -422,7 +480,14 @@ fn load_mlp<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, prefix: &str,
 }
 
 /// Layer `p`'s self-attention (`{p}.self_attn.*`).
-fn load_attention<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str, i: usize, dtype: DType, device: &B::Device) -> Result<Attention<B>> {
+fn load_attention<B: Backend>(
+    cfg: &DecoderConfig,
+    w: &mut WeightSource,
+    p: &str,
+    i: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<Attention<B>> {
     let h = cfg.hidden_size;
     let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
     let a = format!("{p}.self_attn");
@@ -441,13 +506,16 @@ fn load_attention<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str
     let o_proj = load_proj(w, &format!("{a}.o_proj"), h, q_dim, cfg.o_bias, dtype, device)?;
     let sinks = if cfg.attention_sinks {
         let s = w.tensor::<B, 1>(&format!("{a}.sinks"), [cfg.num_heads], DType::F32, device)?;
-        let host: Vec<f32> = s.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {a}.sinks: {e:?}")))?;
+        let host: Vec<f32> =
+            s.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {a}.sinks: {e:?}")))?;
         Some(Arc::new(host))
     } else {
         None
     };
     let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
-    let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> { Ok(RmsNorm::new(w.norm(&format!("{a}.{name}.weight"), dim, device)?, eps, off)) };
+    let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
+        Ok(RmsNorm::new(w.norm(&format!("{a}.{name}.weight"), dim, device)?, eps, off))
+    };
     let (q_norm, k_norm) = match (cfg.qk_norm, cfg.qk_norm_whole) {
         (true, false) => (Some(norm("q_norm", cfg.head_dim)?), Some(norm("k_norm", cfg.head_dim)?)),
         (true, true) => (Some(norm("q_norm", q_dim)?), Some(norm("k_norm", kv_dim)?)),
@@ -479,13 +547,25 @@ fn load_attention<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str
 
 /// Layer `p`'s gated delta net (`{p}.linear_attn.*`), in Qwen 3.5's separate-projection layout
 /// or Qwen3-Next's grouped one.
-fn load_delta_net<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str, dtype: DType, device: &B::Device) -> Result<GatedDeltaNet<B>> {
-    let dn = cfg.delta_net.clone().ok_or_else(|| crate::Error::InvalidArgument(format!("{p} is a linear-attention layer, but the config has no delta-net dimensions")))?;
+fn load_delta_net<B: Backend>(
+    cfg: &DecoderConfig,
+    w: &mut WeightSource,
+    p: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<GatedDeltaNet<B>> {
+    let dn = cfg.delta_net.clone().ok_or_else(|| {
+        crate::Error::InvalidArgument(format!(
+            "{p} is a linear-attention layer, but the config has no delta-net dimensions"
+        ))
+    })?;
     let h = cfg.hidden_size;
     let (kd, vd, hv) = (dn.num_k_heads * dn.k_head_dim, dn.num_v_heads * dn.v_head_dim, dn.num_v_heads);
     let a = format!("{p}.linear_attn");
     let channels = 2 * kd + vd;
-    let proj = |w: &mut WeightSource, name: &str, out: usize, inp: usize| load_proj::<B>(w, &format!("{a}.{name}"), out, inp, false, dtype, device);
+    let proj = |w: &mut WeightSource, name: &str, out: usize, inp: usize| {
+        load_proj::<B>(w, &format!("{a}.{name}"), out, inp, false, dtype, device)
+    };
     let (mut qkv, mut z, mut b, mut a_proj, mut qkvz, mut ba) = (None, None, None, None, None, None);
     if dn.grouped {
         qkvz = Some(proj(w, "in_proj_qkvz", 2 * kd + 2 * vd, h)?);
@@ -497,7 +577,9 @@ fn load_delta_net<B: Backend>(cfg: &DecoderConfig, w: &mut WeightSource, p: &str
         a_proj = Some(proj(w, "in_proj_a", hv, h)?);
     }
     let out_proj = proj(w, "out_proj", h, vd)?;
-    let conv = w.tensor::<B, 3>(&format!("{a}.conv1d.weight"), [channels, 1, dn.conv_kernel], dtype, device)?.reshape([channels, dn.conv_kernel]);
+    let conv = w
+        .tensor::<B, 3>(&format!("{a}.conv1d.weight"), [channels, 1, dn.conv_kernel], dtype, device)?
+        .reshape([channels, dn.conv_kernel]);
     let frozen1 = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
     let a_log = w.tensor::<B, 1>(&format!("{a}.A_log"), [hv], DType::F32, device)?;
     let dt_bias = w.tensor::<B, 1>(&format!("{a}.dt_bias"), [hv], DType::F32, device)?;
@@ -563,11 +645,17 @@ fn load_moe<B: Backend>(
             let gate = w.tensor::<B, 2>(&format!("{q}.{}.weight", names[0]), [inter, h], dtype, device)?;
             let up = w.tensor::<B, 2>(&format!("{q}.{}.weight", names[1]), [inter, h], dtype, device)?;
             let down = w.tensor::<B, 2>(&format!("{q}.{}.weight", names[2]), [h, inter], dtype, device)?;
-            experts.push(Expert { gate_up_proj: LoraLinear::frozen(Tensor::cat(vec![gate, up], 0), None), down_proj: LoraLinear::frozen(down, None) });
+            experts.push(Expert {
+                gate_up_proj: LoraLinear::frozen(Tensor::cat(vec![gate, up], 0), None),
+                down_proj: LoraLinear::frozen(down, None),
+            });
         }
     }
     let shared_expert_gate = if shared_expert.is_some() {
-        Some(LoraLinear::frozen(w.tensor::<B, 2>(&format!("{p}.mlp.shared_expert_gate.weight"), [1, h], dtype, device)?, None))
+        Some(LoraLinear::frozen(
+            w.tensor::<B, 2>(&format!("{p}.mlp.shared_expert_gate.weight"), [1, h], dtype, device)?,
+            None,
+        ))
     } else {
         None
     };
@@ -578,7 +666,14 @@ fn load_moe<B: Backend>(
 /// transposed, per expert, as every `LoraLinear` is `[out, in]`; gate and up stay interleaved),
 /// their biases, and the biased router `mlp.router`. MXFP4 checkpoints (`*_blocks`, `*_scales`)
 /// are dequantized as they load, as transformers does.
-fn load_gpt_oss_moe<B: Backend>(m: &crate::model::config::MoeConfig, w: &mut WeightSource, p: &str, h: usize, dtype: DType, device: &B::Device) -> Result<MoeBlock<B>> {
+fn load_gpt_oss_moe<B: Backend>(
+    m: &crate::model::config::MoeConfig,
+    w: &mut WeightSource,
+    p: &str,
+    h: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<MoeBlock<B>> {
     let (inter, e_count) = (m.expert_intermediate, m.num_experts);
     let q = format!("{p}.mlp.experts");
     let router = w.tensor::<B, 2>(&format!("{p}.mlp.router.weight"), [e_count, h], dtype, device)?;
@@ -596,8 +691,14 @@ fn load_gpt_oss_moe<B: Backend>(m: &crate::model::config::MoeConfig, w: &mut Wei
     let down_bias = w.tensor::<B, 2>(&format!("{q}.down_proj_bias"), [e_count, h], dtype, device)?;
     let experts = (0..e_count)
         .map(|e| Expert {
-            gate_up_proj: LoraLinear::frozen(gu.clone().slice([e..e + 1]).reshape([h, 2 * inter]).transpose(), Some(gu_bias.clone().slice([e..e + 1]).reshape([2 * inter]))),
-            down_proj: LoraLinear::frozen(down.clone().slice([e..e + 1]).reshape([inter, h]).transpose(), Some(down_bias.clone().slice([e..e + 1]).reshape([h]))),
+            gate_up_proj: LoraLinear::frozen(
+                gu.clone().slice([e..e + 1]).reshape([h, 2 * inter]).transpose(),
+                Some(gu_bias.clone().slice([e..e + 1]).reshape([2 * inter])),
+            ),
+            down_proj: LoraLinear::frozen(
+                down.clone().slice([e..e + 1]).reshape([inter, h]).transpose(),
+                Some(down_bias.clone().slice([e..e + 1]).reshape([h])),
+            ),
         })
         .collect();
     Ok(MoeBlock::new(m, LoraLinear::frozen(router, Some(router_bias)), "router", experts, None, None))

@@ -78,7 +78,12 @@ struct Projected<B: Backend> {
 impl<B: TemperBackend> GatedDeltaNet<B> {
     /// `x` `[batch, seq, hidden]` -> same. `segments`: per row, a segment id per position of
     /// this call (packing, left padding); `cache`: generation's state, read and replaced.
-    pub fn forward(&self, x: Tensor<B, 3>, segments: Option<&Arc<Vec<Vec<u32>>>>, cache: Option<&mut Option<DeltaNetCache<B>>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        segments: Option<&Arc<Vec<Vec<u32>>>>,
+        cache: Option<&mut Option<DeltaNetCache<B>>>,
+    ) -> Tensor<B, 3> {
         let [bsz, t, _] = x.dims();
         let c = &self.cfg;
         let (hk, hv, dk, dv) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim);
@@ -119,13 +124,27 @@ impl<B: TemperBackend> GatedDeltaNet<B> {
         let [bsz, t, _] = x.dims();
         let c = &self.cfg;
         let (hk, hv, dk, dv) = (c.num_k_heads, c.num_v_heads, c.k_head_dim, c.v_head_dim);
-        match (&self.in_proj_qkv, &self.in_proj_z, &self.in_proj_b, &self.in_proj_a, &self.in_proj_qkvz, &self.in_proj_ba) {
-            (Some(qkv), Some(z), Some(b), Some(a), _, _) => Projected { qkv: qkv.forward(x.clone()), z: z.forward(x.clone()), b: b.forward(x.clone()), a: a.forward(x) },
+        match (
+            &self.in_proj_qkv,
+            &self.in_proj_z,
+            &self.in_proj_b,
+            &self.in_proj_a,
+            &self.in_proj_qkvz,
+            &self.in_proj_ba,
+        ) {
+            (Some(qkv), Some(z), Some(b), Some(a), _, _) => Projected {
+                qkv: qkv.forward(x.clone()),
+                z: z.forward(x.clone()),
+                b: b.forward(x.clone()),
+                a: a.forward(x),
+            },
             (_, _, _, _, Some(qkvz), Some(ba)) => {
                 let r = hv / hk;
                 let width = 2 * dk + 2 * r * dv;
                 let all = qkvz.forward(x.clone()).reshape([bsz, t, hk, width]);
-                let part = |from: usize, len: usize| all.clone().slice([0..bsz, 0..t, 0..hk, from..from + len]).reshape([bsz, t, hk * len]);
+                let part = |from: usize, len: usize| {
+                    all.clone().slice([0..bsz, 0..t, 0..hk, from..from + len]).reshape([bsz, t, hk * len])
+                };
                 let qkv = Tensor::cat(vec![part(0, dk), part(dk, dk), part(2 * dk, r * dv)], 2);
                 let z = part(2 * dk + r * dv, r * dv);
                 let ba = ba.forward(x).reshape([bsz, t, hk, 2 * r]);
@@ -141,7 +160,12 @@ impl<B: TemperBackend> GatedDeltaNet<B> {
     /// Causal depthwise convolution over time, then SiLU: `out[t, ch] = sum_j w[ch, j] *
     /// x[t - K + 1 + j, ch]`, zeros (or the cached inputs) before the first position, and never
     /// across a segment boundary. Returns the output and the last `K - 1` inputs (the cache).
-    fn convolve(&self, x: Tensor<B, 3>, past: Option<Tensor<B, 3>>, segments: Option<&Arc<Vec<Vec<u32>>>>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    fn convolve(
+        &self,
+        x: Tensor<B, 3>,
+        past: Option<Tensor<B, 3>>,
+        segments: Option<&Arc<Vec<Vec<u32>>>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [bsz, t, ch] = x.dims();
         let kernel = self.cfg.conv_kernel;
         let device = x.device();
@@ -204,7 +228,13 @@ fn repeat_heads<B: Backend>(x: Tensor<B, 4>, r: usize) -> Tensor<B, 4> {
 }
 
 /// `[b, t, 1]`: 1 where position `i - shift` exists and is in the same segment as `i`.
-fn same_segment_mask<B: Backend>(segments: &[Vec<u32>], bsz: usize, t: usize, shift: usize, device: &B::Device) -> Tensor<B, 3> {
+fn same_segment_mask<B: Backend>(
+    segments: &[Vec<u32>],
+    bsz: usize,
+    t: usize,
+    shift: usize,
+    device: &B::Device,
+) -> Tensor<B, 3> {
     let mut m = Vec::with_capacity(bsz * t);
     for r in 0..bsz {
         let row = segments.get(r);

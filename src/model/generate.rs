@@ -25,14 +25,7 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self {
-            max_new_tokens: 128,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 42,
-            stop_tokens: Vec::new(),
-        }
+        Self { max_new_tokens: 128, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 42, stop_tokens: Vec::new() }
     }
 }
 
@@ -94,11 +87,8 @@ pub fn choose(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
     if cfg.temperature == 0.0 {
         return argmax(logits);
     }
-    let mut cand: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l as f64 / cfg.temperature))
-        .collect();
+    let mut cand: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 / cfg.temperature)).collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1));
     if cfg.top_k > 0 {
         cand.truncate(cfg.top_k);
@@ -143,12 +133,17 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// End-of-sequence ids: config.json's, generation_config.json's and the tokenizer's.
-pub fn stop_tokens(dir: &std::path::Path, cfg: &crate::model::DecoderConfig, tokenizer_eos: Option<u32>) -> Result<Vec<u32>> {
+pub fn stop_tokens(
+    dir: &std::path::Path,
+    cfg: &crate::model::DecoderConfig,
+    tokenizer_eos: Option<u32>,
+) -> Result<Vec<u32>> {
     let mut ids = cfg.eos_token_ids.clone();
     let path = dir.join("generation_config.json");
     if path.is_file() {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
         match v.get("eos_token_id") {
             Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
             Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),

@@ -62,7 +62,12 @@ pub fn load_model<B: Backend>(dir: &Path, precision: WeightPrecision, device: &B
 
 /// [`load_model`], with the decoder projections quantized to `load_in_4bit` as they are read
 /// (QLoRA on an unquantized checkpoint; a bitsandbytes 4-bit checkpoint is 4-bit either way).
-pub fn load_model_4bit<B: Backend>(dir: &Path, precision: WeightPrecision, load_in_4bit: Option<crate::quant::LoadIn4Bit>, device: &B::Device) -> Result<LoadedModel<B>> {
+pub fn load_model_4bit<B: Backend>(
+    dir: &Path,
+    precision: WeightPrecision,
+    load_in_4bit: Option<crate::quant::LoadIn4Bit>,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     let (hf_config, cfg) = DecoderConfig::from_model_dir(dir)?;
     let mut checkpoint = Checkpoint::open(dir)?;
     checkpoint.quantize_on_load(load_in_4bit);

@@ -61,8 +61,25 @@ pub struct RouterOutput<B: Backend> {
 
 impl<B: Backend> MoeBlock<B> {
     /// A block with `m`'s routing and activation; the router is `mlp.{router_name}`.
-    pub fn new(m: &crate::model::config::MoeConfig, gate: LoraLinear<B>, router_name: &'static str, experts: Vec<Expert<B>>, shared_expert: Option<Mlp<B>>, shared_expert_gate: Option<LoraLinear<B>>) -> Self {
-        MoeBlock { gate, experts, shared_expert, shared_expert_gate, top_k: m.top_k, norm_topk_prob: m.norm_topk_prob, routing: m.routing, router_name, activation: m.activation }
+    pub fn new(
+        m: &crate::model::config::MoeConfig,
+        gate: LoraLinear<B>,
+        router_name: &'static str,
+        experts: Vec<Expert<B>>,
+        shared_expert: Option<Mlp<B>>,
+        shared_expert_gate: Option<LoraLinear<B>>,
+    ) -> Self {
+        MoeBlock {
+            gate,
+            experts,
+            shared_expert,
+            shared_expert_gate,
+            top_k: m.top_k,
+            norm_topk_prob: m.norm_topk_prob,
+            routing: m.routing,
+            router_name,
+            activation: m.activation,
+        }
     }
 }
 
@@ -150,7 +167,11 @@ impl<B: TemperBackend> MoeBlock<B> {
             y_sorted = y_sorted + z.cast(dtype).unsqueeze::<2>();
         }
         let w_sorted = weights.reshape([s]).select(0, ints(perm.iter().map(|&a| a as i64).collect()));
-        let y = (y_sorted * w_sorted.unsqueeze_dim(1)).select(0, ints(inv)).reshape([n, k, h]).sum_dim(1).reshape([b, t, h]);
+        let y = (y_sorted * w_sorted.unsqueeze_dim(1))
+            .select(0, ints(inv))
+            .reshape([n, k, h])
+            .sum_dim(1)
+            .reshape([b, t, h]);
         let y = match (&self.shared_expert, &self.shared_expert_gate) {
             (Some(shared), Some(gate)) => y + activation::sigmoid(gate.forward(x.clone())) * shared.forward(x),
             (Some(shared), None) => y + shared.forward(x),
@@ -188,7 +209,11 @@ impl<B: TemperBackend> Expert<B> {
 /// The counts of transformers' `load_balancing_loss_func` over every recorded layer: how often
 /// each expert was chosen among the real tokens (`real[t]`; all when `None`), and how many
 /// (layer, token) rows there are. `[E]` counts and N.
-pub fn load_balancing_counts<B: Backend>(layers: &[RouterOutput<B>], real: Option<&[bool]>, num_experts: usize) -> (Vec<f32>, usize) {
+pub fn load_balancing_counts<B: Backend>(
+    layers: &[RouterOutput<B>],
+    real: Option<&[bool]>,
+    num_experts: usize,
+) -> (Vec<f32>, usize) {
     let mut counts = vec![0.0f32; num_experts];
     let mut rows = 0;
     for layer in layers {
@@ -210,7 +235,12 @@ pub fn load_balancing_counts<B: Backend>(layers: &[RouterOutput<B>], real: Optio
 /// from [`load_balancing_counts`] over all layers, `f_e = counts_e / rows` is a constant and
 /// `P_e = sum over rows of softmax(logits)_e / rows`, so the loss is the sum over layers of
 /// `E / rows^2 * sum_e counts_e * sum_t softmax(logits_t)_e`. Gradients reach the logits only.
-pub fn load_balancing_term<B: Backend>(logits: Tensor<B, 2>, real: Option<&[bool]>, counts: &[f32], rows: usize) -> Tensor<B, 1> {
+pub fn load_balancing_term<B: Backend>(
+    logits: Tensor<B, 2>,
+    real: Option<&[bool]>,
+    counts: &[f32],
+    rows: usize,
+) -> Tensor<B, 1> {
     let [t, e] = logits.dims();
     let device = logits.device();
     let mut p = activation::softmax(logits.cast(DType::F32), 1);

@@ -89,7 +89,10 @@ mod tests {
         }
         let names = ["vision_tower.x".to_string(), "language_model.model.embed_tokens.weight".to_string()];
         assert_eq!(TextLayout::detect(&names), TextLayout::Legacy);
-        assert_eq!(peft_module("model.layers.0.self_attn.q_proj", true), "model.language_model.layers.0.self_attn.q_proj");
+        assert_eq!(
+            peft_module("model.layers.0.self_attn.q_proj", true),
+            "model.language_model.layers.0.self_attn.q_proj"
+        );
         assert_eq!(peft_module("lm_head", true), "lm_head");
         assert_eq!(peft_module("model.layers.0.self_attn.q_proj", false), "model.layers.0.self_attn.q_proj");
     }

@@ -14,11 +14,7 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     pub fn new(weight: Tensor<B, 1>, eps: f64, offset: f64) -> Self {
-        Self {
-            weight: Param::from_tensor(weight).set_require_grad(false),
-            eps,
-            offset,
-        }
+        Self { weight: Param::from_tensor(weight).set_require_grad(false), eps, offset }
     }
 
     /// Normalise over the last dimension; any rank, same shape and dtype out.

@@ -13,7 +13,9 @@ use serde_json::Value;
 pub enum RopeScaling {
     Default,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 / 3.2 frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -39,7 +41,10 @@ pub enum RopeScaling {
         attention_factor: f64,
     },
     /// Dynamic NTK: `rope_theta` grows with the sequence once it passes `max_position_embeddings`.
-    Dynamic { factor: f64, max_position_embeddings: usize },
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: usize,
+    },
 }
 
 /// RoPE parameters resolved from `config.json`.
@@ -65,13 +70,13 @@ fn require(obj: &serde_json::Map<String, Value>, key: &str) -> Result<f64, Strin
 impl RopeScaling {
     /// Parse a `rope_scaling` object; the error string says what is wrong or unsupported.
     /// `original_max_position_embeddings` is the config's top-level key (LongRoPE reads it there).
-    pub fn from_json(v: &Value, max_position_embeddings: usize, original_max_position_embeddings: Option<usize>) -> Result<Self, String> {
+    pub fn from_json(
+        v: &Value,
+        max_position_embeddings: usize,
+        original_max_position_embeddings: Option<usize>,
+    ) -> Result<Self, String> {
         let obj = v.as_object().ok_or("expected an object")?;
-        let kind = obj
-            .get("rope_type")
-            .or_else(|| obj.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
         match kind {
             "default" => Ok(RopeScaling::Default),
             "linear" => Ok(RopeScaling::Linear { factor: require(obj, "factor")? }),
@@ -85,13 +90,15 @@ impl RopeScaling {
                 let factor = require(obj, "factor")?;
                 // As transformers 4.57: `factor` is used as given; the original context length
                 // (for the correction range) defaults to max_position_embeddings.
-                let original = get_f64(obj, "original_max_position_embeddings")?
-                    .unwrap_or(max_position_embeddings as f64);
+                let original =
+                    get_f64(obj, "original_max_position_embeddings")?.unwrap_or(max_position_embeddings as f64);
                 let mscale = get_f64(obj, "mscale")?;
                 let mscale_all_dim = get_f64(obj, "mscale_all_dim")?;
                 let attention_factor = match (get_f64(obj, "attention_factor")?, mscale, mscale_all_dim) {
                     (Some(a), _, _) => a,
-                    (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => yarn_mscale(factor, m) / yarn_mscale(factor, ma),
+                    (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                        yarn_mscale(factor, m) / yarn_mscale(factor, ma)
+                    }
                     _ => yarn_mscale(factor, 1.0),
                 };
                 Ok(RopeScaling::Yarn {
@@ -122,7 +129,12 @@ impl RopeScaling {
                     None if factor <= 1.0 => 1.0,
                     None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
                 };
-                Ok(RopeScaling::LongRope { short_factor: factors("short_factor")?, long_factor: factors("long_factor")?, original_max_position_embeddings: original, attention_factor })
+                Ok(RopeScaling::LongRope {
+                    short_factor: factors("short_factor")?,
+                    long_factor: factors("long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                })
             }
             "dynamic" => Ok(RopeScaling::Dynamic { factor: require(obj, "factor")?, max_position_embeddings }),
             other => Err(format!(
@@ -146,7 +158,11 @@ impl RopeConfig {
         if let RopeScaling::LongRope { short_factor, long_factor, .. } = &self.scaling {
             for (key, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
                 if f.len() != self.rotary_dim / 2 {
-                    return Err(format!("`{key}` has {} entries, expected rotary_dim / 2 = {}", f.len(), self.rotary_dim / 2));
+                    return Err(format!(
+                        "`{key}` has {} entries, expected rotary_dim / 2 = {}",
+                        f.len(),
+                        self.rotary_dim / 2
+                    ));
                 }
             }
         }
@@ -158,9 +174,8 @@ impl RopeConfig {
     pub fn inv_freq(&self, seq_len: usize) -> (Vec<f32>, f32) {
         let dim = self.rotary_dim;
         // As transformers: float32 exponent, float32 power.
-        let base: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let base: Vec<f32> =
+            (0..dim / 2).map(|i| 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
         match &self.scaling {
             RopeScaling::Default => (base, 1.0),
             RopeScaling::Linear { factor } => (base.iter().map(|f| f / *factor as f32).collect(), 1.0),
@@ -200,7 +215,8 @@ impl RopeConfig {
             } => {
                 let d = dim as f64;
                 let theta = self.theta;
-                let correction = |rot: f64| (d * (original_max_position_embeddings / (rot * 2.0 * PI)).ln()) / (2.0 * theta.ln());
+                let correction =
+                    |rot: f64| (d * (original_max_position_embeddings / (rot * 2.0 * PI)).ln()) / (2.0 * theta.ln());
                 let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
                 if *truncate {
                     low = low.floor();
@@ -225,7 +241,11 @@ impl RopeConfig {
                 let ext = if seq_len > *original_max_position_embeddings { long_factor } else { short_factor };
                 // transformers: 1 / (ext_factors * base ** (arange(0, dim, 2) / dim)), in float32.
                 let out = (0..dim / 2)
-                    .map(|i| 1.0f32 / (ext.get(i).copied().unwrap_or(1.0) as f32 * (self.theta as f32).powf((2 * i) as f32 / dim as f32)))
+                    .map(|i| {
+                        1.0f32
+                            / (ext.get(i).copied().unwrap_or(1.0) as f32
+                                * (self.theta as f32).powf((2 * i) as f32 / dim as f32))
+                    })
                     .collect();
                 (out, *attention_factor as f32)
             }
@@ -234,7 +254,9 @@ impl RopeConfig {
                     return (base, 1.0);
                 }
                 let d = dim as f64;
-                let theta = self.theta * ((factor * seq_len as f64 / *max_position_embeddings as f64) - (factor - 1.0)).powf(d / (d - 2.0));
+                let theta = self.theta
+                    * ((factor * seq_len as f64 / *max_position_embeddings as f64) - (factor - 1.0))
+                        .powf(d / (d - 2.0));
                 let out = (0..dim / 2).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
                 (out, 1.0)
             }
@@ -244,7 +266,14 @@ impl RopeConfig {
     /// cos and sin tables for the given positions (one row per sequence), in `dtype`, laid
     /// out `[batch, seq, heads, head_dim]` for each head count in `heads` (queries and keys),
     /// so that rotating a projection's output is element-wise on contiguous tensors.
-    pub fn tables<B: Backend>(&self, positions: &[Vec<usize>], heads: &[usize], head_dim: usize, dtype: DType, device: &B::Device) -> RopeTables<B> {
+    pub fn tables<B: Backend>(
+        &self,
+        positions: &[Vec<usize>],
+        heads: &[usize],
+        head_dim: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> RopeTables<B> {
         // transformers' dynamic types look at max(position_ids) + 1 of the call.
         let seq_len = positions.iter().flatten().max().map_or(0, |p| p + 1);
         let (inv_freq, scale) = self.inv_freq(seq_len);
@@ -266,7 +295,8 @@ impl RopeConfig {
             }
         }
         let make = |v: &[f32], h: usize| {
-            let full: Vec<f32> = v.chunks(head_dim).flat_map(|r| std::iter::repeat_n(r, h).flatten().copied()).collect();
+            let full: Vec<f32> =
+                v.chunks(head_dim).flat_map(|r| std::iter::repeat_n(r, h).flatten().copied()).collect();
             Tensor::<B, 4>::from_data(TensorData::new(full, [b, t, h, head_dim]), (device, DType::F32)).cast(dtype)
         };
         let mut distinct = heads.to_vec();
@@ -281,7 +311,8 @@ impl RopeConfig {
         }
         RopeTables {
             by_heads: distinct.into_iter().map(|h| (h, make(&cos, h), make(&sin, h))).collect(),
-            rotate_half: Tensor::<B, 2>::from_data(TensorData::new(r, [head_dim, head_dim]), (device, DType::F32)).cast(dtype),
+            rotate_half: Tensor::<B, 2>::from_data(TensorData::new(r, [head_dim, head_dim]), (device, DType::F32))
+                .cast(dtype),
         }
     }
 }

@@ -47,7 +47,11 @@ pub enum WeightSource {
     Checkpoint(Checkpoint),
     /// Random normal weights (std 0.02, norms at their identity value): for benchmarks and
     /// tests that need a model of a real shape but not its values.
-    Random { rng: StdRng, norm_offset: f64, quantize_4bit: Option<LoadIn4Bit> },
+    Random {
+        rng: StdRng,
+        norm_offset: f64,
+        quantize_4bit: Option<LoadIn4Bit>,
+    },
 }
 
 impl Checkpoint {
@@ -57,10 +61,8 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index_path.is_file() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let idx: ShardIndex = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index_path.clone(),
-                source,
-            })?;
+            let idx: ShardIndex =
+                serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
             let mut names: Vec<&String> = idx.weight_map.values().collect();
             names.sort();
             names.dedup();
@@ -89,13 +91,7 @@ impl Checkpoint {
             shards.push(shard);
         }
         let layout = TextLayout::detect(index.keys());
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            shards,
-            index,
-            layout,
-            quantize_on_load: None,
-        })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, index, layout, quantize_on_load: None })
     }
 
     /// Quantize every decoder projection to `kind` (blocks of 64, double quantization if asked)
@@ -156,15 +152,11 @@ impl Checkpoint {
 
     /// Read one tensor as `TensorData` converted to `dtype`, checking its shape.
     pub fn read(&self, name: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
-        let shard = self
-            .index
-            .get(name)
-            .map(|&i| &self.shards[i])
-            .ok_or_else(|| Error::MissingTensor {
-                path: self.dir.clone(),
-                tensor: name.to_string(),
-                hint: String::new(),
-            })?;
+        let shard = self.index.get(name).map(|&i| &self.shards[i]).ok_or_else(|| Error::MissingTensor {
+            path: self.dir.clone(),
+            tensor: name.to_string(),
+            hint: String::new(),
+        })?;
         let info = shard.metadata.info(name).ok_or_else(|| Error::MissingTensor {
             path: shard.path.clone(),
             tensor: name.to_string(),
@@ -178,7 +170,10 @@ impl Checkpoint {
                 actual: info.shape.clone(),
             });
         }
-        let bytes = shard.bytes(info).ok_or_else(|| Error::Safetensors { path: shard.path.clone(), reason: format!("tensor `{name}` lies outside the file") })?;
+        let bytes = shard.bytes(info).ok_or_else(|| Error::Safetensors {
+            path: shard.path.clone(),
+            reason: format!("tensor `{name}` lies outside the file"),
+        })?;
         let src = match info.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -210,18 +205,9 @@ fn convert(bytes: &[u8], shape: &[usize], src: DType, dst: DType) -> TensorData 
         return TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), src);
     }
     let as_f32: Vec<f32> = match src {
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
     };
     let data = TensorData::new(as_f32, shape.to_vec());
     if dst == DType::F32 {
@@ -237,12 +223,7 @@ fn open_shard(path: PathBuf) -> Result<Shard> {
     // every framework that maps weights (transformers included) and is documented as such.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
     match safetensors::SafeTensors::read_metadata(&mmap) {
-        Ok((header_len, metadata)) => Ok(Shard {
-            path,
-            mmap,
-            header_len,
-            metadata,
-        }),
+        Ok((header_len, metadata)) => Ok(Shard { path, mmap, header_len, metadata }),
         Err(SafeTensorError::MetadataIncompleteBuffer) => {
             let reason = truncated_tensor(&mmap).map_or_else(
                 || "the file is shorter than its header says: truncated download?".to_string(),
@@ -255,10 +236,7 @@ fn open_shard(path: PathBuf) -> Result<Shard> {
             );
             Err(Error::Safetensors { path, reason })
         }
-        Err(e) => Err(Error::Safetensors {
-            path,
-            reason: e.to_string(),
-        }),
+        Err(e) => Err(Error::Safetensors { path, reason: e.to_string() }),
     }
 }
 
@@ -278,11 +256,7 @@ fn truncated_tensor(buf: &[u8]) -> Option<(String, usize)> {
 
 impl WeightSource {
     pub fn random(seed: u64, norm_offset: f64) -> Self {
-        WeightSource::Random {
-            rng: StdRng::seed_from_u64(seed),
-            norm_offset,
-            quantize_4bit: None,
-        }
+        WeightSource::Random { rng: StdRng::seed_from_u64(seed), norm_offset, quantize_4bit: None }
     }
 
     /// A random base whose decoder projections are 4-bit (benchmarks of QLoRA).
@@ -318,7 +292,13 @@ impl WeightSource {
 
     /// gpt-oss's MXFP4 expert tensor `name` (`name_blocks` + `name_scales`), dequantized to the
     /// `shape` transformers holds in memory, if the checkpoint stores it so.
-    pub fn mxfp4<B: Backend>(&mut self, name: &str, shape: [usize; 3], dtype: DType, device: &B::Device) -> Result<Option<Tensor<B, 3>>> {
+    pub fn mxfp4<B: Backend>(
+        &mut self,
+        name: &str,
+        shape: [usize; 3],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Option<Tensor<B, 3>>> {
         let WeightSource::Checkpoint(c) = self else { return Ok(None) };
         let blocks = c.layout.checkpoint_name(&format!("{name}_blocks"));
         if !c.contains(&blocks) {
@@ -329,8 +309,16 @@ impl WeightSource {
         let u8_tensor = |key: &str| -> Result<(Vec<usize>, &[u8])> {
             match c.raw(key) {
                 Some((Dtype::U8, s, bytes)) => Ok((s, bytes)),
-                Some((d, _, _)) => Err(Error::TensorDtype { path: path.clone(), tensor: key.to_string(), dtype: format!("{d:?} (MXFP4 blocks and scales are U8)") }),
-                None => Err(Error::MissingTensor { path: path.clone(), tensor: key.to_string(), hint: " (MXFP4 blocks need their scales)".into() }),
+                Some((d, _, _)) => Err(Error::TensorDtype {
+                    path: path.clone(),
+                    tensor: key.to_string(),
+                    dtype: format!("{d:?} (MXFP4 blocks and scales are U8)"),
+                }),
+                None => Err(Error::MissingTensor {
+                    path: path.clone(),
+                    tensor: key.to_string(),
+                    hint: " (MXFP4 blocks need their scales)".into(),
+                }),
             }
         };
         let (bshape, bbytes) = u8_tensor(&blocks)?;
@@ -342,12 +330,18 @@ impl WeightSource {
         if bshape != want || cols % 32 != 0 {
             return Err(Error::TensorShape { path, tensor: blocks, expected: want, actual: bshape });
         }
-        let values = crate::quant::mxfp4::dequantize_mxfp4(bbytes, sbytes, [e, rows, cols / 32, 16]).map_err(|reason| Error::InvalidConfig { path: path.clone(), key: scales.clone(), reason })?;
+        let values = crate::quant::mxfp4::dequantize_mxfp4(bbytes, sbytes, [e, rows, cols / 32, 16])
+            .map_err(|reason| Error::InvalidConfig { path: path.clone(), key: scales.clone(), reason })?;
         Ok(Some(Tensor::from_data(TensorData::new(values, shape).convert_dtype(dtype), (device, dtype))))
     }
 
     /// The bitsandbytes 4-bit weight `name` (`[out, in]`), if the checkpoint stores it so.
-    pub fn quant4<B: Backend>(&mut self, name: &str, shape: [usize; 2], device: &B::Device) -> Result<Option<Weight4Bit<B>>> {
+    pub fn quant4<B: Backend>(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Option<Weight4Bit<B>>> {
         let c = match self {
             WeightSource::Checkpoint(c) => c,
             WeightSource::Random { quantize_4bit: None, .. } => return Ok(None),

@@ -42,15 +42,7 @@ pub struct AttentionSpec {
 
 impl AttentionSpec {
     pub fn causal(scale: f64) -> Self {
-        Self {
-            scale,
-            softcap: None,
-            window: None,
-            past_len: 0,
-            segments: None,
-            block_rows: None,
-            sinks: None,
-        }
+        Self { scale, softcap: None, window: None, past_len: 0, segments: None, block_rows: None, sinks: None }
     }
 
     fn block_rows(&self, batch: usize, heads: usize, q_len: usize, k_len: usize) -> usize {
@@ -89,7 +81,10 @@ impl AttentionSpec {
             None => blocked.reshape([1, 1, 1, bq, bk]),
             Some(seg) => {
                 let rows = seg.len();
-                let flat: Vec<f32> = seg.iter().flat_map(|r| (0..k1).map(move |i| r.get(i).copied().unwrap_or(u32::MAX) as f32)).collect();
+                let flat: Vec<f32> = seg
+                    .iter()
+                    .flat_map(|r| (0..k1).map(move |i| r.get(i).copied().unwrap_or(u32::MAX) as f32))
+                    .collect();
                 let ids = Tensor::<B, 2>::from_data(TensorData::new(flat, [rows, k1]), (device, DType::F32));
                 let sq = ids.clone().slice([0..rows, q..q + bq]).reshape([rows, bq, 1]);
                 let sk = ids.slice([0..rows, k0..k1]).reshape([rows, 1, bk]);
@@ -103,7 +98,12 @@ impl AttentionSpec {
 
 /// Scores of one block in f32 before masking: `[b, kv, g, bq, bk]`, plus `tanh(s / cap)` when
 /// soft-capping (the backward needs it).
-fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, dims: [usize; 5], spec: &AttentionSpec) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
+fn scores<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    dims: [usize; 5],
+    spec: &AttentionSpec,
+) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
     let s = q.matmul(k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(spec.scale).reshape(dims);
     match spec.softcap {
         Some(cap) => {
@@ -124,7 +124,12 @@ fn add_bias<B: Backend>(scores: Tensor<B, 5>, bias: Tensor<B, 5>) -> Tensor<B, 5
 }
 
 /// Slices of one row block: `q` as `[b, kv, g * bq, hd]`, `k` / `v` spans `[b, kv, bk, hd]`.
-fn block_inputs<B: Backend>(q: &Tensor<B, 5>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, (q0, q1, k0, k1): (usize, usize, usize, usize)) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+fn block_inputs<B: Backend>(
+    q: &Tensor<B, 5>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    (q0, q1, k0, k1): (usize, usize, usize, usize),
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, kv, g, _, hd] = q.dims();
     let qb = q.clone().slice([0..b, 0..kv, 0..g, q0..q1, 0..hd]).reshape([b, kv, g * (q1 - q0), hd]);
     let kb = k.clone().slice([0..b, 0..kv, k0..k1, 0..hd]);
@@ -134,7 +139,12 @@ fn block_inputs<B: Backend>(q: &Tensor<B, 5>, k: &Tensor<B, 4>, v: &Tensor<B, 4>
 
 /// `q` `[b, h, t, hd]`, `k`, `v` `[b, kv, s, hd]` -> the output `[b, h, t, hd]` (in `v`'s dtype)
 /// and the f32 log-sum-exp of every query row `[b, h, t]`.
-pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, spec: &AttentionSpec) -> (Tensor<B, 4>, Tensor<B, 3>) {
+pub fn forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    spec: &AttentionSpec,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let [b, h, t, hd] = q.dims();
     let [_, kv, s, _] = k.dims();
     let g = h / kv;
@@ -149,7 +159,10 @@ pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, sp
         let (sc, _) = scores(qb, kb, [b, kv, g, bq, bk], spec);
         let sc = add_bias(sc, spec.bias::<B>(blk, &device));
         let mut max = sc.clone().max_dim(4);
-        let sink = spec.sinks.as_ref().map(|s| Tensor::<B, 1>::from_data(TensorData::new(s.to_vec(), [s.len()]), (&device, DType::F32)).reshape([1, kv, g, 1, 1]));
+        let sink = spec.sinks.as_ref().map(|s| {
+            Tensor::<B, 1>::from_data(TensorData::new(s.to_vec(), [s.len()]), (&device, DType::F32))
+                .reshape([1, kv, g, 1, 1])
+        });
         if let Some(s) = &sink {
             max = max.max_pair(s.clone().expand([b, kv, g, bq, 1]));
         }
@@ -170,7 +183,15 @@ pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, sp
 
 /// Gradients of q, k and v from the upstream gradient `dout` `[b, h, t, hd]`, recomputing each
 /// block's probabilities from the saved `lse`. Accumulates in f32; returns the inputs' dtypes.
-pub fn backward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, out: Tensor<B, 4>, lse: Tensor<B, 3>, dout: Tensor<B, 4>, spec: &AttentionSpec) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+pub fn backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    dout: Tensor<B, 4>,
+    spec: &AttentionSpec,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
     let [_, kv, s, _] = k.dims();
     let g = h / kv;
@@ -190,7 +211,9 @@ pub fn backward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, o
         let (qb, kb, vb) = block_inputs(&q, &k, &v, blk);
         // The block's rows of a per-row tensor, made contiguous (a strided right-hand side
         // takes the backends' slow broadcast path).
-        let rows = |x: &Tensor<B, 5>, d: usize| x.clone().slice([0..b, 0..kv, 0..g, q0..q1, 0..d]).reshape([b * kv * g * bq * d]).reshape([b, kv, g, bq, d]);
+        let rows = |x: &Tensor<B, 5>, d: usize| {
+            x.clone().slice([0..b, 0..kv, 0..g, q0..q1, 0..d]).reshape([b * kv * g * bq * d]).reshape([b, kv, g, bq, d])
+        };
         let (sc, tanh) = scores(qb.clone(), kb.clone(), [b, kv, g, bq, bk], spec);
         let p = (add_bias(sc, spec.bias::<B>(blk, &device)) - rows(&lse, 1)).exp();
         let dob = rows(&dout, hd).reshape([b, kv, g * bq, hd]);
@@ -240,12 +263,15 @@ pub fn reference<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
             }
         }
     }
-    let mask = Tensor::<B, 4, burn::tensor::Bool>::from_data(TensorData::new(blocked, [b, 1, t, s]), &device).repeat_dim(1, h);
+    let mask =
+        Tensor::<B, 4, burn::tensor::Bool>::from_data(TensorData::new(blocked, [b, 1, t, s]), &device).repeat_dim(1, h);
     let sc = sc.mask_fill(mask, f32::MIN);
     let p = match &spec.sinks {
         // softmax over [scores, sink], the sink's column dropped.
         Some(sinks) => {
-            let col = Tensor::<B, 1>::from_data(TensorData::new(sinks.to_vec(), [h]), (&device, DType::F32)).reshape([1, h, 1, 1]).expand([b, h, t, 1]);
+            let col = Tensor::<B, 1>::from_data(TensorData::new(sinks.to_vec(), [h]), (&device, DType::F32))
+                .reshape([1, h, 1, 1])
+                .expand([b, h, t, 1]);
             burn::tensor::activation::softmax(Tensor::cat(vec![sc, col], 3), 3).slice([0..b, 0..h, 0..t, 0..s])
         }
         None => burn::tensor::activation::softmax(sc, 3),

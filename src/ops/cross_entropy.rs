@@ -28,11 +28,7 @@ pub struct CrossEntropySpec {
 
 impl CrossEntropySpec {
     pub fn new(targets: Vec<i64>, softcap: Option<f64>) -> Self {
-        Self {
-            targets: Arc::new(targets),
-            softcap,
-            chunk_rows: None,
-        }
+        Self { targets: Arc::new(targets), softcap, chunk_rows: None }
     }
 
     fn chunks(&self, rows: usize, vocab: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -41,7 +37,11 @@ impl CrossEntropySpec {
     }
 
     /// Target ids `[n, 1]` (ignored rows point at 0) and weights `[n, 1]` (0 or 1) of a chunk.
-    fn chunk_targets<B: Backend>(&self, (r0, r1): (usize, usize), device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    fn chunk_targets<B: Backend>(
+        &self,
+        (r0, r1): (usize, usize),
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
         let rows = &self.targets[r0..r1];
         let idx: Vec<i64> = rows.iter().map(|&x| x.max(0)).collect();
         let keep: Vec<f32> = rows.iter().map(|&x| if x == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
@@ -54,7 +54,12 @@ impl CrossEntropySpec {
 }
 
 /// f32 logits of rows `[r0, r1)`, and `tanh(logits / cap)` when soft-capping.
-fn logits<B: Backend>(hidden: &Tensor<B, 2>, weight: &Tensor<B, 2>, (r0, r1): (usize, usize), spec: &CrossEntropySpec) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+fn logits<B: Backend>(
+    hidden: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    (r0, r1): (usize, usize),
+    spec: &CrossEntropySpec,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
     let h = hidden.dims()[1];
     let z = hidden.clone().slice([r0..r1, 0..h]).matmul(weight.clone().transpose()).cast(DType::F32);
     match spec.softcap {
@@ -86,7 +91,12 @@ pub fn forward<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &Cr
 /// `weight` `[vocab, h]` when `want_weight`, a trainable head), for an upstream gradient of 1.
 /// The loss is a scalar, so the backward only scales these: computing them here, while each
 /// chunk's logits exist, spares the backward a second pass of the head's matmul.
-pub fn forward_with_grad<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec, want_weight: bool) -> (Tensor<B, 1>, Tensor<B, 2>, Option<Tensor<B, 2>>) {
+pub fn forward_with_grad<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    spec: &CrossEntropySpec,
+    want_weight: bool,
+) -> (Tensor<B, 1>, Tensor<B, 2>, Option<Tensor<B, 2>>) {
     let [n, h] = hidden.dims();
     let vocab = weight.dims()[0];
     let device = hidden.device();

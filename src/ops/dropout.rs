@@ -115,7 +115,13 @@ pub fn keep_words(key: MaskKey, rows: usize, cols: usize, p: f64) -> Vec<u32> {
 
 /// The `[rows, cols]` dropped elements (`true` where dropped), laid out on the host and moved as
 /// bools: for the CPU backends, whose memory is the host's, this is one parallel pass.
-pub fn dropped_on_host<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
+pub fn dropped_on_host<B: Backend>(
+    key: MaskKey,
+    rows: usize,
+    cols: usize,
+    p: f64,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
     let t = threshold(p);
     let mut values = vec![false; rows * cols];
     values.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, row)| {
@@ -128,7 +134,13 @@ pub fn dropped_on_host<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f6
 
 /// The `[rows, cols]` dropped elements (`true` where dropped), sent packed 32 decisions a word
 /// and expanded on the device with integer shifts: for the GPUs, 1/32 of a bool mask's transfer.
-pub fn dropped_packed<B: Backend>(key: MaskKey, rows: usize, cols: usize, p: f64, device: &B::Device) -> Tensor<B, 2, Bool> {
+pub fn dropped_packed<B: Backend>(
+    key: MaskKey,
+    rows: usize,
+    cols: usize,
+    p: f64,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
     let per_row = cols.div_ceil(32);
     // Bit-for-bit into i32 (a backend's int type is at least 32 bits wide; a wider one
     // sign-extends, which only touches bits the shifts below never read).

@@ -32,14 +32,23 @@ use crate::quant::device::Packed4Bit;
 pub trait TemperBackend: Backend {
     /// Attention of `q` `[batch, heads, q_len, head_dim]` over `k`, `v`
     /// `[batch, kv_heads, k_len, head_dim]` -> `[batch, heads, q_len, head_dim]`.
-    fn temper_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, spec: &AttentionSpec) -> FloatTensor<Self> {
+    fn temper_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: &AttentionSpec,
+    ) -> FloatTensor<Self> {
         let (out, _) = attention::forward::<Self>(wrap(q), wrap(k), wrap(v), spec);
         out.into_primitive().tensor()
     }
 
     /// Summed next-token NLL of `hidden` `[tokens, hidden]` under the head `weight`
     /// `[vocab, hidden]`, without holding `[tokens, vocab]` logits -> `[1]` (f32).
-    fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
+    fn temper_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        spec: &CrossEntropySpec,
+    ) -> FloatTensor<Self> {
         unwrap(cross_entropy::forward::<Self>(wrap(hidden), wrap(weight), spec))
     }
 
@@ -47,7 +56,14 @@ pub trait TemperBackend: Backend {
     /// scaled by `dk^-0.5`, heads repeated to the value heads), `v` `[b, t, h, dv]`, the log
     /// decay `g` and `beta` `[b, t, h]` -> `o` `[b, t, h, dv]` in f32 (any input dtype). Under
     /// autodiff one graph node whose backward recomputes the chunks (no per-op graph).
-    fn temper_gated_delta_rule(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, g: FloatTensor<Self>, beta: FloatTensor<Self>, spec: &DeltaNetSpec) -> FloatTensor<Self> {
+    fn temper_gated_delta_rule(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        spec: &DeltaNetSpec,
+    ) -> FloatTensor<Self> {
         unwrap(delta_net::forward::<Self>(wrap(q), wrap(k), wrap(v), wrap(g), wrap(beta), spec))
     }
 
@@ -65,7 +81,13 @@ pub trait TemperBackend: Backend {
 
     /// Which elements LoRA dropout zeroes in a `[rows, cols]` input (`true` = dropped). Default:
     /// laid out on the host (the CPU backends); the GPUs send the decisions packed.
-    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+    fn temper_dropout_mask(
+        key: dropout::MaskKey,
+        rows: usize,
+        cols: usize,
+        p: f64,
+        device: &Self::Device,
+    ) -> BoolTensor<Self> {
         dropout::dropped_on_host::<Self>(key, rows, cols, p, device).into_primitive()
     }
 
@@ -94,7 +116,13 @@ impl TemperBackend for burn::backend::NdArray<f32> {
 }
 #[cfg(feature = "cuda")]
 impl TemperBackend for burn::backend::Cuda<f32, i32> {
-    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+    fn temper_dropout_mask(
+        key: dropout::MaskKey,
+        rows: usize,
+        cols: usize,
+        p: f64,
+        device: &Self::Device,
+    ) -> BoolTensor<Self> {
         dropout::dropped_packed::<Self>(key, rows, cols, p, device).into_primitive()
     }
 
@@ -105,7 +133,13 @@ impl TemperBackend for burn::backend::Cuda<f32, i32> {
 }
 #[cfg(feature = "wgpu")]
 impl TemperBackend for burn::backend::Wgpu<f32, i32> {
-    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+    fn temper_dropout_mask(
+        key: dropout::MaskKey,
+        rows: usize,
+        cols: usize,
+        p: f64,
+        device: &Self::Device,
+    ) -> BoolTensor<Self> {
         dropout::dropped_packed::<Self>(key, rows, cols, p, device).into_primitive()
     }
 
@@ -181,7 +215,13 @@ impl<B: TemperBackend> Backward<B, 5> for DeltaNetBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (q, k, v, g, beta, spec) = ops.state;
         let d = delta_net::backward::<B>(wrap(q), wrap(k), wrap(v), wrap(g), wrap(beta), wrap(grad), &spec);
-        for (node, g) in [(node_q, unwrap(d.q)), (node_k, unwrap(d.k)), (node_v, unwrap(d.v)), (node_g, unwrap(d.g)), (node_beta, unwrap(d.beta))] {
+        for (node, g) in [
+            (node_q, unwrap(d.q)),
+            (node_k, unwrap(d.k)),
+            (node_v, unwrap(d.v)),
+            (node_g, unwrap(d.g)),
+            (node_beta, unwrap(d.beta)),
+        ] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
@@ -207,8 +247,21 @@ impl<B: TemperBackend> Backward<B, 1> for Linear4BitBackward {
 
 impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
     fn temper_linear_4bit(x: FloatTensor<Self>, w: &Packed4Bit<Self>) -> FloatTensor<Self> {
-        let nested = w.nested.as_ref().map(|n| crate::quant::device::NestedPrims::<B> { codes: n.codes.clone(), nested_absmax: n.nested_absmax.primitive.clone(), map: n.map.primitive.clone(), offset: n.offset, blocks: n.blocks });
-        let inner = Packed4Bit::<B> { words: w.words.clone(), absmax: w.absmax.primitive.clone(), nested, code: w.code.primitive.clone(), shape: w.shape, blocksize: w.blocksize };
+        let nested = w.nested.as_ref().map(|n| crate::quant::device::NestedPrims::<B> {
+            codes: n.codes.clone(),
+            nested_absmax: n.nested_absmax.primitive.clone(),
+            map: n.map.primitive.clone(),
+            offset: n.offset,
+            blocks: n.blocks,
+        });
+        let inner = Packed4Bit::<B> {
+            words: w.words.clone(),
+            absmax: w.absmax.primitive.clone(),
+            nested,
+            code: w.code.primitive.clone(),
+            shape: w.shape,
+            blocksize: w.blocksize,
+        };
         match Linear4BitBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let y = B::temper_linear_4bit(x.primitive, &inner);
@@ -218,14 +271,22 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
         }
     }
 
-    fn temper_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, spec: &AttentionSpec) -> FloatTensor<Self> {
-        let prep = AttentionBackward
-            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful();
+    fn temper_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: &AttentionSpec,
+    ) -> FloatTensor<Self> {
+        let prep =
+            AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful();
         match prep {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = attention::forward::<B>(wrap(q.primitive.clone()), wrap(k.primitive.clone()), wrap(v.primitive.clone()), spec);
+                let (out, lse) = attention::forward::<B>(
+                    wrap(q.primitive.clone()),
+                    wrap(k.primitive.clone()),
+                    wrap(v.primitive.clone()),
+                    spec,
+                );
                 let out = unwrap(out);
                 prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), unwrap(lse), spec.clone()), out)
             }
@@ -233,37 +294,71 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
         }
     }
 
-    fn temper_gated_delta_rule(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, g: FloatTensor<Self>, beta: FloatTensor<Self>, spec: &DeltaNetSpec) -> FloatTensor<Self> {
+    fn temper_gated_delta_rule(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        spec: &DeltaNetSpec,
+    ) -> FloatTensor<Self> {
         let prep = DeltaNetBackward
             .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone(), g.node.clone(), beta.node.clone()])
             .compute_bound()
             .stateful();
         match prep {
             OpsKind::Tracked(prep) => {
-                let o = B::temper_gated_delta_rule(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), g.primitive.clone(), beta.primitive.clone(), spec);
+                let o = B::temper_gated_delta_rule(
+                    q.primitive.clone(),
+                    k.primitive.clone(),
+                    v.primitive.clone(),
+                    g.primitive.clone(),
+                    beta.primitive.clone(),
+                    spec,
+                );
                 prep.finish((q.primitive, k.primitive, v.primitive, g.primitive, beta.primitive, spec.clone()), o)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::temper_gated_delta_rule(q.primitive, k.primitive, v.primitive, g.primitive, beta.primitive, spec)),
+            OpsKind::UnTracked(prep) => prep.finish(B::temper_gated_delta_rule(
+                q.primitive,
+                k.primitive,
+                v.primitive,
+                g.primitive,
+                beta.primitive,
+                spec,
+            )),
         }
     }
 
-    fn temper_cross_entropy(hidden: FloatTensor<Self>, weight: FloatTensor<Self>, spec: &CrossEntropySpec) -> FloatTensor<Self> {
-        let prep = CrossEntropyBackward
-            .prepare::<C>([hidden.node.clone(), weight.node.clone()])
-            .compute_bound()
-            .stateful();
+    fn temper_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        spec: &CrossEntropySpec,
+    ) -> FloatTensor<Self> {
+        let prep =
+            CrossEntropyBackward.prepare::<C>([hidden.node.clone(), weight.node.clone()]).compute_bound().stateful();
         match prep {
             OpsKind::Tracked(prep) => {
                 // A trainable head (tracked weight) needs its gradient too.
                 let want_weight = !weight.node.requirement.is_none();
-                let (loss, dh, dw) = cross_entropy::forward_with_grad::<B>(wrap(hidden.primitive), wrap(weight.primitive), spec, want_weight);
+                let (loss, dh, dw) = cross_entropy::forward_with_grad::<B>(
+                    wrap(hidden.primitive),
+                    wrap(weight.primitive),
+                    spec,
+                    want_weight,
+                );
                 prep.finish((unwrap(dh), dw.map(unwrap)), unwrap(loss))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::temper_cross_entropy(hidden.primitive, weight.primitive, spec)),
         }
     }
 
-    fn temper_dropout_mask(key: dropout::MaskKey, rows: usize, cols: usize, p: f64, device: &Self::Device) -> BoolTensor<Self> {
+    fn temper_dropout_mask(
+        key: dropout::MaskKey,
+        rows: usize,
+        cols: usize,
+        p: f64,
+        device: &Self::Device,
+    ) -> BoolTensor<Self> {
         B::temper_dropout_mask(key, rows, cols, p, device)
     }
 
@@ -273,18 +368,34 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
 }
 
 /// [`TemperBackend::temper_attention`] on tensors.
-pub fn attention<B: TemperBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, spec: &AttentionSpec) -> Tensor<B, 4> {
+pub fn attention<B: TemperBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    spec: &AttentionSpec,
+) -> Tensor<B, 4> {
     wrap(B::temper_attention(unwrap(q), unwrap(k), unwrap(v), spec))
 }
 
 /// [`TemperBackend::temper_gated_delta_rule`] on tensors: `q`, `k` `[b, t, h, dk]`, `v`
 /// `[b, t, h, dv]`, `g`, `beta` `[b, t, h]` -> `o` `[b, t, h, dv]` (f32).
-pub fn gated_delta_rule<B: TemperBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>, spec: &DeltaNetSpec) -> Tensor<B, 4> {
+pub fn gated_delta_rule<B: TemperBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    g: Tensor<B, 3>,
+    beta: Tensor<B, 3>,
+    spec: &DeltaNetSpec,
+) -> Tensor<B, 4> {
     wrap(B::temper_gated_delta_rule(unwrap(q), unwrap(k), unwrap(v), unwrap(g), unwrap(beta), spec))
 }
 
 /// [`TemperBackend::temper_cross_entropy`] on tensors.
-pub fn cross_entropy_sum<B: TemperBackend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, spec: &CrossEntropySpec) -> Tensor<B, 1> {
+pub fn cross_entropy_sum<B: TemperBackend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    spec: &CrossEntropySpec,
+) -> Tensor<B, 1> {
     wrap(B::temper_cross_entropy(unwrap(hidden), unwrap(weight), spec))
 }
 

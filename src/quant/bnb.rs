@@ -62,7 +62,11 @@ pub fn bnb_4bit_weights(ckpt: &Checkpoint) -> Result<Vec<Bnb4BitEntry>> {
         .map(|name| {
             let (_, state_name, state) = quant_state(ckpt, &path, &name)?;
             if state.shape.len() != 2 {
-                return Err(Error::InvalidConfig { path: path.clone(), key: state_name, reason: format!("gives shape {:?} (expected [out, in])", state.shape) });
+                return Err(Error::InvalidConfig {
+                    path: path.clone(),
+                    key: state_name,
+                    reason: format!("gives shape {:?} (expected [out, in])", state.shape),
+                });
             }
             let mut parts: Vec<String> = PARTS.iter().map(|p| format!("{name}.{p}")).collect();
             parts.push(state_name);
@@ -78,15 +82,25 @@ pub fn is_bnb_4bit(ckpt: &Checkpoint, name: &str) -> bool {
 
 /// The format and the quant-state tensor of the 4-bit weight `name`, if it is one.
 fn state_tensor(ckpt: &Checkpoint, name: &str) -> Option<(FourBit, String)> {
-    [FourBit::Nf4, FourBit::Fp4].into_iter().map(|k| (k, format!("{name}.quant_state.bitsandbytes__{}", k.name()))).find(|(_, s)| ckpt.contains(s))
+    [FourBit::Nf4, FourBit::Fp4]
+        .into_iter()
+        .map(|k| (k, format!("{name}.quant_state.bitsandbytes__{}", k.name())))
+        .find(|(_, s)| ckpt.contains(s))
 }
 
 /// The quant state of the 4-bit weight `name`: its format, its tensor's name and its contents.
 fn quant_state(ckpt: &Checkpoint, path: &Path, name: &str) -> Result<(FourBit, String, QuantStateJson)> {
-    let (kind, state_name) = state_tensor(ckpt, name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: format!("{name}.quant_state.bitsandbytes__nf4"), hint: " (or __fp4: the quant state of a bitsandbytes 4-bit weight)".into() })?;
+    let (kind, state_name) = state_tensor(ckpt, name).ok_or_else(|| Error::MissingTensor {
+        path: path.to_path_buf(),
+        tensor: format!("{name}.quant_state.bitsandbytes__nf4"),
+        hint: " (or __fp4: the quant state of a bitsandbytes 4-bit weight)".into(),
+    })?;
     let (_, _, state_bytes) = raw(ckpt, path, &state_name, Dtype::U8)?;
-    let state: QuantStateJson = serde_json::from_slice(state_bytes)
-        .map_err(|e| Error::InvalidConfig { path: path.to_path_buf(), key: state_name.clone(), reason: format!("is not a bitsandbytes quant state: {e}") })?;
+    let state: QuantStateJson = serde_json::from_slice(state_bytes).map_err(|e| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        key: state_name.clone(),
+        reason: format!("is not a bitsandbytes quant state: {e}"),
+    })?;
     Ok((kind, state_name, state))
 }
 
@@ -104,13 +118,19 @@ pub struct Bnb4BitWeight {
 /// state against the tensors and against `expected` (`[out, in]` from the model's config).
 pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Result<Bnb4BitWeight> {
     let path = ckpt.dir().to_path_buf();
-    let bad = |tensor: &str, reason: String| Error::InvalidConfig { path: path.clone(), key: tensor.to_string(), reason };
+    let bad =
+        |tensor: &str, reason: String| Error::InvalidConfig { path: path.clone(), key: tensor.to_string(), reason };
     let (kind, state_name, state) = quant_state(ckpt, &path, name)?;
     if state.quant_type != kind.name() {
         return Err(bad(&state_name, format!("says quant_type {:?} under a {} name", state.quant_type, kind.name())));
     }
     if state.shape != expected {
-        return Err(Error::TensorShape { path: path.clone(), tensor: name.to_string(), expected: expected.to_vec(), actual: state.shape });
+        return Err(Error::TensorShape {
+            path: path.clone(),
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            actual: state.shape,
+        });
     }
     let n: usize = expected.iter().product();
     let bs = state.blocksize;
@@ -120,7 +140,14 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
     let blocks = n.div_ceil(bs);
     let (_, packed_shape, packed) = raw(ckpt, &path, name, Dtype::U8)?;
     if packed.len() != n.div_ceil(2) {
-        return Err(bad(name, format!("holds {} bytes ({packed_shape:?}) but a {expected:?} 4-bit weight needs {}", packed.len(), n.div_ceil(2))));
+        return Err(bad(
+            name,
+            format!(
+                "holds {} bytes ({packed_shape:?}) but a {expected:?} 4-bit weight needs {}",
+                packed.len(),
+                n.div_ceil(2)
+            ),
+        ));
     }
     let code_name = format!("{name}.quant_map");
     // bitsandbytes dequantizes with its own code book; the stored copy (f32, or rounded to
@@ -135,37 +162,75 @@ pub fn read_bnb_4bit(ckpt: &Checkpoint, name: &str, expected: [usize; 2]) -> Res
     let absmax = if double_quant {
         let (_, _, q) = raw(ckpt, &path, &absmax_name, Dtype::U8)?;
         let nbs = state.nested_blocksize.unwrap_or(256);
-        let offset = state.nested_offset.ok_or_else(|| bad(&state_name, "has nested_blocksize but no nested_offset".into()))?;
+        let offset =
+            state.nested_offset.ok_or_else(|| bad(&state_name, "has nested_blocksize but no nested_offset".into()))?;
         let nested_absmax = floats(ckpt, &path, &format!("{name}.nested_absmax"))?;
         let nested_code = floats(ckpt, &path, &format!("{name}.nested_quant_map"))?;
         if nbs == 0 || nested_code.len() != 256 || nested_absmax.len() != q.len().div_ceil(nbs) {
-            return Err(bad(&format!("{name}.nested_absmax"), format!("{} values and a {}-entry code book do not fit {} absmax codes in blocks of {nbs}", nested_absmax.len(), nested_code.len(), q.len())));
+            return Err(bad(
+                &format!("{name}.nested_absmax"),
+                format!(
+                    "{} values and a {}-entry code book do not fit {} absmax codes in blocks of {nbs}",
+                    nested_absmax.len(),
+                    nested_code.len(),
+                    q.len()
+                ),
+            ));
         }
-        let values: Vec<f32> = q.iter().enumerate().map(|(i, &c)| nested_code[c as usize] * nested_absmax[i / nbs] + offset).collect();
+        let values: Vec<f32> =
+            q.iter().enumerate().map(|(i, &c)| nested_code[c as usize] * nested_absmax[i / nbs] + offset).collect();
         // The device keeps the 8-bit form when the checkpoint's is the standard one.
-        let standard = nbs == crate::quant::double::NESTED_BLOCKSIZE && nested_code.iter().zip(crate::quant::double::dynamic_map()).all(|(a, b)| a.to_bits() == b.to_bits());
-        nested = standard.then(|| crate::quant::NestedAbsmax { codes: q.to_vec(), nested_absmax: nested_absmax.clone(), offset });
+        let standard = nbs == crate::quant::double::NESTED_BLOCKSIZE
+            && nested_code.iter().zip(crate::quant::double::dynamic_map()).all(|(a, b)| a.to_bits() == b.to_bits());
+        nested = standard.then(|| crate::quant::NestedAbsmax {
+            codes: q.to_vec(),
+            nested_absmax: nested_absmax.clone(),
+            offset,
+        });
         values
     } else {
         // f32, or bf16 / f16 (bitsandbytes upcasts it to f32 before use).
         floats(ckpt, &path, &absmax_name)?
     };
     if absmax.len() != blocks {
-        return Err(bad(&absmax_name, format!("has {} blocks; {n} values in blocks of {bs} need {blocks}", absmax.len())));
+        return Err(bad(
+            &absmax_name,
+            format!("has {} blocks; {n} values in blocks of {bs} need {blocks}", absmax.len()),
+        ));
     }
-    Ok(Bnb4BitWeight { quantized: Quantized4Bit { packed: packed.to_vec(), absmax, blocksize: bs, kind, len: n, nested }, shape: expected.to_vec(), double_quant })
+    Ok(Bnb4BitWeight {
+        quantized: Quantized4Bit { packed: packed.to_vec(), absmax, blocksize: bs, kind, len: n, nested },
+        shape: expected.to_vec(),
+        double_quant,
+    })
 }
 
 fn raw<'a>(ckpt: &'a Checkpoint, path: &Path, name: &str, dtype: Dtype) -> Result<(Dtype, Vec<usize>, &'a [u8])> {
-    let (d, shape, bytes) = ckpt.raw(name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: name.to_string(), hint: " (part of a bitsandbytes 4-bit weight)".into() })?;
+    let (d, shape, bytes) = ckpt.raw(name).ok_or_else(|| Error::MissingTensor {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        hint: " (part of a bitsandbytes 4-bit weight)".into(),
+    })?;
     if d != dtype {
-        return Err(Error::TensorDtype { path: path.to_path_buf(), tensor: name.to_string(), dtype: format!("{d:?} (expected {dtype:?})") });
+        return Err(Error::TensorDtype {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            dtype: format!("{d:?} (expected {dtype:?})"),
+        });
     }
     Ok((d, shape, bytes))
 }
 
 /// A float tensor (f32, bf16 or f16) as f32.
 fn floats(ckpt: &Checkpoint, path: &Path, name: &str) -> Result<Vec<f32>> {
-    let (d, _, bytes) = ckpt.raw(name).ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: name.to_string(), hint: " (part of a bitsandbytes 4-bit weight)".into() })?;
-    crate::export::shard::bytes_to_f32(d, bytes).ok_or_else(|| Error::TensorDtype { path: path.to_path_buf(), tensor: name.to_string(), dtype: format!("{d:?} (expected a float tensor)") })
+    let (d, _, bytes) = ckpt.raw(name).ok_or_else(|| Error::MissingTensor {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        hint: " (part of a bitsandbytes 4-bit weight)".into(),
+    })?;
+    crate::export::shard::bytes_to_f32(d, bytes).ok_or_else(|| Error::TensorDtype {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        dtype: format!("{d:?} (expected a float tensor)"),
+    })
 }

@@ -70,13 +70,22 @@ impl<B: Backend> Packed4Bit<B> {
         let Some(n) = &self.nested else { return Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone())) };
         let words: Tensor<B, 1, Int> = Tensor::from_primitive(n.codes.clone());
         let w = words.dims()[0];
-        let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24].iter().map(|&s| words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])).collect();
+        let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24]
+            .iter()
+            .map(|&s| {
+                words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])
+            })
+            .collect();
         let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice([0..n.blocks]);
         let map: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.map.clone()));
         let values = map.select(0, idx);
         let nested: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.nested_absmax.clone()));
         let groups = nested.dims()[0];
-        let scale = nested.reshape([groups, 1]).expand([groups, crate::quant::double::NESTED_BLOCKSIZE]).reshape([groups * crate::quant::double::NESTED_BLOCKSIZE]).slice([0..n.blocks]);
+        let scale = nested
+            .reshape([groups, 1])
+            .expand([groups, crate::quant::double::NESTED_BLOCKSIZE])
+            .reshape([groups * crate::quant::double::NESTED_BLOCKSIZE])
+            .slice([0..n.blocks]);
         (values * scale).add_scalar(n.offset)
     }
 
@@ -87,7 +96,12 @@ impl<B: Backend> Packed4Bit<B> {
         let n = out * inp;
         let words: Tensor<B, 1, Int> = Tensor::from_primitive(self.words.clone());
         let w = words.dims()[0];
-        let nibbles: Vec<Tensor<B, 2, Int>> = SHIFTS.iter().map(|&s| words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(15i64.elem()).reshape([w, 1])).collect();
+        let nibbles: Vec<Tensor<B, 2, Int>> = SHIFTS
+            .iter()
+            .map(|&s| {
+                words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(15i64.elem()).reshape([w, 1])
+            })
+            .collect();
         let idx = Tensor::cat(nibbles, 1).reshape([w * 8]).slice([0..n]);
         let code: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.code.clone()));
         let values = code.select(0, idx);
@@ -98,7 +112,9 @@ impl<B: Backend> Packed4Bit<B> {
         let scaled = if full == n {
             (values.reshape([blocks, bs]) * absmax.reshape([blocks, 1])).reshape([n])
         } else {
-            let head = (values.clone().slice([0..full]).reshape([blocks, bs]) * absmax.clone().slice([0..blocks]).reshape([blocks, 1])).reshape([full]);
+            let head = (values.clone().slice([0..full]).reshape([blocks, bs])
+                * absmax.clone().slice([0..blocks]).reshape([blocks, 1]))
+            .reshape([full]);
             let tail = values.slice([full..n]) * absmax.slice([blocks..blocks + 1]);
             Tensor::cat(vec![head, tail], 0)
         };
@@ -113,9 +129,14 @@ impl<B: Backend> Packed4Bit<B> {
     pub fn dequantize_on_host(&self, dtype: DType) -> Option<Tensor<B, 2>> {
         use rayon::prelude::*;
         let [out, inp] = self.shape;
-        let words: Vec<i32> = Tensor::<B, 1, Int>::from_primitive(self.words.clone()).into_data().convert::<i32>().to_vec().ok()?;
+        let words: Vec<i32> =
+            Tensor::<B, 1, Int>::from_primitive(self.words.clone()).into_data().convert::<i32>().to_vec().ok()?;
         let absmax: Vec<f32> = self.absmax().into_data().convert::<f32>().to_vec().ok()?;
-        let code: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.code.clone())).into_data().convert::<f32>().to_vec().ok()?;
+        let code: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.code.clone()))
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .ok()?;
         let bs = self.blocksize.max(1);
         if words.len() * 8 < out * inp || absmax.len() < (out * inp).div_ceil(bs) || code.len() < 16 {
             return None;
@@ -138,11 +159,14 @@ impl<B: Backend> Packed4Bit<B> {
 
 /// `bytes` as 32-bit words (little endian, zero-padded), the device's packed integer form.
 fn words_of<B: Backend>(bytes: &[u8], device: &B::Device) -> IntTensor<B> {
-    let words: Vec<i32> = bytes.chunks(4).map(|c| {
-        let mut w = [0u8; 4];
-        w[..c.len()].copy_from_slice(c);
-        i32::from_le_bytes(w)
-    }).collect();
+    let words: Vec<i32> = bytes
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            i32::from_le_bytes(w)
+        })
+        .collect();
     let n = words.len();
     Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), device).into_primitive()
 }
@@ -170,7 +194,13 @@ impl<B: Backend> Weight4Bit<B> {
         let p = Packed4Bit::<B>::upload(q, shape, device);
         let float = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
         let (absmax_codes, nested_absmax, absmax_map, absmax_offset, absmax_blocks) = match p.nested {
-            Some(n) => (Some(Tensor::from_primitive(n.codes)), Some(float(n.nested_absmax)), Some(float(n.map)), n.offset, n.blocks),
+            Some(n) => (
+                Some(Tensor::from_primitive(n.codes)),
+                Some(float(n.nested_absmax)),
+                Some(float(n.map)),
+                n.offset,
+                n.blocks,
+            ),
             None => (None, None, None, 0.0, 0),
         };
         Weight4Bit {

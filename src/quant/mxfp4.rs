@@ -45,9 +45,8 @@
 use rayon::prelude::*;
 
 /// The FP4 e2m1 code book, indexed by the 4-bit code (transformers' `FP4_VALUES`).
-pub const FP4_E2M1_VALUES: [f32; 16] = [
-    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
-];
+pub const FP4_E2M1_VALUES: [f32; 16] =
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
 /// The E8M0 scale bias: a block's values are multiplied by `2^(scale - MXFP4_SCALE_BIAS)`.
 pub const MXFP4_SCALE_BIAS: i32 = 127;
@@ -85,10 +84,7 @@ fn validate(blocks: &[u8], scales: &[u8], shape: [usize; 4]) -> Result<(usize, u
         ));
     }
     let too_large = || format!("MXFP4 blocks shape {shape:?}: the element count overflows usize");
-    let n_scales = e
-        .checked_mul(rows)
-        .and_then(|n| n.checked_mul(g))
-        .ok_or_else(too_large)?;
+    let n_scales = e.checked_mul(rows).and_then(|n| n.checked_mul(g)).ok_or_else(too_large)?;
     let n_blocks = n_scales.checked_mul(MXFP4_BLOCK_BYTES).ok_or_else(too_large)?;
     n_scales.checked_mul(MXFP4_BLOCK_VALUES).ok_or_else(too_large)?;
     if blocks.len() != n_blocks {
@@ -109,10 +105,8 @@ fn validate(blocks: &[u8], scales: &[u8], shape: [usize; 4]) -> Result<(usize, u
 
 /// Decodes one row: `blocks` holds its `G * 16` bytes, `scales` its `G` scales, `out` its `G * 32` values.
 fn decode_row(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
-    for ((blk, &scale), dst) in blocks
-        .chunks_exact(MXFP4_BLOCK_BYTES)
-        .zip(scales)
-        .zip(out.chunks_exact_mut(MXFP4_BLOCK_VALUES))
+    for ((blk, &scale), dst) in
+        blocks.chunks_exact(MXFP4_BLOCK_BYTES).zip(scales).zip(out.chunks_exact_mut(MXFP4_BLOCK_VALUES))
     {
         let table = scale_table(scale);
         for (&byte, pair) in blk.iter().zip(dst.chunks_exact_mut(2)) {
@@ -171,11 +165,7 @@ pub fn dequantize_mxfp4_rows(blocks: &[u8], scales: &[u8], shape: [usize; 4]) ->
     }
     let row_bytes = g * MXFP4_BLOCK_BYTES;
     out.par_chunks_mut(cols).enumerate().for_each(|(r, dst)| {
-        decode_row(
-            &blocks[r * row_bytes..(r + 1) * row_bytes],
-            &scales[r * g..(r + 1) * g],
-            dst,
-        );
+        decode_row(&blocks[r * row_bytes..(r + 1) * row_bytes], &scales[r * g..(r + 1) * g], dst);
     });
     Ok(out)
 }
@@ -186,10 +176,7 @@ mod tests {
     use safetensors::{Dtype, SafeTensors};
 
     fn fixture() -> Vec<u8> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/moe/mxfp4/mxfp4.safetensors"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moe/mxfp4/mxfp4.safetensors");
         std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
@@ -253,15 +240,9 @@ mod tests {
     #[test]
     fn size_errors_name_the_problem() {
         let err = dequantize_mxfp4(&[0; 959], &[0; 60], [3, 10, 2, 16]).unwrap_err();
-        assert!(
-            err.contains("MXFP4 blocks") && err.contains("960") && err.contains("959"),
-            "{err}"
-        );
+        assert!(err.contains("MXFP4 blocks") && err.contains("960") && err.contains("959"), "{err}");
         let err = dequantize_mxfp4(&[0; 960], &[0; 61], [3, 10, 2, 16]).unwrap_err();
-        assert!(
-            err.contains("MXFP4 scales") && err.contains("60") && err.contains("61"),
-            "{err}"
-        );
+        assert!(err.contains("MXFP4 scales") && err.contains("60") && err.contains("61"), "{err}");
         let err = dequantize_mxfp4_rows(&[0; 960], &[0; 120], [3, 10, 4, 8]).unwrap_err();
         assert!(err.contains("last dimension must be 16"), "{err}");
         let err = dequantize_mxfp4(&[], &[], [usize::MAX, 2, 1, 16]).unwrap_err();
@@ -295,37 +276,21 @@ mod tests {
             assert_eq!(case["E"].as_u64().unwrap() as usize, e);
             assert_eq!(case["rows"].as_u64().unwrap() as usize, rows);
             assert_eq!(case["cols"].as_u64().unwrap() as usize, cols);
-            assert_eq!(
-                deq_f32.shape(),
-                [e, cols, rows],
-                "{name}: transformers' layout is [E, cols, rows]"
-            );
+            assert_eq!(deq_f32.shape(), [e, cols, rows], "{name}: transformers' layout is [E, cols, rows]");
 
-            let want: Vec<u32> = deq_f32
-                .data()
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
+            let want: Vec<u32> =
+                deq_f32.data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
             let want_bf16: Vec<u32> = deq_bf16
                 .data()
                 .chunks_exact(2)
-                .map(|b| {
-                    half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))
-                        .to_f32()
-                        .to_bits()
-                })
+                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32().to_bits())
                 .collect();
             assert_eq!(want, want_bf16, "{name}: transformers' bf16 and f32 results differ");
 
             let got = dequantize_mxfp4(blocks.data(), scales.data(), shape).unwrap();
             let got = bits(&got);
             let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-            assert_eq!(
-                diff,
-                0,
-                "{name}: {diff} of {} values differ from transformers",
-                want.len()
-            );
+            assert_eq!(diff, 0, "{name}: {diff} of {} values differ from transformers", want.len());
 
             let rows_layout = dequantize_mxfp4_rows(blocks.data(), scales.data(), shape).unwrap();
             for ei in 0..e {

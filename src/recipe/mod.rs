@@ -43,7 +43,8 @@ fn default_quant_type() -> String {
 impl QuantizationConfig {
     /// The format to quantize to on load, or the key and what is wrong with it.
     pub fn four_bit(&self) -> std::result::Result<Option<crate::quant::LoadIn4Bit>, (&'static str, String)> {
-        let kind = crate::quant::FourBit::from_name(&self.quant_type).ok_or_else(|| ("quant_type", format!("{:?} is not a 4-bit format (nf4 or fp4)", self.quant_type)))?;
+        let kind = crate::quant::FourBit::from_name(&self.quant_type)
+            .ok_or_else(|| ("quant_type", format!("{:?} is not a 4-bit format (nf4 or fp4)", self.quant_type)))?;
         if self.double_quant && !self.load_in_4bit {
             return Err(("double_quant", "is true but load_in_4bit is false: double quantization applies to a 4-bit base (set load_in_4bit: true, or drop double_quant)".into()));
         }
@@ -96,8 +97,14 @@ impl Recipe {
 
     /// As [`Recipe::load`], from text (`path` names the file in errors and anchors paths).
     pub fn from_yaml(text: &str, path: &Path, overrides: &[String]) -> Result<LoadedRecipe> {
-        let err = |key: &str, line: Option<usize>, reason: String| Error::Recipe { path: path.to_path_buf(), line, key: key.to_string(), reason };
-        let mut value: Value = serde_norway::from_str(text).map_err(|e| err("(syntax)", e.location().map(|l| l.line()), e.to_string()))?;
+        let err = |key: &str, line: Option<usize>, reason: String| Error::Recipe {
+            path: path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            reason,
+        };
+        let mut value: Value =
+            serde_norway::from_str(text).map_err(|e| err("(syntax)", e.location().map(|l| l.line()), e.to_string()))?;
         let mut overridden = Vec::new();
         for o in overrides {
             let (key, raw) = o.split_once('=').ok_or_else(|| err(o, None, "--set expects key.path=value".into()))?;
@@ -130,11 +137,19 @@ impl Recipe {
             q.four_bit().map_err(|(k, r)| invalid(format!("quantization.{k}"), r))?;
         }
         let recipe_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-        let base_for = |key: &str| if overridden.iter().any(|k| k == key) { PathBuf::from(".") } else { recipe_dir.clone() };
+        let base_for =
+            |key: &str| if overridden.iter().any(|k| k == key) { PathBuf::from(".") } else { recipe_dir.clone() };
         // Hub sources (`hub:owner/name/...`) are not paths.
-        let join = |base: PathBuf, p: &Path| if p.to_string_lossy().starts_with("hub:") { p.to_path_buf() } else { base.join(p) };
+        let join = |base: PathBuf, p: &Path| {
+            if p.to_string_lossy().starts_with("hub:") {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         recipe.data.train = join(base_for("data.train"), &recipe.data.train);
-        recipe.data.train_files = recipe.data.train_files.iter().map(|p| join(base_for("data.train_files"), p)).collect();
+        recipe.data.train_files =
+            recipe.data.train_files.iter().map(|p| join(base_for("data.train_files"), p)).collect();
         if let Some(e) = &recipe.data.eval {
             recipe.data.eval = Some(join(base_for("data.eval"), e));
         }
@@ -146,7 +161,11 @@ impl Recipe {
         if local.is_dir() {
             recipe.base_model = local.to_string_lossy().into_owned();
         }
-        let effective_yaml = if overrides.is_empty() { text.to_string() } else { serde_norway::to_string(&value).unwrap_or_else(|_| text.to_string()) };
+        let effective_yaml = if overrides.is_empty() {
+            text.to_string()
+        } else {
+            serde_norway::to_string(&value).unwrap_or_else(|_| text.to_string())
+        };
         Ok(LoadedRecipe { recipe, path: path.to_path_buf(), effective_yaml })
     }
 }
@@ -196,7 +215,10 @@ pub fn find_key_line(text: &str, key: &str) -> Option<usize> {
         let pat = format!("{part}:");
         let idx = (from..lines.len()).find(|&i| {
             let l = lines[i].split('#').next().unwrap_or("");
-            l.trim_start().starts_with(&pat) || l.contains(&format!("{{{pat}")) || l.contains(&format!(", {pat}")) || l.contains(&format!("{{ {pat}"))
+            l.trim_start().starts_with(&pat)
+                || l.contains(&format!("{{{pat}"))
+                || l.contains(&format!(", {pat}"))
+                || l.contains(&format!("{{ {pat}"))
         })?;
         found = Some(idx + 1);
         from = idx;

@@ -49,7 +49,13 @@ pub fn checkpoints_dir(output: &Path) -> PathBuf {
 }
 
 /// Write a checkpoint atomically and keep at most `keep` of them.
-pub fn save(output: &Path, state: &TrainerState, adapter: &Adapter, moments: &OptimizerMoments, keep: Option<usize>) -> Result<PathBuf> {
+pub fn save(
+    output: &Path,
+    state: &TrainerState,
+    adapter: &Adapter,
+    moments: &OptimizerMoments,
+    keep: Option<usize>,
+) -> Result<PathBuf> {
     let dir = checkpoints_dir(output).join(format!("checkpoint-{:08}", state.step));
     let state_json = serde_json::to_string_pretty(state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let opt_bytes = moments_bytes(moments)?;

@@ -86,7 +86,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// `(key, reason)` of the first impossible value.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        let positive = |key: &'static str, v: usize| if v == 0 { Err((key, "must be at least 1".to_string())) } else { Ok(()) };
+        let positive =
+            |key: &'static str, v: usize| if v == 0 { Err((key, "must be at least 1".to_string())) } else { Ok(()) };
         positive("micro_batch_size", self.micro_batch_size)?;
         positive("gradient_accumulation_steps", self.gradient_accumulation_steps)?;
         if self.max_steps.is_none() {
@@ -95,7 +96,11 @@ impl TrainConfig {
         if let Some(s) = self.max_steps {
             positive("max_steps", s)?;
         }
-        for (key, v) in [("eval_steps", self.eval_steps), ("save_steps", self.save_steps), ("save_total_limit", self.save_total_limit)] {
+        for (key, v) in [
+            ("eval_steps", self.eval_steps),
+            ("save_steps", self.save_steps),
+            ("save_total_limit", self.save_total_limit),
+        ] {
             if let Some(v) = v {
                 positive(key, v)?;
             }
@@ -116,7 +121,10 @@ impl TrainConfig {
                 return Err(("router_aux_loss_coef", format!("must be a finite number >= 0, got {c}")));
             }
             if !self.output_router_logits {
-                return Err(("router_aux_loss_coef", "is set but output_router_logits is false: the load-balancing loss is off".into()));
+                return Err((
+                    "router_aux_loss_coef",
+                    "is set but output_router_logits is false: the load-balancing loss is off".into(),
+                ));
             }
         }
         if !(self.weight_decay >= 0.0) {

@@ -34,11 +34,7 @@ impl LossAccumulator {
 
     pub fn result(&self) -> EvalResult {
         let loss = if self.tokens == 0 { f64::NAN } else { self.nll / self.tokens as f64 };
-        EvalResult {
-            loss,
-            tokens: self.tokens,
-            perplexity: loss.exp(),
-        }
+        EvalResult { loss, tokens: self.tokens, perplexity: loss.exp() }
     }
 }
 

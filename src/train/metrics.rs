@@ -13,21 +13,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MetricLine {
-    Train {
-        step: usize,
-        loss: f64,
-        lr: f64,
-        grad_norm: f64,
-        tokens: usize,
-        tokens_per_s: f64,
-        elapsed: f64,
-    },
-    Eval {
-        step: usize,
-        eval_loss: f64,
-        eval_perplexity: f64,
-        eval_tokens: usize,
-    },
+    Train { step: usize, loss: f64, lr: f64, grad_norm: f64, tokens: usize, tokens_per_s: f64, elapsed: f64 },
+    Eval { step: usize, eval_loss: f64, eval_perplexity: f64, eval_tokens: usize },
 }
 
 impl MetricLine {
@@ -74,14 +61,22 @@ impl MetricsLog {
 
     /// The loss curve (train line, eval points) as a standalone SVG.
     pub fn svg(&self) -> String {
-        let train: Vec<(f64, f64)> = self.lines.iter().filter_map(|m| match m {
-            MetricLine::Train { step, loss, .. } => Some((*step as f64, *loss)),
-            _ => None,
-        }).collect();
-        let eval: Vec<(f64, f64)> = self.lines.iter().filter_map(|m| match m {
-            MetricLine::Eval { step, eval_loss, .. } => Some((*step as f64, *eval_loss)),
-            _ => None,
-        }).collect();
+        let train: Vec<(f64, f64)> = self
+            .lines
+            .iter()
+            .filter_map(|m| match m {
+                MetricLine::Train { step, loss, .. } => Some((*step as f64, *loss)),
+                _ => None,
+            })
+            .collect();
+        let eval: Vec<(f64, f64)> = self
+            .lines
+            .iter()
+            .filter_map(|m| match m {
+                MetricLine::Eval { step, eval_loss, .. } => Some((*step as f64, *eval_loss)),
+                _ => None,
+            })
+            .collect();
         loss_svg(&train, &eval)
     }
 }
@@ -90,7 +85,8 @@ fn loss_svg(train: &[(f64, f64)], eval: &[(f64, f64)]) -> String {
     let (w, h, pad) = (720.0, 420.0, 56.0);
     let all: Vec<&(f64, f64)> = train.iter().chain(eval).collect();
     let max_x = all.iter().map(|p| p.0).fold(1.0, f64::max);
-    let (mut lo, mut hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (mut lo, mut hi) =
+        all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
     }
@@ -99,7 +95,8 @@ fn loss_svg(train: &[(f64, f64)], eval: &[(f64, f64)]) -> String {
     }
     let x = |s: f64| pad + s / max_x * (w - 2.0 * pad);
     let y = |l: f64| h - pad - (l - lo) / (hi - lo) * (h - 2.0 * pad);
-    let points = |pts: &[(f64, f64)]| pts.iter().map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1))).collect::<Vec<_>>().join(" ");
+    let points =
+        |pts: &[(f64, f64)]| pts.iter().map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1))).collect::<Vec<_>>().join(" ");
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -111,7 +108,10 @@ fn loss_svg(train: &[(f64, f64)], eval: &[(f64, f64)]) -> String {
         b = h - pad, r = w - pad, cx = w / 2.0, ty = h - pad + 30.0, cy = h / 2.0, lx = pad - 4.0,
     );
     if !train.is_empty() {
-        svg += &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n", points(train));
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            points(train)
+        );
     }
     if !eval.is_empty() {
         svg += &format!("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"1.5\" stroke-dasharray=\"4 3\" points=\"{}\"/>\n", points(eval));

@@ -32,7 +32,13 @@ impl<B: Backend> AdamState<B> {
 
 impl AdamW {
     /// One update of every parameter in `params` (values, on the inner backend) given `grads`.
-    pub fn step<B: Backend>(&self, params: Vec<Tensor<B, 2>>, grads: &[Tensor<B, 2>], lr: f64, state: &mut AdamState<B>) -> Vec<Tensor<B, 2>> {
+    pub fn step<B: Backend>(
+        &self,
+        params: Vec<Tensor<B, 2>>,
+        grads: &[Tensor<B, 2>],
+        lr: f64,
+        state: &mut AdamState<B>,
+    ) -> Vec<Tensor<B, 2>> {
         state.step += 1;
         let t = state.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
@@ -61,7 +67,8 @@ impl AdamW {
 pub fn clip_global_norm<B: Backend>(grads: Vec<Tensor<B, 2>>, max_norm: Option<f64>) -> (f64, Vec<Tensor<B, 2>>) {
     // One f32 sum of squares per tensor on the device, read back in one transfer (one sync per
     // step rather than one per LoRA tensor) and added up in f64, as before.
-    let sums: Vec<Tensor<B, 1>> = grads.iter().map(|g| g.clone().cast(burn::tensor::DType::F32).powi_scalar(2).sum()).collect();
+    let sums: Vec<Tensor<B, 1>> =
+        grads.iter().map(|g| g.clone().cast(burn::tensor::DType::F32).powi_scalar(2).sum()).collect();
     let sq: f64 = if sums.is_empty() {
         0.0
     } else {

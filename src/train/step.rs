@@ -28,7 +28,10 @@ pub fn lora_params<B: AutodiffBackend>(model: &mut CausalLm<B>) -> Vec<(String, 
 }
 
 /// Input tensor, context (positions, masks) and shifted targets of a batch.
-fn inputs<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, batch: &Batch) -> (Tensor<B, 2, Int>, crate::model::decoder::ForwardContext<B>, Vec<i64>) {
+fn inputs<B: burn::tensor::backend::Backend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+) -> (Tensor<B, 2, Int>, crate::model::decoder::ForwardContext<B>, Vec<i64>) {
     let (b, t) = (batch.rows(), batch.seq_len());
     let ids: Vec<i64> = batch.input_ids.iter().flatten().map(|&x| x as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &model.device());
@@ -54,7 +57,13 @@ use burn::tensor::ElementConversion;
 /// division by the step's token count each micro-batch's aux loss weighs its share of the tokens
 /// (one micro-batch: `lm_loss + coef * aux`, transformers' total). The returned NLL stays the LM
 /// loss alone.
-pub fn micro_batch_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch, denom: f64, checkpointing: bool, aux_coef: Option<f64>) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
+pub fn micro_batch_grads<B: TemperAutodiff>(
+    model: &mut CausalLm<B>,
+    batch: &Batch,
+    denom: f64,
+    checkpointing: bool,
+    aux_coef: Option<f64>,
+) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
     if checkpointing {
         return checkpointed_grads(model, batch, denom, aux_coef);
     }
@@ -76,7 +85,9 @@ pub fn micro_batch_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Bat
     let grads = objective.div_scalar(denom).backward();
     let out = lora_params(model)
         .into_iter()
-        .map(|(key, p)| p.val().grad(&grads).ok_or_else(|| Error::InvalidArgument(format!("no gradient reached {key}"))))
+        .map(|(key, p)| {
+            p.val().grad(&grads).ok_or_else(|| Error::InvalidArgument(format!("no gradient reached {key}")))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((nll_value, out))
 }
@@ -84,7 +95,12 @@ pub fn micro_batch_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Bat
 /// Block-level recomputation: forward every block without a graph keeping only its input,
 /// then walk the blocks backwards, recomputing one block with a graph and back-propagating the
 /// gradient of its output through it (surrogate loss `sum(output * upstream)`).
-fn checkpointed_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch, denom: f64, aux_coef: Option<f64>) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
+fn checkpointed_grads<B: TemperAutodiff>(
+    model: &mut CausalLm<B>,
+    batch: &Batch,
+    denom: f64,
+    aux_coef: Option<f64>,
+) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
     let keys: Vec<String> = lora_params(model).into_iter().map(|(k, _)| k).collect();
     let mut acc: Vec<Option<Tensor<Inner<B>, 2>>> = vec![None; keys.len()];
     let inner = model.valid();
@@ -119,7 +135,8 @@ fn checkpointed_grads<B: TemperAutodiff>(model: &mut CausalLm<B>, batch: &Batch,
     let nll_value = nll.clone().inner();
     let grads = nll.div_scalar(denom).backward();
     collect(model, &grads, &mut acc);
-    let mut upstream = top.grad(&grads).ok_or_else(|| Error::InvalidArgument("no gradient reached the last hidden state".into()))?;
+    let mut upstream =
+        top.grad(&grads).ok_or_else(|| Error::InvalidArgument("no gradient reached the last hidden state".into()))?;
     for i in (0..model.model.layers.len()).rev() {
         let input = Tensor::<B, 3>::from_inner(block_inputs[i].clone()).require_grad();
         let out = model.model.layers[i].forward(input.clone(), &ctx, None);

@@ -165,9 +165,17 @@ impl<B: AutodiffBackend> Optimizer<B> {
         })
     }
 
-    fn restore(&mut self, keys: &[String], saved: &OptimizerMoments, device: &burn::tensor::Device<Inner<B>>) -> Result<()> {
+    fn restore(
+        &mut self,
+        keys: &[String],
+        saved: &OptimizerMoments,
+        device: &burn::tensor::Device<Inner<B>>,
+    ) -> Result<()> {
         let find = |list: &[(String, HostTensor)], key: &str| -> Result<Tensor<Inner<B>, 2>> {
-            let (_, t) = list.iter().find(|(k, _)| k == key).ok_or_else(|| Error::InvalidArgument(format!("checkpoint optimizer state lacks `{key}`")))?;
+            let (_, t) = list
+                .iter()
+                .find(|(k, _)| k == key)
+                .ok_or_else(|| Error::InvalidArgument(format!("checkpoint optimizer state lacks `{key}`")))?;
             Ok(Tensor::from_data(burn::tensor::TensorData::new(t.data.clone(), [t.shape[0], t.shape[1]]), device))
         };
         self.state.step = saved.step;
@@ -179,7 +187,12 @@ impl<B: AutodiffBackend> Optimizer<B> {
 
 /// One optimizer step over `micro_batches`: the loss is the mean NLL over all their trained
 /// tokens (not a mean of per-batch means); gradients are clipped by global norm, then AdamW.
-pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Optimizer<B>, micro_batches: &[Batch], o: StepOptions) -> Result<StepStats> {
+pub fn optimizer_step<B: TemperAutodiff>(
+    model: &mut CausalLm<B>,
+    opt: &mut Optimizer<B>,
+    micro_batches: &[Batch],
+    o: StepOptions,
+) -> Result<StepStats> {
     let StepOptions { lr, checkpointing, dropout: step, loss_scale, aux_loss_coef } = o;
     let tokens: usize = micro_batches.iter().map(Batch::trained_tokens).sum();
     if tokens == 0 {
@@ -226,7 +239,13 @@ pub fn optimizer_step<B: TemperAutodiff>(model: &mut CausalLm<B>, opt: &mut Opti
 }
 
 /// Mean NLL per trained token over `examples`, without gradients.
-pub fn evaluate<B: TemperBackend>(model: &CausalLm<B>, examples: &[Example], micro_batch_size: usize, cfg: &DataConfig, pad_id: u32) -> (f64, usize) {
+pub fn evaluate<B: TemperBackend>(
+    model: &CausalLm<B>,
+    examples: &[Example],
+    micro_batch_size: usize,
+    cfg: &DataConfig,
+    pad_id: u32,
+) -> (f64, usize) {
     let mut nll = 0.0;
     let mut tokens = 0;
     for batch in batches(examples, micro_batch_size, cfg, pad_id, 0, 0) {
@@ -267,7 +286,12 @@ impl<'a> DataCursor<'a> {
 
 /// Train `model` (base weights loaded) on `data` as `run` says; writes checkpoints, metrics,
 /// the loss curve, `summary.json` and `<output>/adapter/`.
-pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id: u32, run: &RunConfig) -> Result<Summary> {
+pub fn train<B: TemperAutodiff>(
+    mut model: CausalLm<B>,
+    data: &Prepared,
+    pad_id: u32,
+    run: &RunConfig,
+) -> Result<Summary> {
     let cfg = &run.train;
     cfg.validate().map_err(|(key, reason)| Error::InvalidArgument(format!("train.{key}: {reason}")))?;
     let started = Instant::now();
@@ -278,7 +302,8 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
     }
 
     let per_epoch = batches(&data.train, cfg.micro_batch_size, &run.data, pad_id, cfg.seed, 0).len();
-    let total = cfg.max_steps.unwrap_or_else(|| (cfg.epochs * per_epoch).div_ceil(cfg.gradient_accumulation_steps)).max(1);
+    let total =
+        cfg.max_steps.unwrap_or_else(|| (cfg.epochs * per_epoch).div_ceil(cfg.gradient_accumulation_steps)).max(1);
     let warmup = cfg.warmup(total);
 
     let resume = if cfg.resume { checkpoint::load_latest(&run.output_dir)? } else { None };
@@ -302,15 +327,40 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
         None => {
             inject(&mut model, &run.lora, cfg.seed)?;
             opt = Optimizer::new(&mut model, cfg);
-            TrainerState { step: 0, total_steps: total, epoch: 0, batch_index: 0, seed: cfg.seed, tokens_seen: 0, elapsed_s: 0.0, last_loss: None, last_eval_loss: None, loss_scale: None }
+            TrainerState {
+                step: 0,
+                total_steps: total,
+                epoch: 0,
+                batch_index: 0,
+                seed: cfg.seed,
+                tokens_seen: 0,
+                elapsed_s: 0.0,
+                last_loss: None,
+                last_eval_loss: None,
+                loss_scale: None,
+            }
         }
     };
     let resumed_from = (state.step > 0).then_some(state.step);
     let mut log = MetricsLog::open(&run.output_dir.join("metrics.jsonl"), Some(state.step))?;
     let keys: Vec<String> = lora_params(&mut model).into_iter().map(|(k, _)| k).collect();
-    let mut cursor = DataCursor { examples: &data.train, cfg: &run.data, mbs: cfg.micro_batch_size, pad_id, seed: cfg.seed, epoch: state.epoch, index: state.batch_index, current: Vec::new() };
+    let mut cursor = DataCursor {
+        examples: &data.train,
+        cfg: &run.data,
+        mbs: cfg.micro_batch_size,
+        pad_id,
+        seed: cfg.seed,
+        epoch: state.epoch,
+        index: state.batch_index,
+        current: Vec::new(),
+    };
 
-    let eval_now = |model: &CausalLm<B>| data.eval.as_ref().filter(|e| !e.is_empty()).map(|e| evaluate(&model.valid(), e, cfg.micro_batch_size, &run.data, pad_id));
+    let eval_now = |model: &CausalLm<B>| {
+        data.eval
+            .as_ref()
+            .filter(|e| !e.is_empty())
+            .map(|e| evaluate(&model.valid(), e, cfg.micro_batch_size, &run.data, pad_id))
+    };
     let initial_eval = if state.step == 0 { eval_now(&model).map(|(l, _)| l) } else { None };
     let bar = progress_bar(run.show_progress, total, state.step);
     let plain_every = (total / 20).max(1);
@@ -330,8 +380,18 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
         let micro: Vec<Batch> = (0..cfg.gradient_accumulation_steps).map(|_| cursor.next()).collect();
         let lr = cfg.learning_rate * cfg.lr_scheduler.factor(state.step, warmup, total);
         let stats = loop {
-            let aux_loss_coef = if cfg.output_router_logits { model.config.moe.as_ref().map(|m| cfg.router_aux_loss_coef.unwrap_or(m.router_aux_loss_coef)) } else { None };
-            let o = StepOptions { lr, checkpointing: cfg.gradient_checkpointing, dropout: StepKey { seed: cfg.seed, step: state.step as u64, micro_batch: 0 }, loss_scale: scaler.scale, aux_loss_coef };
+            let aux_loss_coef = if cfg.output_router_logits {
+                model.config.moe.as_ref().map(|m| cfg.router_aux_loss_coef.unwrap_or(m.router_aux_loss_coef))
+            } else {
+                None
+            };
+            let o = StepOptions {
+                lr,
+                checkpointing: cfg.gradient_checkpointing,
+                dropout: StepKey { seed: cfg.seed, step: state.step as u64, micro_batch: 0 },
+                loss_scale: scaler.scale,
+                aux_loss_coef,
+            };
             let stats = optimizer_step(&mut model, &mut opt, &micro, o).map_err(|e| match e {
                 Error::NonFinite(what) => Error::NonFinite(format!(
                     "{what} at step {}; training stopped, nothing written for this step (the last checkpoint is intact)",
@@ -352,17 +412,33 @@ pub fn train<B: TemperAutodiff>(mut model: CausalLm<B>, data: &Prepared, pad_id:
         let elapsed = elapsed_before + clock.elapsed().as_secs_f64();
         state.elapsed_s = elapsed;
         let tps = (state.tokens_seen - tokens_before) as f64 / clock.elapsed().as_secs_f64().max(1e-9);
-        log.push(MetricLine::Train { step: state.step, loss: stats.loss, lr, grad_norm: stats.grad_norm, tokens: stats.tokens, tokens_per_s: tps, elapsed })?;
+        log.push(MetricLine::Train {
+            step: state.step,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens: stats.tokens,
+            tokens_per_s: tps,
+            elapsed,
+        })?;
         bar.set_position(state.step as u64);
         bar.set_message(format!("loss {:.4} lr {lr:.2e} {tps:.0} tok/s", stats.loss));
         if bar.is_hidden() && run.show_progress && (state.step % plain_every == 0 || state.step == total) {
-            eprintln!("step {}/{total} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tps:.0} tok/s", state.step, stats.loss, stats.grad_norm);
+            eprintln!(
+                "step {}/{total} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tps:.0} tok/s",
+                state.step, stats.loss, stats.grad_norm
+            );
         }
         let last = state.step == total;
         if last || cfg.eval_steps.is_some_and(|n| state.step % n == 0) {
             if let Some((loss, tokens)) = eval_now(&model) {
                 state.last_eval_loss = Some(loss);
-                log.push(MetricLine::Eval { step: state.step, eval_loss: loss, eval_perplexity: loss.exp(), eval_tokens: tokens })?;
+                log.push(MetricLine::Eval {
+                    step: state.step,
+                    eval_loss: loss,
+                    eval_perplexity: loss.exp(),
+                    eval_tokens: tokens,
+                })?;
                 bar.println(format!("step {}: eval loss {loss:.4} (perplexity {:.3})", state.step, loss.exp()));
             }
         }
@@ -410,7 +486,8 @@ fn progress_bar(show: bool, total: usize, at: usize) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total as u64).with_style(
-        ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(at as u64);
     bar

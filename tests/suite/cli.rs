@@ -6,10 +6,7 @@ use std::process::{Command, Output};
 use crate::common::{fixtures, manifest, shared};
 
 fn temper(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_temper"))
-        .args(args)
-        .output()
-        .expect("run temper")
+    Command::new(env!("CARGO_BIN_EXE_temper")).args(args).output().expect("run temper")
 }
 
 fn stdout_ok(out: &Output) -> String {
@@ -47,10 +44,21 @@ fn greedy_generation_reproduces_transformers_text() {
     let m = manifest();
     let want = m["stories260K"]["greedy"]["text"].as_str().expect("greedy text");
     let model = shared("models/stories260K");
-    let out = temper(&["generate", "--model", path(&model), "--prompt", "Once upon a time", "--max-new-tokens", "40", "--device", "cpu"]);
+    let out = temper(&[
+        "generate",
+        "--model",
+        path(&model),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "40",
+        "--device",
+        "cpu",
+    ]);
     let text = stdout_ok(&out);
     assert_eq!(text.trim_end(), want);
-    assert!(text.starts_with("Once upon a time, there was a little girl named Lily. She loved to play outside in the park."));
+    assert!(text
+        .starts_with("Once upon a time, there was a little girl named Lily. She loved to play outside in the park."));
 }
 
 fn eval_json(model: &Path) -> serde_json::Value {
@@ -101,7 +109,17 @@ fn scratch_llama(tmp: &Path) -> PathBuf {
 }
 
 fn generate_err(model: &Path) -> String {
-    stderr_failed(&temper(&["generate", "--model", path(model), "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"]))
+    stderr_failed(&temper(&[
+        "generate",
+        "--model",
+        path(model),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "1",
+        "--device",
+        "cpu",
+    ]))
 }
 
 #[test]
@@ -141,7 +159,9 @@ fn rewrite_weights(dir: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usi
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = kept
         .iter()
-        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &file).unwrap();
 }
@@ -163,7 +183,12 @@ fn wrong_shape_names_file_tensor_and_shapes() {
         Some(if name == "model.layers.0.self_attn.k_proj.weight" { vec![shape[0] + 1, shape[1]] } else { shape })
     });
     let err = generate_err(&dir);
-    assert!(err.contains("model.safetensors") && err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("expected"), "{err}");
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("model.layers.0.self_attn.k_proj.weight")
+            && err.contains("expected"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -224,7 +249,8 @@ fn selftest_passes_every_fixture_on_the_cpu() {
 fn selftest_fails_a_model_off_its_reference_and_names_bad_manifest_entries() {
     let tmp = tempfile::tempdir().unwrap();
     // A reference loss moved by 1e-3 (10x the f32 tolerance) must fail.
-    let moved = one_fixture(&tmp.path().join("moved"), |e| e["loss"] = serde_json::json!(e["loss"].as_f64().unwrap() + 1e-3));
+    let moved =
+        one_fixture(&tmp.path().join("moved"), |e| e["loss"] = serde_json::json!(e["loss"].as_f64().unwrap() + 1e-3));
     let err = stderr_failed(&temper(&["selftest", "--fixtures", path(&moved), "--device", "cpu"]));
     assert!(err.contains("1 of 1 fixture models outside tolerance"), "{err}");
     let no_path = one_fixture(&tmp.path().join("no_path"), |e| e["path"] = serde_json::Value::Null);

@@ -36,9 +36,7 @@ pub struct Reference {
 
 impl Reference {
     pub fn open(path: &Path) -> Self {
-        Self {
-            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
+        Self { bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
     }
 
     fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
@@ -69,7 +67,10 @@ impl Reference {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     // NaN propagates (f32::max would drop it and let a NaN output pass any tolerance).
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
 }
 
 /// Every LoRA pair's gradients in `grads`, by module name, asserting that no frozen base weight

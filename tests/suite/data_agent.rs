@@ -63,7 +63,9 @@ fn cases() -> Vec<Case> {
                 conv: Conversation { messages, vars },
                 text: c["text"].as_str().unwrap().into(),
                 input_ids: c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
-                assistant_masks: c["assistant_masks"].as_array().map(|m| m.iter().map(|x| x.as_i64().unwrap()).collect()),
+                assistant_masks: c["assistant_masks"]
+                    .as_array()
+                    .map(|m| m.iter().map(|x| x.as_i64().unwrap()).collect()),
                 added_special_tokens: c["added_special_tokens"]
                     .as_object()
                     .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap() as u32)).collect())
@@ -129,10 +131,14 @@ fn trained_runs(tok: &TextTokenizer, ex: &Example) -> Vec<String> {
 fn find<'a>(cases: &'a [Case], tok: &str, template: Option<&str>, name: &str, kwargs: &str) -> &'a Case {
     cases
         .iter()
-        .find(|c| c.tokenizer == tok && c.template.as_deref() == template && c.name == name && serde_json::to_string(&c.kwargs).unwrap() == kwargs)
+        .find(|c| {
+            c.tokenizer == tok
+                && c.template.as_deref() == template
+                && c.name == name
+                && serde_json::to_string(&c.kwargs).unwrap() == kwargs
+        })
         .unwrap_or_else(|| panic!("no case {tok}/{template:?}/{name}/{kwargs}"))
 }
-
 
 #[test]
 fn reasoning_and_tool_rows_render_and_tokenise_as_apply_chat_template() {
@@ -144,7 +150,9 @@ fn reasoning_and_tool_rows_render_and_tokenise_as_apply_chat_template() {
         let what = format!("{}/{:?}/{} {:?}", case.tokenizer, case.template, case.name, case.kwargs);
         let mut kwargs = case.kwargs.clone();
         kwargs.extend(case.conv.vars.clone());
-        let text = template(case, tok).render(&case.conv.messages, case.add_generation_prompt, &kwargs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let text = template(case, tok)
+            .render(&case.conv.messages, case.add_generation_prompt, &kwargs)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(text, case.text, "{what}: rendered text");
         if case.add_generation_prompt {
             // A prompt for generation, not a training row.
@@ -204,22 +212,34 @@ fn qwen3_trains_each_assistant_turn_as_rendered_in_the_whole_conversation() {
 fn reasoning_tool_call_and_empty_think_options_change_exactly_their_tokens() {
     let cases = cases();
     let tok = tokenizer("qwen3");
-    let runs = |name: &str, kwargs: &str, edit: fn(&mut DataConfig)| trained_runs(&tok, &encode(find(&cases, "qwen3", None, name, kwargs), &tok, edit));
+    let runs = |name: &str, kwargs: &str, edit: fn(&mut DataConfig)| {
+        trained_runs(&tok, &encode(find(&cases, "qwen3", None, name, kwargs), &tok, edit))
+    };
     let no_reasoning = |c: &mut DataConfig| c.train_on_reasoning = false;
     assert_eq!(runs("reasoning_single", "{}", no_reasoning), ["2+2 is 4.<|im_end|>"]);
     assert_eq!(runs("reasoning_multi_turn", "{}", no_reasoning), ["2+2 is 4.<|im_end|>", "6<|im_end|>"]);
     assert_eq!(runs("reasoning_content_field", "{}", no_reasoning), ["7<|im_end|>"]);
     assert_eq!(
         runs("tool_call_reasoning_multi_step", "{}", no_reasoning),
-        ["<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>", "It is 18 °C and cloudy.<|im_end|>", "Not needed, but it is cloudy.<|im_end|>"]
+        [
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>",
+            "It is 18 °C and cloudy.<|im_end|>",
+            "Not needed, but it is cloudy.<|im_end|>"
+        ]
     );
     let no_tools = |c: &mut DataConfig| c.train_on_tool_calls = false;
     assert_eq!(runs("tool_call", "{}", no_tools), ["It is 18 °C and cloudy in Paris.<|im_end|>"]);
     assert_eq!(runs("parallel_tool_calls", "{}", no_tools), ["18 °C, cloudy, and it is 14:05.<|im_end|>"]);
     let empty_think = |c: &mut DataConfig| c.train_on_empty_think = true;
-    assert_eq!(runs("tool_call", "{}", empty_think), [QWEN_CALL, "<think>\n\n</think>\n\nIt is 18 °C and cloudy in Paris.<|im_end|>"]);
+    assert_eq!(
+        runs("tool_call", "{}", empty_think),
+        [QWEN_CALL, "<think>\n\n</think>\n\nIt is 18 °C and cloudy in Paris.<|im_end|>"]
+    );
     // With enable_thinking: false the empty block is part of the generation prompt: never trained.
-    assert_eq!(runs("tool_call", "{\"enable_thinking\":false}", empty_think), [QWEN_CALL, "It is 18 °C and cloudy in Paris.<|im_end|>"]);
+    assert_eq!(
+        runs("tool_call", "{\"enable_thinking\":false}", empty_think),
+        [QWEN_CALL, "It is 18 °C and cloudy in Paris.<|im_end|>"]
+    );
     let no_eos = |c: &mut DataConfig| c.train_on_eos = false;
     assert_eq!(runs("reasoning_content_field", "{}", no_eos), ["<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n7"]);
 }
@@ -232,7 +252,8 @@ fn llama3_templates_train_what_they_render() {
     let think2 = "<think>\nThree and three is six.\n</think>\n\n6<|eot_id|>";
     let answer = "It is 18 °C and cloudy in Paris.<|eot_id|>";
     for (template, kwargs) in [(None, "{}"), (Some("llama3_2.jinja"), "{\"date_string\":\"26 Jul 2024\"}")] {
-        let runs = |name: &str| trained_runs(&tok, &encode(find(&cases, "llama3", template, name, kwargs), &tok, |_| {}));
+        let runs =
+            |name: &str| trained_runs(&tok, &encode(find(&cases, "llama3", template, name, kwargs), &tok, |_| {}));
         // Llama 3 keeps the reasoning of every turn in the text.
         assert_eq!(runs("reasoning_single"), [think1], "{template:?}");
         assert_eq!(runs("reasoning_multi_turn"), [think1, think2], "{template:?}");
@@ -289,17 +310,34 @@ fn tool_rows_from_a_file_and_their_bad_rows() {
 
     let user = serde_json::json!({"role": "user", "content": "Hi"});
     let bad = [
-        (serde_json::json!({"messages": [user, {"role": "tool", "content": "18"}, {"role": "assistant", "content": "ok"}]}), "messages[1]: a `tool` message must follow an assistant message with `tool_calls`"),
-        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "", "tool_calls": "get_weather()"}]}), "messages[1].tool_calls: must be a list of tool calls, found a string"),
-        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "7", "reasoning_content": ["a"]}]}), "`messages[1].reasoning_content` must be a string, found an array"),
-        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "7"}], "tools": {"name": "f"}}), "`tools` must be a list, found an object"),
-        (serde_json::json!({"messages": [user, {"role": "assistant", "content": "7"}], "tools": "[{"}), "`tools` is a string that is not JSON"),
+        (
+            serde_json::json!({"messages": [user, {"role": "tool", "content": "18"}, {"role": "assistant", "content": "ok"}]}),
+            "messages[1]: a `tool` message must follow an assistant message with `tool_calls`",
+        ),
+        (
+            serde_json::json!({"messages": [user, {"role": "assistant", "content": "", "tool_calls": "get_weather()"}]}),
+            "messages[1].tool_calls: must be a list of tool calls, found a string",
+        ),
+        (
+            serde_json::json!({"messages": [user, {"role": "assistant", "content": "7", "reasoning_content": ["a"]}]}),
+            "`messages[1].reasoning_content` must be a string, found an array",
+        ),
+        (
+            serde_json::json!({"messages": [user, {"role": "assistant", "content": "7"}], "tools": {"name": "f"}}),
+            "`tools` must be a list, found an object",
+        ),
+        (
+            serde_json::json!({"messages": [user, {"role": "assistant", "content": "7"}], "tools": "[{"}),
+            "`tools` is a string that is not JSON",
+        ),
     ];
     let mut lines = vec![good.to_string()];
     for (k, (row, reason)) in bad.iter().enumerate() {
         let one = tmp.path().join(format!("bad{k}.jsonl"));
         std::fs::write(&one, format!("{good}\n{row}\n")).unwrap();
-        let e = prepare(&DataConfig { seq_len: 4096, ..DataConfig::new(&one) }, &tok, Path::new("/"), 0).unwrap_err().to_string();
+        let e = prepare(&DataConfig { seq_len: 4096, ..DataConfig::new(&one) }, &tok, Path::new("/"), 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("bad{k}.jsonl:2: ")) && e.contains(reason), "row {k}: {e}");
         lines.push(row.to_string());
     }
@@ -359,8 +397,12 @@ fn gpt_oss_final(answer: &str, end: &str) -> String {
 fn gpt_oss_harmony_template_trains_each_turn_with_its_channel_and_end() {
     let cases = cases();
     let (a1, a2) = (gpt_oss_final("2+2 is 4.", "<|end|>"), gpt_oss_final("6", "<|return|>"));
-    let think2 = format!("<|channel|>analysis<|message|>Three and three is six.<|end|><|start|>assistant{}", gpt_oss_final("6", "<|return|>"));
-    let high = r#"{"builtin_tools":["browser","python"],"model_identity":"You are a test model.","reasoning_effort":"high"}"#;
+    let think2 = format!(
+        "<|channel|>analysis<|message|>Three and three is six.<|end|><|start|>assistant{}",
+        gpt_oss_final("6", "<|return|>")
+    );
+    let high =
+        r#"{"builtin_tools":["browser","python"],"model_identity":"You are a test model.","reasoning_effort":"high"}"#;
     let expect: Vec<(&str, &str, Vec<String>)> = vec![
         ("plain_multi_turn", "{}", vec![a1.clone(), a2.clone()]),
         ("plain_no_system", "{}", vec![a1.clone(), a2.clone()]),
@@ -383,7 +425,10 @@ fn gpt_oss_harmony_template_trains_each_turn_with_its_channel_and_end() {
     let case = find(&cases, "llama3", Some("gpt_oss.jinja"), "plain_no_system", "{}");
     let source = std::fs::read_to_string(fixtures().join("chat_templates/gpt_oss.jinja")).unwrap();
     let real = ChatTemplate::new(Some(&source), &tok).expect("template compiles");
-    let today = ChatTemplate::new(Some("{{ strftime_now('%Y-%m-%d') }}"), &tok).unwrap().render(&[], false, &BTreeMap::new()).unwrap();
+    let today = ChatTemplate::new(Some("{{ strftime_now('%Y-%m-%d') }}"), &tok)
+        .unwrap()
+        .render(&[], false, &BTreeMap::new())
+        .unwrap();
     let text = real.render(&case.conv.messages, false, &BTreeMap::new()).unwrap();
     assert_eq!(text, case.text.replace("Current date: 2025-08-05", &format!("Current date: {today}")));
 }
@@ -395,13 +440,22 @@ fn gpt_oss_tool_call_turns_are_trained() {
     let cases = cases();
     let call = |args: &str| format!(" to=functions.get_weather<|channel|>commentary json<|message|>{args}<|call|>");
     let expect: Vec<(&str, Vec<String>)> = vec![
-        ("tool_call", vec![call(r#"{"unit": "celsius", "city": "Paris"}"#), gpt_oss_final("It is 18 °C and cloudy in Paris.", "<|return|>")]),
+        (
+            "tool_call",
+            vec![
+                call(r#"{"unit": "celsius", "city": "Paris"}"#),
+                gpt_oss_final("It is 18 °C and cloudy in Paris.", "<|return|>"),
+            ],
+        ),
         (
             "tool_call_thinking_multi_step",
             vec![
                 call(r#"{"city": "Paris"}"#),
                 gpt_oss_final("It is 18 °C and cloudy.", "<|end|>"),
-                format!("<|channel|>analysis<|message|>Cloudy, no rain in the result.<|end|><|start|>assistant{}", gpt_oss_final("Not needed, but it is cloudy.", "<|return|>")),
+                format!(
+                    "<|channel|>analysis<|message|>Cloudy, no rain in the result.<|end|><|start|>assistant{}",
+                    gpt_oss_final("Not needed, but it is cloudy.", "<|return|>")
+                ),
             ],
         ),
     ];
@@ -424,7 +478,8 @@ fn mixtral_template_trains_each_answer_and_its_eos() {
     }
 }
 
-const QWEN35_WEATHER_CALL: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call><|im_end|>";
+const QWEN35_WEATHER_CALL: &str =
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call><|im_end|>";
 
 /// Qwen 3.5's template (Qwen/Qwen3.5-*, tests/fixtures/chat_templates/qwen3_5.jinja): thinking is
 /// on by default, so the generation prompt is `<|im_start|>assistant\n<think>\n` and the model
@@ -477,15 +532,23 @@ fn qwen3_5_trains_each_assistant_turn_from_inside_its_think_block() {
         }
     }
     // The generation prompt: `<think>\n` opens the block (thinking on), or an empty block closes it.
-    for (kwargs, prompt) in [("{}", "<|im_start|>assistant\n<think>\n"), ("{\"enable_thinking\":false}", "<|im_start|>assistant\n<think>\n\n</think>\n\n")] {
+    for (kwargs, prompt) in [
+        ("{}", "<|im_start|>assistant\n<think>\n"),
+        ("{\"enable_thinking\":false}", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    ] {
         for name in ["plain_multi_turn_open", "tool_call_reasoning_pending"] {
             let case = find(&cases, "qwen3", Some("qwen3_5.jinja"), name, kwargs);
-            assert!(case.add_generation_prompt && case.text.ends_with(&format!("<|im_end|>\n{prompt}")), "{name} {kwargs}");
+            assert!(
+                case.add_generation_prompt && case.text.ends_with(&format!("<|im_end|>\n{prompt}")),
+                "{name} {kwargs}"
+            );
         }
     }
 
     // The options act on the block the generation prompt opened.
-    let runs = |name: &str, edit: fn(&mut DataConfig)| trained_runs(&tok, &encode(find(&cases, "qwen3", Some("qwen3_5.jinja"), name, "{}"), &tok, edit));
+    let runs = |name: &str, edit: fn(&mut DataConfig)| {
+        trained_runs(&tok, &encode(find(&cases, "qwen3", Some("qwen3_5.jinja"), name, "{}"), &tok, edit))
+    };
     let no_reasoning = |c: &mut DataConfig| c.train_on_reasoning = false;
     assert_eq!(runs("reasoning_single", no_reasoning), ["2+2 is 4.<|im_end|>"]);
     assert_eq!(runs("reasoning_multi_turn", no_reasoning), ["2+2 is 4.<|im_end|>", "6<|im_end|>"]);
@@ -494,7 +557,13 @@ fn qwen3_5_trains_each_assistant_turn_from_inside_its_think_block() {
     // `<think>\n\n</think>`: the `\n\n` token holds the prompt's newline and the block's.
     assert_eq!(runs("plain_multi_turn", empty_think), ["2+2 is 4.<|im_end|>", "\n\n</think>\n\n6<|im_end|>"]);
     let no_tools = |c: &mut DataConfig| c.train_on_tool_calls = false;
-    assert_eq!(runs("tool_call_reasoning_multi_step", no_tools), ["It is 18 °C and cloudy.<|im_end|>", "Cloudy, no rain in the result.\n</think>\n\nNot needed, but it is cloudy.<|im_end|>"]);
+    assert_eq!(
+        runs("tool_call_reasoning_multi_step", no_tools),
+        [
+            "It is 18 °C and cloudy.<|im_end|>",
+            "Cloudy, no rain in the result.\n</think>\n\nNot needed, but it is cloudy.<|im_end|>"
+        ]
+    );
     let no_eos = |c: &mut DataConfig| c.train_on_eos = false;
     assert_eq!(runs("reasoning_content_field", no_eos), ["Small primes: 2, 3, 5, 7.\n</think>\n\n7"]);
 
@@ -516,12 +585,23 @@ fn qwen3_5_trains_each_assistant_turn_from_inside_its_think_block() {
 fn qwen3_6_preserve_thinking_keeps_and_trains_earlier_reasoning() {
     let cases = cases();
     let tok = tokenizer("qwen3");
-    let runs = |name: &str, kwargs: &str| trained_runs(&tok, &encode(find(&cases, "qwen3", Some("qwen3_6.jinja"), name, kwargs), &tok, |_| {}));
-    assert_eq!(runs("reasoning_multi_turn", "{}"), ["2+2 is 4.<|im_end|>", "Three and three is six.\n</think>\n\n6<|im_end|>"]);
+    let runs = |name: &str, kwargs: &str| {
+        trained_runs(&tok, &encode(find(&cases, "qwen3", Some("qwen3_6.jinja"), name, kwargs), &tok, |_| {}))
+    };
+    assert_eq!(
+        runs("reasoning_multi_turn", "{}"),
+        ["2+2 is 4.<|im_end|>", "Three and three is six.\n</think>\n\n6<|im_end|>"]
+    );
     assert_eq!(
         runs("reasoning_multi_turn", "{\"preserve_thinking\":true}"),
-        ["Two plus two makes four.\n</think>\n\n2+2 is 4.<|im_end|>", "Three and three is six.\n</think>\n\n6<|im_end|>"]
+        [
+            "Two plus two makes four.\n</think>\n\n2+2 is 4.<|im_end|>",
+            "Three and three is six.\n</think>\n\n6<|im_end|>"
+        ]
     );
     let case = find(&cases, "qwen3", Some("qwen3_6.jinja"), "tool_call_typed_arguments", "{}");
-    assert!(case.text.contains("<parameter=hourly>\ntrue\n</parameter>") && case.text.contains("<parameter=ratio>\n0.5\n</parameter>"));
+    assert!(
+        case.text.contains("<parameter=hourly>\ntrue\n</parameter>")
+            && case.text.contains("<parameter=ratio>\n0.5\n</parameter>")
+    );
 }

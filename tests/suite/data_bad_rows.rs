@@ -55,7 +55,15 @@ fn skip_invalid_rows_counts_skipped_rows_per_reason() {
     let skipped: Vec<(&str, usize)> = p.stats.skipped.iter().map(|(k, &v)| (k.as_str(), v)).collect();
     assert_eq!(
         skipped,
-        [("empty_field", 1), ("invalid_json", 1), ("missing_field", 1), ("no_trained_tokens", 1), ("not_utf8", 1), ("unknown_role", 1), ("wrong_type", 2)]
+        [
+            ("empty_field", 1),
+            ("invalid_json", 1),
+            ("missing_field", 1),
+            ("no_trained_tokens", 1),
+            ("not_utf8", 1),
+            ("unknown_role", 1),
+            ("wrong_type", 2)
+        ]
     );
     let report = p.stats.report();
     assert!(report.contains("skipped 2 rows: wrong_type"), "{report}");

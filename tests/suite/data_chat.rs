@@ -86,7 +86,9 @@ fn check_masking(name: &str, eot: &str, trims: bool) {
         let mut cfg = DataConfig::new("unused");
         cfg.template_kwargs = kwargs(case);
         let template = ChatTemplate::new(tok.chat_template.as_deref(), &tok).unwrap();
-        let ex = Encoder::new(&tok, template, &cfg).chat(&Conversation::new(msgs.clone())).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let ex = Encoder::new(&tok, template, &cfg)
+            .chat(&Conversation::new(msgs.clone()))
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
         // The training path tokenises exactly as apply_chat_template(tokenize=True).
         assert_eq!(ex.input_ids, ids(&case["input_ids"]), "{what}: ids");
         let want: Vec<String> = msgs
@@ -113,7 +115,10 @@ fn qwen3_masking_trains_each_assistant_content_and_im_end_only() {
 #[test]
 fn train_on_inputs_trains_every_chat_token_and_train_on_eos_false_drops_eot() {
     let (tok, cases) = cases("qwen3");
-    let case = cases.iter().find(|c| c["name"] == "multi_turn" && c["kwargs"].as_object().is_none_or(|o| o.is_empty())).unwrap();
+    let case = cases
+        .iter()
+        .find(|c| c["name"] == "multi_turn" && c["kwargs"].as_object().is_none_or(|o| o.is_empty()))
+        .unwrap();
     let msgs = messages(case);
     let mut cfg = DataConfig::new("unused");
     cfg.train_on_inputs = true;
@@ -131,7 +136,8 @@ fn train_on_inputs_trains_every_chat_token_and_train_on_eos_false_drops_eot() {
 #[test]
 fn recipe_template_override_replaces_the_tokenizers() {
     let (tok, _) = cases("qwen3");
-    let t = ChatTemplate::new(Some("{% for m in messages %}[{{ m.role }}]{{ m.content | trim }}{% endfor %}"), &tok).unwrap();
+    let t = ChatTemplate::new(Some("{% for m in messages %}[{{ m.role }}]{{ m.content | trim }}{% endfor %}"), &tok)
+        .unwrap();
     let text = t.render(&[Message::new("user", " hi ")], false, &BTreeMap::new()).unwrap();
     assert_eq!(text, "[user]hi");
     let err = t.render(&[], false, &BTreeMap::new()).map(|_| ());

@@ -25,7 +25,8 @@ fn prep(cfg: &DataConfig, tok: &TextTokenizer) -> Prepared {
 
 /// The trained tokens of an example, decoded.
 pub fn trained_text(tok: &TextTokenizer, ex: &Example) -> String {
-    let ids: Vec<u32> = ex.input_ids.iter().zip(&ex.labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
+    let ids: Vec<u32> =
+        ex.input_ids.iter().zip(&ex.labels).filter(|(_, &l)| l != IGNORE_INDEX).map(|(&i, _)| i).collect();
     tok.decode_with_special(&ids).unwrap()
 }
 
@@ -55,7 +56,11 @@ fn completion_format_trains_only_the_completion_and_eos() {
     let ex = &p.train[0];
     let n_prompt = tok.encode("Tom had a dog.").unwrap().len();
     assert!(ex.labels[..n_prompt].iter().all(|&l| l == IGNORE_INDEX));
-    assert_eq!(ex.input_ids[..ex.input_ids.len() - 1], tok.encode("Tom had a dog. The dog was big.").unwrap()[..], "tokenised as one text");
+    assert_eq!(
+        ex.input_ids[..ex.input_ids.len() - 1],
+        tok.encode("Tom had a dog. The dog was big.").unwrap()[..],
+        "tokenised as one text"
+    );
     assert_eq!(trained_text(&tok, ex).trim_start(), "The dog was big.</s>");
     cfg.train_on_inputs = true;
     let all = &prep(&cfg, &tok).train[0];
@@ -70,7 +75,8 @@ fn completion_format_trains_only_the_completion_and_eos() {
 fn alpaca_without_chat_template_uses_the_plain_template() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = stories_tok();
-    let f = write(tmp.path(), "a.jsonl", "{\"instruction\": \"Name a color.\", \"input\": \"\", \"output\": \"Red.\"}\n");
+    let f =
+        write(tmp.path(), "a.jsonl", "{\"instruction\": \"Name a color.\", \"input\": \"\", \"output\": \"Red.\"}\n");
     let p = prep(&DataConfig::new(&f), &tok);
     assert_eq!(p.stats.format, "alpaca");
     let ex = &p.train[0];
@@ -127,7 +133,9 @@ fn recipe_errors_name_the_key_path_and_line() {
     let yaml = "model: x\ndata:\n  train: a.jsonl\n  pakcing: true\n";
     let e = data_config_from_str(yaml, Path::new("r.yaml")).unwrap_err().to_string();
     assert!(e.contains("r.yaml") && e.contains("pakcing") && e.contains("line 4"), "{e}");
-    let e = data_config_from_str("data:\n  train: a.jsonl\n  seq_len: many\n", Path::new("r.yaml")).unwrap_err().to_string();
+    let e = data_config_from_str("data:\n  train: a.jsonl\n  seq_len: many\n", Path::new("r.yaml"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("data.seq_len") && e.contains("line 3"), "{e}");
     let e = data_config_from_str("model: x\n", Path::new("r.yaml")).unwrap_err().to_string();
     assert!(e.contains("`data`"), "{e}");
@@ -160,7 +168,8 @@ fn write_parquet(path: &Path, questions: &[&str], answers: &[&str]) {
     )
     .unwrap();
     let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), Arc::new(schema), Arc::new(props)).unwrap();
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), Arc::new(schema), Arc::new(props)).unwrap();
     let mut rg = w.next_row_group().unwrap();
     for col in [questions, answers] {
         let mut c = rg.next_column().unwrap().unwrap();
@@ -178,9 +187,16 @@ fn parquet_rows_load_like_jsonl_rows() {
     let tok = stories_tok();
     let pq = tmp.path().join("train-00000-of-00001.parquet");
     write_parquet(&pq, &["What is 1+1?", "What is 2+2?"], &["2", "4"]);
-    let jl = write(tmp.path(), "same.jsonl", "{\"question\": \"What is 1+1?\", \"answer\": \"2\"}\n{\"question\": \"What is 2+2?\", \"answer\": \"4\"}\n");
+    let jl = write(
+        tmp.path(),
+        "same.jsonl",
+        "{\"question\": \"What is 1+1?\", \"answer\": \"2\"}\n{\"question\": \"What is 2+2?\", \"answer\": \"4\"}\n",
+    );
     let mut cfg = DataConfig::new(&pq);
-    cfg.columns = [("prompt", "question"), ("completion", "answer")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    cfg.columns = [("prompt", "question"), ("completion", "answer")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
     let from_parquet = prep(&cfg, &tok);
     cfg.train = jl;
     assert_eq!(from_parquet.train, prep(&cfg, &tok).train);

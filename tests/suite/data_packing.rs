@@ -48,13 +48,17 @@ fn examples(tmp: &Path) -> (Vec<Example>, DataConfig) {
 fn packed_loss_equals_unpacked_loss_on_the_same_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let (ex, mut cfg) = examples(tmp.path());
-    let model = load_model::<Cpu>(&shared("models/stories260K"), WeightPrecision::F32, &Default::default()).unwrap().model;
+    let model =
+        load_model::<Cpu>(&shared("models/stories260K"), WeightPrecision::F32, &Default::default()).unwrap().model;
     let sum = |bs: &[Batch]| bs.iter().map(|b| batch_loss(&model, b)).fold((0.0, 0), |(a, n), (x, m)| (a + x, n + m));
     cfg.packing = false;
     let (plain, n_plain) = sum(&batches(&ex, 1, &cfg, 0, 7, 0));
     cfg.packing = true;
     let packed_batches = batches(&ex, 2, &cfg, 0, 7, 0);
-    assert!(packed_batches.iter().any(|b| b.segments.as_ref().unwrap().iter().any(|s| s.iter().max() > Some(&1))), "rows were packed");
+    assert!(
+        packed_batches.iter().any(|b| b.segments.as_ref().unwrap().iter().any(|s| s.iter().max() > Some(&1))),
+        "rows were packed"
+    );
     assert!(packed_batches.len() < ex.len());
     let (packed, n_packed) = sum(&packed_batches);
     assert_eq!(n_plain, n_packed, "same trained targets");

@@ -51,7 +51,16 @@ fn preview_jsonl_prints_input_ids_and_masked_labels() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = gsm8k_recipe(tmp.path());
     let model = shared("models/stories260K");
-    let text = ok(&temper(&["preview", "--model", model.to_str().unwrap(), "--recipe", recipe.to_str().unwrap(), "-n", "3", "--jsonl"]));
+    let text = ok(&temper(&[
+        "preview",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-n",
+        "3",
+        "--jsonl",
+    ]));
     let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 3);
     for r in &rows {
@@ -91,11 +100,19 @@ fn oasst_trees_flatten_to_chat_that_previews_with_the_qwen3_template() {
 fn preview_of_a_bad_row_names_file_and_line() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("bad.jsonl");
-    std::fs::write(&data, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"robot\", \"content\": \"x\"}]}\n").unwrap();
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"robot\", \"content\": \"x\"}]}\n",
+    )
+    .unwrap();
     let model = shared("models/stories260K");
-    let out = temper(&["preview", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--format", "chat"]);
+    let out =
+        temper(&["preview", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--format", "chat"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("bad.jsonl:1") && stderr.contains("unknown role `robot`"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("bad.jsonl:1") && stderr.contains("unknown role `robot`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -116,12 +133,16 @@ fn preview_shows_reasoning_and_tool_turns_under_the_recipes_options() {
     let tok = shared("tokenizers/qwen3");
     let preview = |options: &str| {
         let recipe = tmp.path().join("r.yaml");
-        std::fs::write(&recipe, format!("base_model: {}\ndata:\n  train: agent.jsonl\n{options}", tok.display())).unwrap();
+        std::fs::write(&recipe, format!("base_model: {}\ndata:\n  train: agent.jsonl\n{options}", tok.display()))
+            .unwrap();
         ok(&temper(&["preview", "--model", tok.to_str().unwrap(), "--recipe", recipe.to_str().unwrap(), "-n", "2"]))
     };
     let shown = preview("");
     assert!(shown.contains("chat: assistant turns as the template renders them; reasoning trained, tool-call turns trained, empty think blocks not trained"), "{shown}");
-    assert!(shown.contains("<|im_start|>assistant\n⟦<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n7<|im_end|>⟧"), "{shown}");
+    assert!(
+        shown.contains("<|im_start|>assistant\n⟦<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n7<|im_end|>⟧"),
+        "{shown}"
+    );
     assert!(shown.contains("<|im_start|>assistant\n⟦<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>⟧"), "{shown}");
     assert!(shown.contains("<|im_start|>assistant\n<think>\n\n</think>\n\n⟦It is 18 C.<|im_end|>⟧"), "{shown}");
     let shown = preview("  train_on_reasoning: false\n  train_on_tool_calls: false\n");
@@ -129,7 +150,11 @@ fn preview_shows_reasoning_and_tool_turns_under_the_recipes_options() {
     assert!(shown.contains("<think>\nSmall primes: 2, 3, 5, 7.\n</think>\n\n⟦7<|im_end|>⟧"), "{shown}");
     assert!(shown.contains("<|im_start|>assistant\n<tool_call>") && !shown.contains("⟦<tool_call>"), "{shown}");
     let recipe = tmp.path().join("bad.yaml");
-    std::fs::write(&recipe, format!("base_model: {}\ndata:\n  train: agent.jsonl\n  train_on_reasonings: false\n", tok.display())).unwrap();
+    std::fs::write(
+        &recipe,
+        format!("base_model: {}\ndata:\n  train: agent.jsonl\n  train_on_reasonings: false\n", tok.display()),
+    )
+    .unwrap();
     let out = temper(&["preview", "--model", tok.to_str().unwrap(), "--recipe", recipe.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("train_on_reasonings"), "{stderr}");

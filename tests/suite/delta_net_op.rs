@@ -158,7 +158,19 @@ fn chunked_form_equals_the_recurrence_for_ragged_lengths() {
 fn packed_segments(t: usize) -> Vec<Vec<u32>> {
     let cuts0 = [30, 64, 128, 140];
     let row0 = (0..t).map(|i| cuts0.iter().filter(|&&c| i >= c).count() as u32).collect();
-    let row1 = (0..t).map(|i| if i < 1 { 7 } else if i < 63 { 3 } else if i < 100 { 7 } else { 3 }).collect();
+    let row1 = (0..t)
+        .map(|i| {
+            if i < 1 {
+                7
+            } else if i < 63 {
+                3
+            } else if i < 100 {
+                7
+            } else {
+                3
+            }
+        })
+        .collect();
     vec![row0, row1]
 }
 
@@ -196,7 +208,8 @@ fn packed_documents_equal_each_document_run_alone() {
             worst[0] = worst[0].max(assert_close(&format!("{label}: output"), &values(part(&o)), &values(ao), FWD_TOL));
             if end == t {
                 let last = s.clone().narrow(0, row, 1);
-                worst[1] = worst[1].max(assert_close(&format!("{label}: final state"), &values(last), &values(a_s), FWD_TOL));
+                worst[1] =
+                    worst[1].max(assert_close(&format!("{label}: final state"), &values(last), &values(a_s), FWD_TOL));
             }
             // The packed gradients at this document's positions are the document's own.
             let doc_grads = grads(&alone, &part(&up), &spec(64, None), true);
@@ -215,7 +228,10 @@ fn packed_documents_equal_each_document_run_alone() {
     }
     // And the packed gradients equal autodiff through the segmented recurrence.
     compare_grads("packed vs recurrent", &whole, &grads(&x, &up, &packed, false), true);
-    eprintln!("packed vs alone: output {:e}, final state {:e}, gradients (relative) {:e}", worst[0], worst[1], worst[2]);
+    eprintln!(
+        "packed vs alone: output {:e}, final state {:e}, gradients (relative) {:e}",
+        worst[0], worst[1], worst[2]
+    );
 }
 
 #[test]
@@ -234,17 +250,27 @@ fn prefill_with_a_state_equals_the_recurrence_and_splits_anywhere() {
         let cut = 70;
         let first = narrow_all(&x, 0, cut);
         let second = narrow_all(&x, cut, t - cut);
-        let split_spec = |a: usize, len: usize| DeltaNetSpec { segments: spec.segments.as_ref().map(|s| Arc::new(s.iter().map(|r| r[a..a + len].to_vec()).collect())), chunk: 64 };
+        let split_spec = |a: usize, len: usize| DeltaNetSpec {
+            segments: spec.segments.as_ref().map(|s| Arc::new(s.iter().map(|r| r[a..a + len].to_vec()).collect())),
+            chunk: 64,
+        };
         let (o1, s1) = chunked(&first, Some(s0.clone()), &split_spec(0, cut));
         let (o2, s2) = chunked(&second, Some(s1), &split_spec(cut, t - cut));
-        let d_split = assert_close(&format!("{label}: split output"), &values(Tensor::cat(vec![o1, o2], 1)), &values(o), FWD_TOL);
+        let d_split =
+            assert_close(&format!("{label}: split output"), &values(Tensor::cat(vec![o1, o2], 1)), &values(o), FWD_TOL);
         assert_close(&format!("{label}: split final state"), &values(s2), &values(s), FWD_TOL);
         eprintln!("{label}: from a state, output {d_o:e}, state {d_s:e}; split {d_split:e}");
     }
 }
 
 fn narrow_all<B: Backend>(x: &Inputs<B>, start: usize, len: usize) -> Inputs<B> {
-    Inputs { q: x.q.clone().narrow(1, start, len), k: x.k.clone().narrow(1, start, len), v: x.v.clone().narrow(1, start, len), g: x.g.clone().narrow(1, start, len), beta: x.beta.clone().narrow(1, start, len) }
+    Inputs {
+        q: x.q.clone().narrow(1, start, len),
+        k: x.k.clone().narrow(1, start, len),
+        v: x.v.clone().narrow(1, start, len),
+        g: x.g.clone().narrow(1, start, len),
+        beta: x.beta.clone().narrow(1, start, len),
+    }
 }
 
 #[test]
@@ -272,7 +298,8 @@ fn autodiff_records_the_hand_written_backward() {
     let up = tensor::<Cpu, 4>(Rng(17).normals(b * t * h * dv), [b, t, h, dv]);
     let spec = spec(64, None);
     let via_node = grads(&x, &up, &spec, true);
-    let direct = delta_net::backward(x.q.clone(), x.k.clone(), x.v.clone(), x.g.clone(), x.beta.clone(), up.clone(), &spec);
+    let direct =
+        delta_net::backward(x.q.clone(), x.k.clone(), x.v.clone(), x.g.clone(), x.beta.clone(), up.clone(), &spec);
     let direct = [values(direct.q), values(direct.k), values(direct.v), values(direct.g), values(direct.beta)];
     for (name, (a, w)) in NAMES[1..].iter().zip(via_node[1..].iter().zip(&direct)) {
         assert_eq!(max_abs_diff(a, w), 0.0, "{name}: the autodiff node's gradient is not the hand-written backward's");
@@ -287,10 +314,29 @@ fn autodiff_records_the_hand_written_backward() {
 fn half_precision_inputs_compute_in_f32() {
     let (b, t, h, dk, dv) = (1, 70, 2, 16, 8);
     let x = inputs(b, t, h, dk, dv, 23);
-    let half = Inputs { q: x.q.clone().cast(DType::BF16), k: x.k.clone().cast(DType::BF16), v: x.v.clone().cast(DType::BF16), g: x.g.clone().cast(DType::BF16), beta: x.beta.clone().cast(DType::BF16) };
-    let rounded = Inputs { q: half.q.clone().cast(DType::F32), k: half.k.clone().cast(DType::F32), v: half.v.clone().cast(DType::F32), g: half.g.clone().cast(DType::F32), beta: half.beta.clone().cast(DType::F32) };
+    let half = Inputs {
+        q: x.q.clone().cast(DType::BF16),
+        k: x.k.clone().cast(DType::BF16),
+        v: x.v.clone().cast(DType::BF16),
+        g: x.g.clone().cast(DType::BF16),
+        beta: x.beta.clone().cast(DType::BF16),
+    };
+    let rounded = Inputs {
+        q: half.q.clone().cast(DType::F32),
+        k: half.k.clone().cast(DType::F32),
+        v: half.v.clone().cast(DType::F32),
+        g: half.g.clone().cast(DType::F32),
+        beta: half.beta.clone().cast(DType::F32),
+    };
     let spec = spec(64, None);
-    let o = tops::gated_delta_rule(half.q.clone(), half.k.clone(), half.v.clone(), half.g.clone(), half.beta.clone(), &spec);
+    let o = tops::gated_delta_rule(
+        half.q.clone(),
+        half.k.clone(),
+        half.v.clone(),
+        half.g.clone(),
+        half.beta.clone(),
+        &spec,
+    );
     assert_eq!(o.dtype(), DType::F32);
     assert_close("bf16 inputs", &values(o), &values(chunked(&rounded, None, &spec).0), 0.0);
     let up = Tensor::<Cpu, 4>::ones([b, t, h, dv], &Default::default());
@@ -315,13 +361,18 @@ fn block_inverse_equals_forward_substitution() {
     let base = rng.normals(16);
     let close: Vec<f32> = (0..2 * c * 16).map(|i| base[i % 16] + 1e-3 * rng.normal()).collect();
     let adversarial = system(close, 0.999, 2);
-    for (label, a, m, hard) in [("random keys", random, 4, false), ("beta 0.999, nearly equal keys, no decay", adversarial, 2, true)] {
+    for (label, a, m, hard) in
+        [("random keys", random, 4, false), ("beta 0.999, nearly equal keys, no decay", adversarial, 2, true)]
+    {
         let want = values(delta_net::forward_substitution(a.clone()));
         let got = delta_net::unit_lower_inverse(a.clone());
         let scale = want.iter().fold(1f32, |s, x| s.max(x.abs()));
         let diff = assert_close(label, &values(got.clone()), &want, 1e-5 * scale);
         // And it is an inverse: (I + A) M = I.
-        let eye = Tensor::<Cpu, 2>::from_data(TensorData::new((0..c * c).map(|i| f32::from(u8::from(i / c == i % c))).collect::<Vec<_>>(), [c, c]), &Default::default());
+        let eye = Tensor::<Cpu, 2>::from_data(
+            TensorData::new((0..c * c).map(|i| f32::from(u8::from(i / c == i % c))).collect::<Vec<_>>(), [c, c]),
+            &Default::default(),
+        );
         let eye = eye.reshape([1, c, c]).repeat_dim(0, m);
         let residual = values((eye.clone() + a.clone()).matmul(got) - eye.clone());
         let res = residual.iter().fold(0f32, |s, x| s.max(x.abs()));
@@ -334,11 +385,13 @@ fn block_inverse_equals_forward_substitution() {
         }
         let nilpotent = max_abs_diff(&values(prod), &want);
         // The adversarial case is one: the product is far off there (5e10 measured).
-        assert!(!hard || nilpotent > 1.0, "{label}: the nilpotent product is accurate ({nilpotent:e}), the case is not adversarial");
+        assert!(
+            !hard || nilpotent > 1.0,
+            "{label}: the nilpotent product is accurate ({nilpotent:e}), the case is not adversarial"
+        );
         eprintln!("{label}: max |block - substitution| {diff:e} (entries up to {scale}), residual {res:e}; nilpotent product {nilpotent:e}");
     }
 }
-
 
 /// The same op on the ndarray backend (base method and autodiff node), against Flex.
 #[test]
@@ -364,16 +417,23 @@ where
         let label = format!("{label} {what}");
         let want = grads(&x, &up, &spec, true);
         let req4 = |t: &Tensor<Cpu, 4>| to::<A, 4>(t, device).require_grad();
-    let req3 = |t: &Tensor<Cpu, 3>| to::<A, 3>(t, device).require_grad();
-    let (q, k, v, g, beta) = (req4(&x.q), req4(&x.k), req4(&x.v), req3(&x.g), req3(&x.beta));
-    let base = tops::gated_delta_rule(q.clone().inner(), k.clone().inner(), v.clone().inner(), g.clone().inner(), beta.clone().inner(), &spec);
-    assert_close(&format!("{label} base output"), &values(base), &want[0], FWD_TOL);
-    let out = tops::gated_delta_rule(q.clone(), k.clone(), v.clone(), g.clone(), beta.clone(), &spec);
-    let gr = (out.clone() * to::<A, 4>(&up, device)).sum().backward();
-    let d4 = |t: &Tensor<A, 4>| values(t.grad(&gr).expect("gradient"));
-    let d3 = |t: &Tensor<A, 3>| values(t.grad(&gr).expect("gradient"));
-    let got = vec![values(out.inner()), d4(&q), d4(&k), d4(&v), d3(&g), d3(&beta)];
-    compare_grads(&format!("{label} vs flex"), &got, &want, true);
+        let req3 = |t: &Tensor<Cpu, 3>| to::<A, 3>(t, device).require_grad();
+        let (q, k, v, g, beta) = (req4(&x.q), req4(&x.k), req4(&x.v), req3(&x.g), req3(&x.beta));
+        let base = tops::gated_delta_rule(
+            q.clone().inner(),
+            k.clone().inner(),
+            v.clone().inner(),
+            g.clone().inner(),
+            beta.clone().inner(),
+            &spec,
+        );
+        assert_close(&format!("{label} base output"), &values(base), &want[0], FWD_TOL);
+        let out = tops::gated_delta_rule(q.clone(), k.clone(), v.clone(), g.clone(), beta.clone(), &spec);
+        let gr = (out.clone() * to::<A, 4>(&up, device)).sum().backward();
+        let d4 = |t: &Tensor<A, 4>| values(t.grad(&gr).expect("gradient"));
+        let d3 = |t: &Tensor<A, 3>| values(t.grad(&gr).expect("gradient"));
+        let got = vec![values(out.inner()), d4(&q), d4(&k), d4(&v), d3(&g), d3(&beta)];
+        compare_grads(&format!("{label} vs flex"), &got, &want, true);
     }
 }
 
@@ -401,7 +461,10 @@ fn gated_delta_rule_matches_transformers_torch_functions() {
         let n = x.clone() * x.powi_scalar(2).sum_dim(3).add_scalar(1e-6).sqrt().recip();
         let n = n.mul_scalar(scale);
         // v-head j uses k-head j / r.
-        let idx = Tensor::<CpuAutodiff, 1, Int>::from_data(TensorData::new((0..hv).map(|j| (j / (hv / hk)) as i64).collect::<Vec<_>>(), [hv]), &device);
+        let idx = Tensor::<CpuAutodiff, 1, Int>::from_data(
+            TensorData::new((0..hv).map(|j| (j / (hv / hk)) as i64).collect::<Vec<_>>(), [hv]),
+            &device,
+        );
         n.select(2, idx)
     };
     let qn = prep(q.clone(), 1.0 / (dk as f64).sqrt());
@@ -413,7 +476,15 @@ fn gated_delta_rule_matches_transformers_torch_functions() {
         let d = max_abs_diff(&got, &r.f32(key).0);
         assert!(d <= FWD_TOL, "output vs transformers' {key}: {d:e}");
     }
-    let (_, state) = delta_net::chunked_with_state(qn.inner(), kn.inner(), v.clone().inner(), g.clone().inner(), beta.clone().inner(), None, &spec);
+    let (_, state) = delta_net::chunked_with_state(
+        qn.inner(),
+        kn.inner(),
+        v.clone().inner(),
+        g.clone().inner(),
+        beta.clone().inner(),
+        None,
+        &spec,
+    );
     let d = max_abs_diff(&values(state), &r.f32("final_state_chunk").0);
     assert!(d <= FWD_TOL, "final state vs transformers': {d:e}");
     let (rv, rs) = r.f32("R");

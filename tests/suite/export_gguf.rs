@@ -80,7 +80,19 @@ fn export(adapter: &str, base: &str, out: &Path, outtype: &str) {
     let a = fixtures().join(adapter);
     let b = fixtures().join(base);
     let o = Command::new(env!("CARGO_BIN_EXE_temper"))
-        .args(["export", "--adapter", a.to_str().unwrap(), "--base", b.to_str().unwrap(), "--format", "gguf", "--outtype", outtype, "--out", out.to_str().unwrap()])
+        .args([
+            "export",
+            "--adapter",
+            a.to_str().unwrap(),
+            "--base",
+            b.to_str().unwrap(),
+            "--format",
+            "gguf",
+            "--outtype",
+            outtype,
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -129,13 +141,20 @@ fn gguf_export_folds_rslora_and_alpha_pattern_into_b() {
     let adapter = Adapter::read(&fixtures().join("peft/llama_rslora/adapter")).unwrap();
     let Kv::F32(alpha) = g.kv["adapter.lora.alpha"] else { panic!("alpha") };
     // llama.cpp applies alpha / rank; the GGUF must then give PEFT's scaling exactly.
-    for (module, gguf) in [("model.layers.1.self_attn.v_proj", "blk.1.attn_v"), ("model.layers.1.self_attn.o_proj", "blk.1.attn_output")] {
+    for (module, gguf) in
+        [("model.layers.1.self_attn.v_proj", "blk.1.attn_v"), ("model.layers.1.self_attn.o_proj", "blk.1.attn_output")]
+    {
         let pair = &adapter.modules[module];
         let (dims, ty, b) = &g.tensors[&format!("{gguf}.weight.lora_b")];
         assert_eq!(*ty, 1, "f16");
         let r = dims[0] as f64;
         let want = adapter.config.scaling(module);
-        let effective = b.iter().zip(&pair.b.data).find(|(_, x)| x.abs() > 1e-3).map(|(g, x)| *g as f64 / *x as f64 * alpha as f64 / r).unwrap();
+        let effective = b
+            .iter()
+            .zip(&pair.b.data)
+            .find(|(_, x)| x.abs() > 1e-3)
+            .map(|(g, x)| *g as f64 / *x as f64 * alpha as f64 / r)
+            .unwrap();
         assert!((effective - want).abs() <= want * 2e-3, "{module}: effective scaling {effective}, PEFT {want}");
     }
 }

@@ -19,7 +19,15 @@ fn verdicts(dir: &Path, base: &str) -> Vec<Verdict> {
 
 /// (server, broken rule ids) of every verdict.
 fn broken(v: &[Verdict]) -> Vec<(&'static str, Vec<&'static str>)> {
-    v.iter().map(|v| (v.server, { let mut r = v.rules(); r.dedup(); r })).collect()
+    v.iter()
+        .map(|v| {
+            (v.server, {
+                let mut r = v.rules();
+                r.dedup();
+                r
+            })
+        })
+        .collect()
 }
 
 #[test]
@@ -38,7 +46,13 @@ fn written_adapters_pass_every_servers_checks() {
     let tmp = tempfile::tempdir().unwrap();
     let device = Default::default();
     let mut model = load_model::<Cpu>(&fixtures().join("models/llama"), WeightPrecision::F32, &device).unwrap().model;
-    let cfg = LoraConfig { r: 8, lora_alpha: 16.0, target_modules: TargetModules::Pattern("all-linear".into()), init_lora_weights: LoraInit::Flag(false), ..LoraConfig::default() };
+    let cfg = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        init_lora_weights: LoraInit::Flag(false),
+        ..LoraConfig::default()
+    };
     inject(&mut model, &cfg, 3).unwrap();
     let dir = tmp.path().join("fresh");
     extract_adapter(&mut model, &cfg, "models/llama").unwrap().write(&dir, WriteMode::Refuse, &[]).unwrap();
@@ -80,29 +94,88 @@ fn each_broken_rule_is_reported_by_the_servers_that_refuse_it() {
     let cases: Vec<(&str, Vec<Verdict>, [Vec<&str>; 3])> = vec![
         ("DoRA", broken_adapter(|c| c["use_dora"] = json!(true), none), [vec!["V3"], vec!["L3"], vec!["M1"]]),
         ("bias", broken_adapter(|c| c["bias"] = json!("all"), none), [vec!["V4"], vec!["L3"], vec!["M1"]]),
-        ("modules_to_save", broken_adapter(|c| c["modules_to_save"] = json!(["lm_head"]), none), [vec!["V2"], vec!["L3"], vec!["M1"]]),
+        (
+            "modules_to_save",
+            broken_adapter(|c| c["modules_to_save"] = json!(["lm_head"]), none),
+            [vec!["V2"], vec!["L3"], vec!["M1"]],
+        ),
         ("peft_type", broken_adapter(|c| c["peft_type"] = json!("LOHA"), none), [vec![], vec![], vec!["M1"]]),
-        ("layer_replication", broken_adapter(|c| c["layer_replication"] = json!([[0, 1]]), none), [vec![], vec![], vec!["M1"]]),
+        (
+            "layer_replication",
+            broken_adapter(|c| c["layer_replication"] = json!([[0, 1]]), none),
+            [vec![], vec![], vec!["M1"]],
+        ),
         ("pissa init", broken_adapter(|c| c["init_lora_weights"] = json!("pissa"), none), [vec![], vec![], vec!["M2"]]),
-        ("no lora_alpha", broken_adapter(|c| { c.as_object_mut().unwrap().remove("lora_alpha"); }, none), [vec!["V1"], vec![], vec!["M3"]]),
-        ("target_modules too narrow", broken_adapter(|c| c["target_modules"] = json!(["q_proj"]), none), [vec![], vec![], vec!["M4"]]),
-        ("target_modules regex", broken_adapter(|c| c["target_modules"] = json!(".*proj"), none), [vec![], vec![], vec!["M4"]]),
-        ("alpha_pattern", broken_adapter(|c| c["alpha_pattern"] = json!({"o_proj": 4}), none), [vec!["V8"], vec![], vec![]]),
-        ("rank 640", broken_adapter(|c| c["r"] = json!(640), |a| resize_rank(a, 640)), [vec!["V5"], vec![], vec!["M8"]]),
+        (
+            "no lora_alpha",
+            broken_adapter(
+                |c| {
+                    c.as_object_mut().unwrap().remove("lora_alpha");
+                },
+                none,
+            ),
+            [vec!["V1"], vec![], vec!["M3"]],
+        ),
+        (
+            "target_modules too narrow",
+            broken_adapter(|c| c["target_modules"] = json!(["q_proj"]), none),
+            [vec![], vec![], vec!["M4"]],
+        ),
+        (
+            "target_modules regex",
+            broken_adapter(|c| c["target_modules"] = json!(".*proj"), none),
+            [vec![], vec![], vec!["M4"]],
+        ),
+        (
+            "alpha_pattern",
+            broken_adapter(|c| c["alpha_pattern"] = json!({"o_proj": 4}), none),
+            [vec!["V8"], vec![], vec![]],
+        ),
+        (
+            "rank 640",
+            broken_adapter(|c| c["r"] = json!(640), |a| resize_rank(a, 640)),
+            [vec!["V5"], vec![], vec!["M8"]],
+        ),
         ("rank in config != tensors", broken_adapter(|c| c["r"] = json!(2), none), [vec![], vec![], vec!["M6"]]),
-        ("lm_head", broken_adapter(|c| c["target_modules"] = json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]), add_lm_head), [vec![], vec![], vec!["M5"]]),
-        ("unknown module", broken_adapter(|c| c["target_modules"] = json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc9"]), add_unknown_module), [vec!["V7"], vec!["L2"], vec!["M7"]]),
+        (
+            "lm_head",
+            broken_adapter(
+                |c| {
+                    c["target_modules"] =
+                        json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+                },
+                add_lm_head,
+            ),
+            [vec![], vec![], vec!["M5"]],
+        ),
+        (
+            "unknown module",
+            broken_adapter(
+                |c| {
+                    c["target_modules"] =
+                        json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc9"])
+                },
+                add_unknown_module,
+            ),
+            [vec!["V7"], vec!["L2"], vec!["M7"]],
+        ),
     ];
     for (what, v, [vllm, llama, mistral]) in cases {
         assert_eq!(broken(&v), vec![("vLLM", vllm), ("llama.cpp", llama), ("mistral.rs", mistral)], "{what}: {v:#?}");
         for verdict in v.iter().filter(|v| !v.ok()) {
-            assert!(verdict.to_string().starts_with(&format!("{}: refuses or misserves: ", verdict.server)), "{verdict}");
+            assert!(
+                verdict.to_string().starts_with(&format!("{}: refuses or misserves: ", verdict.server)),
+                "{verdict}"
+            );
         }
     }
 }
 
 fn pair(r: usize, d_in: usize, d_out: usize) -> LoraPair {
-    LoraPair { a: HostTensor { shape: vec![r, d_in], data: vec![0.01; r * d_in] }, b: HostTensor { shape: vec![d_out, r], data: vec![0.01; d_out * r] } }
+    LoraPair {
+        a: HostTensor { shape: vec![r, d_in], data: vec![0.01; r * d_in] },
+        b: HostTensor { shape: vec![d_out, r], data: vec![0.01; d_out * r] },
+    }
 }
 
 fn resize_rank(a: &mut Adapter, r: usize) {
@@ -136,7 +209,12 @@ fn vision_language_adapters_are_vllm_only() {
 fn modelfile_translates_known_chat_formats_and_keeps_the_base_template_otherwise() {
     use temper::export::gguf::GgufType;
     use temper::export::ollama::{modelfile, ChatFormat, OllamaOptions};
-    let shared_template = |tok: &str| temper::data::TextTokenizer::from_dir(&crate::common::shared(&format!("tokenizers/{tok}"))).unwrap().chat_template.unwrap();
+    let shared_template = |tok: &str| {
+        temper::data::TextTokenizer::from_dir(&crate::common::shared(&format!("tokenizers/{tok}")))
+            .unwrap()
+            .chat_template
+            .unwrap()
+    };
     let file = |name: &str| std::fs::read_to_string(fixtures().join("chat_templates").join(name)).unwrap();
     let cases = [
         (shared_template("llama3"), Some(ChatFormat::Llama3)),
@@ -152,7 +230,12 @@ fn modelfile_translates_known_chat_formats_and_keeps_the_base_template_otherwise
     for (template, want) in &cases {
         assert_eq!(ChatFormat::detect(template), *want, "{}", &template[..60.min(template.len())]);
     }
-    let opts = OllamaOptions { from: "llama3.2:1b", chat_template: Some(&cases[0].0), eos_token: Some("<|end_of_text|>"), gguf_type: GgufType::F32 };
+    let opts = OllamaOptions {
+        from: "llama3.2:1b",
+        chat_template: Some(&cases[0].0),
+        eos_token: Some("<|end_of_text|>"),
+        gguf_type: GgufType::F32,
+    };
     let (text, format) = modelfile(&opts);
     assert_eq!(format, Some(ChatFormat::Llama3));
     let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
@@ -163,7 +246,12 @@ fn modelfile_translates_known_chat_formats_and_keeps_the_base_template_otherwise
     // Unknown format: no TEMPLATE (Ollama keeps the base model's), the eos token still stops.
     let opts = OllamaOptions { chat_template: Some(&cases[7].0), eos_token: Some("<|endoftext|>"), ..opts };
     let (text, format) = modelfile(&opts);
-    assert!(format.is_none() && !text.lines().any(|l| l.starts_with("TEMPLATE")) && text.contains("PARAMETER stop \"<|endoftext|>\""), "{text}");
+    assert!(
+        format.is_none()
+            && !text.lines().any(|l| l.starts_with("TEMPLATE"))
+            && text.contains("PARAMETER stop \"<|endoftext|>\""),
+        "{text}"
+    );
 }
 
 /// `temper export --format ollama`: the folder holds the same GGUF as `--format gguf` and a
@@ -185,26 +273,83 @@ fn ollama_export_writes_the_gguf_and_a_modelfile() {
     let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(args).output().unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let out = tmp.path().join("ollama");
-    let o = run(&["export", "--adapter", &s(&adapter), "--format", "ollama", "--base", "llama3.2:1b", "--model", &s(&base), "--out", &s(&out)]);
+    let o = run(&[
+        "export",
+        "--adapter",
+        &s(&adapter),
+        "--format",
+        "ollama",
+        "--base",
+        "llama3.2:1b",
+        "--model",
+        &s(&base),
+        "--out",
+        &s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("serving      vLLM: ok") && stdout.contains("serving      llama.cpp: ok") && stdout.contains("serving      mistral.rs: ok"), "{stdout}");
+    assert!(
+        stdout.contains("serving      vLLM: ok")
+            && stdout.contains("serving      llama.cpp: ok")
+            && stdout.contains("serving      mistral.rs: ok"),
+        "{stdout}"
+    );
     let gguf = tmp.path().join("a.gguf");
     let o = run(&["export", "--adapter", &s(&adapter), "--format", "gguf", "--base", &s(&base), "--out", &s(&gguf)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(out.join("adapter.gguf")).unwrap(), std::fs::read(&gguf).unwrap());
     let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
-    assert!(modelfile.contains("FROM llama3.2:1b\nADAPTER ./adapter.gguf\nTEMPLATE \"\"\"") && modelfile.contains("PARAMETER stop \"<|eot_id|>\""), "{modelfile}");
+    assert!(
+        modelfile.contains("FROM llama3.2:1b\nADAPTER ./adapter.gguf\nTEMPLATE \"\"\"")
+            && modelfile.contains("PARAMETER stop \"<|eot_id|>\""),
+        "{modelfile}"
+    );
     // A base GGUF file is named by its absolute path.
     let out2 = tmp.path().join("ollama2");
-    let o = run(&["export", "--adapter", &s(&adapter), "--format", "ollama", "--base", &s(&gguf), "--model", &s(&base), "--out", &s(&out2)]);
+    let o = run(&[
+        "export",
+        "--adapter",
+        &s(&adapter),
+        "--format",
+        "ollama",
+        "--base",
+        &s(&gguf),
+        "--model",
+        &s(&base),
+        "--out",
+        &s(&out2),
+    ]);
     assert!(o.status.success());
-    assert!(std::fs::read_to_string(out2.join("Modelfile")).unwrap().contains(&format!("FROM {}\n", gguf.canonicalize().unwrap().display())));
+    assert!(std::fs::read_to_string(out2.join("Modelfile"))
+        .unwrap()
+        .contains(&format!("FROM {}\n", gguf.canonicalize().unwrap().display())));
     // Refused: no --base; an existing --out without --force; nothing new is left behind.
     let before = std::fs::read_dir(tmp.path()).unwrap().count();
-    let o = run(&["export", "--adapter", &s(&adapter), "--format", "ollama", "--model", &s(&base), "--out", &s(&tmp.path().join("x"))]);
+    let o = run(&[
+        "export",
+        "--adapter",
+        &s(&adapter),
+        "--format",
+        "ollama",
+        "--model",
+        &s(&base),
+        "--out",
+        &s(&tmp.path().join("x")),
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--format ollama needs --base"));
-    let o = run(&["export", "--adapter", &s(&adapter), "--format", "ollama", "--base", "m", "--model", &s(&base), "--out", &s(&out)]);
+    let o = run(&[
+        "export",
+        "--adapter",
+        &s(&adapter),
+        "--format",
+        "ollama",
+        "--base",
+        "m",
+        "--model",
+        &s(&base),
+        "--out",
+        &s(&out),
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already exists"));
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), before);
 }

@@ -71,7 +71,9 @@ fn handle(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, log: &Mutex<
     log.lock().unwrap().push(path.clone());
     let key = path.replacen("/resolve/main/", "/", 1).replacen("/revision/main", "", 1);
     let (status, headers, body): (&str, String, Vec<u8>) = match files.get(&key) {
-        Some(data) if path.starts_with("/api/") => ("200 OK", "Content-Type: application/json\r\n".into(), data.clone()),
+        Some(data) if path.starts_with("/api/") => {
+            ("200 OK", "Content-Type: application/json\r\n".into(), data.clone())
+        }
         Some(data) => {
             // hf-hub asks `bytes=0-0` for the metadata, then `bytes=N-` for the body.
             let (start, last) = range.unwrap_or((0, None));
@@ -99,7 +101,18 @@ fn temper(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_temper"));
     cmd.args(args);
     // ureq would send even 127.0.0.1 through a proxy named in the environment.
-    for k in ["HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+    for k in [
+        "HF_TOKEN",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HF_TOKEN_PATH",
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         cmd.env_remove(k);
     }
     for (k, v) in env {
@@ -152,11 +165,15 @@ fn hub_model_and_dataset_download_then_work_offline_from_the_cache() {
 
     // Offline: the warm cache answers without a server; a file never fetched is an error naming it.
     let offline = [("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")];
-    let again = ok(&temper(&["preview", "--model", "org/tiny", "--recipe", recipe.to_str().unwrap(), "--jsonl"], &offline));
+    let again =
+        ok(&temper(&["preview", "--model", "org/tiny", "--recipe", recipe.to_str().unwrap(), "--jsonl"], &offline));
     assert_eq!(again, out);
     let err = temper(&["preview", "--model", "org/tiny", "--data", "hub:org/stories/data/test-00000.jsonl"], &offline);
     let stderr = String::from_utf8_lossy(&err.stderr);
-    assert!(!err.status.success() && stderr.contains("test-00000.jsonl") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+    assert!(
+        !err.status.success() && stderr.contains("test-00000.jsonl") && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -166,7 +183,13 @@ fn missing_hub_repository_is_reported_with_repo_and_file() {
     let env = [("HF_ENDPOINT", server.url.as_str()), ("HF_HOME", home.path().to_str().unwrap())];
     let out = temper(&["inspect", "org/nothing"], &env);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("org/nothing") && stderr.contains("config.json") && stderr.contains("not found"), "{stderr}");
+    assert!(
+        !out.status.success()
+            && stderr.contains("org/nothing")
+            && stderr.contains("config.json")
+            && stderr.contains("not found"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -37,9 +37,10 @@ pub fn check_peft_logits_on<B: TemperBackend>(device: &B::Device) {
     for name in names {
         let e = &m["peft"][&name];
         let device = device.clone();
-        let mut model = load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
-            .unwrap()
-            .model;
+        let mut model =
+            load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
+                .unwrap()
+                .model;
         let adapter = Adapter::read(&fixtures().join(e["adapter"].as_str().unwrap())).unwrap();
         apply_adapter(&mut model, &adapter).unwrap();
         let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
@@ -66,9 +67,10 @@ pub fn check_peft_grads_on<B: TemperAutodiff>(device: &B::Device) {
     for name in peft_names() {
         let e = &m["peft"][&name];
         let device = device.clone();
-        let mut model = load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
-            .unwrap()
-            .model;
+        let mut model =
+            load_model::<B>(&fixtures().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
+                .unwrap()
+                .model;
         let adapter = Adapter::read(&fixtures().join(e["adapter"].as_str().unwrap())).unwrap();
         apply_adapter(&mut model, &adapter).unwrap();
         let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
@@ -81,8 +83,12 @@ pub fn check_peft_grads_on<B: TemperAutodiff>(device: &B::Device) {
             assert!(proj.weight.val().grad(&grads).is_none(), "{name}: frozen {module}.weight got a gradient");
             let Some(lora) = &proj.lora else { continue };
             for (which, param) in [("A", &lora.lora_a), ("B", &lora.lora_b)] {
-                let key = format!("grad.base_model.model.{}.lora_{which}.weight", temper::model::names::peft_module(&module, adapter.nested));
-                let got: Vec<f32> = param.val().grad(&grads).expect("LoRA param has a gradient").into_data().to_vec().unwrap();
+                let key = format!(
+                    "grad.base_model.model.{}.lora_{which}.weight",
+                    temper::model::names::peft_module(&module, adapter.nested)
+                );
+                let got: Vec<f32> =
+                    param.val().grad(&grads).expect("LoRA param has a gradient").into_data().to_vec().unwrap();
                 let diff = max_abs_diff(&got, &r.f32(&key).0);
                 assert!(diff <= GRAD_TOL, "{name}: {key} differs from PEFT by {diff:e}");
                 checked += 1;
@@ -104,7 +110,8 @@ fn adapter_round_trips_through_the_peft_format() {
     assert_eq!(back.config.rank_pattern, original.config.rank_pattern);
     assert_eq!(back.config.alpha_pattern, original.config.alpha_pattern);
     assert!(back.config.use_rslora);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "o_proj", "q_proj", "v_proj"]));
     assert_eq!(cfg["bias"], "none");
@@ -120,11 +127,16 @@ fn adapter_round_trips_through_the_peft_format() {
 fn dora_and_other_unimplemented_options_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let src = fixtures().join("peft/llama/adapter");
-    for (key, value) in [("use_dora", serde_json::json!(true)), ("bias", serde_json::json!("all")), ("modules_to_save", serde_json::json!(["lm_head"]))] {
+    for (key, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("bias", serde_json::json!("all")),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
+    ] {
         let dir = tmp.path().join(key);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
-        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
         cfg[key] = value;
         std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
         let err = Adapter::read(&dir).unwrap_err().to_string();
@@ -150,7 +162,8 @@ fn adapters_exported_by_temper_give_peft_logits() {
     let root = fixtures().join("temper_export");
     for name in ["llama", "phi3", "qwen3", "gemma3_vlm", "mistral3_vlm"] {
         let device = Default::default();
-        let mut model = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
+        let mut model =
+            load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
         let r = Reference::open(&root.join(name).join("peft_logits.safetensors"));
         let (ids, shape) = r.i64("input_ids");
         let input = || Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
@@ -171,7 +184,8 @@ fn adapters_exported_by_temper_give_peft_logits() {
 fn adapters_on_vision_language_models_use_peft_module_names() {
     for name in ["gemma3_vlm", "mistral3_vlm"] {
         let device = Default::default();
-        let mut model = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
+        let mut model =
+            load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
         let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
         inject(&mut model, &cfg, 1).unwrap();
         let adapter = extract_adapter(&mut model, &cfg, name).unwrap();
@@ -179,13 +193,15 @@ fn adapters_on_vision_language_models_use_peft_module_names() {
         adapter.write(&tmp.path().join("a"), temper::export::WriteMode::Refuse, &[]).unwrap();
         let keys = |dir: &std::path::Path| {
             let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-            let mut k: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(String::from).collect();
+            let mut k: Vec<String> =
+                safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(String::from).collect();
             k.sort();
             k
         };
         let peft = fixtures().join(format!("peft/{name}/adapter"));
         assert_eq!(keys(&tmp.path().join("a")), keys(&peft), "{name}");
-        let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap()).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap()).unwrap();
         let re = regex::Regex::new(written["target_modules"].as_str().unwrap()).unwrap();
         assert!(re.is_match("model.language_model.layers.0.self_attn.q_proj"));
         assert!(!re.is_match("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"));
@@ -193,9 +209,11 @@ fn adapters_on_vision_language_models_use_peft_module_names() {
         let back = Adapter::read(&tmp.path().join("a")).unwrap();
         assert!(back.nested && back.modules == adapter.modules, "{name}");
         // A PEFT regex written for the whole model selects the same projections in a recipe.
-        let mut again = load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
+        let mut again =
+            load_model::<Cpu>(&fixtures().join("models").join(name), WeightPrecision::F32, &device).unwrap().model;
         let peft_cfg = Adapter::read(&peft).unwrap().config;
-        let targeted = inject(&mut again, &LoraConfig { init_lora_weights: LoraInit::Flag(true), ..peft_cfg }, 1).unwrap();
+        let targeted =
+            inject(&mut again, &LoraConfig { init_lora_weights: LoraInit::Flag(true), ..peft_cfg }, 1).unwrap();
         assert_eq!(targeted.len(), adapter.modules.len(), "{name}");
     }
 }
@@ -206,7 +224,10 @@ fn lm_head_target_on_a_tied_model_is_refused() {
     let device = Default::default();
     let mut model = load_model::<Cpu>(&fixtures().join("models/qwen2"), WeightPrecision::F32, &device).unwrap().model;
     assert!(model.lm_head.is_none());
-    let cfg = LoraConfig { target_modules: temper::lora::TargetModules::List(vec!["q_proj".into(), "lm_head".into()]), ..Default::default() };
+    let cfg = LoraConfig {
+        target_modules: temper::lora::TargetModules::List(vec!["q_proj".into(), "lm_head".into()]),
+        ..Default::default()
+    };
     let err = inject(&mut model, &cfg, 1).unwrap_err().to_string();
     assert!(err.contains("lm_head") && err.contains("tie_word_embeddings"), "{err}");
     let mut untied = load_model::<Cpu>(&fixtures().join("models/llama"), WeightPrecision::F32, &device).unwrap().model;

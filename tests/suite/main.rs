@@ -2,24 +2,24 @@
 
 mod cli;
 mod common;
-mod data_bad_rows;
 mod data_agent;
+mod data_bad_rows;
 mod data_chat;
 mod data_formats;
 mod data_packing;
 mod data_preview;
 mod delta_net_op;
-mod hub;
-mod lora_parity;
 mod export_gguf;
 mod export_serving;
+mod hub;
+mod lora_parity;
 mod merge;
 mod moe;
-mod qwen35_export;
 mod ops;
 mod parity;
 mod quant;
 mod qwen35;
+mod qwen35_export;
 mod train_e2e;
 mod train_parity;
 #[cfg(feature = "wgpu")]

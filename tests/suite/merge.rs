@@ -31,7 +31,11 @@ fn merge(model: &Path, inputs: &[MergeInput], dtype: MergeDtype, out: &Path) {
 /// Every tensor of a merged folder as (dtype, shape, f32 values).
 fn tensors(dir: &Path) -> Vec<(String, Dtype, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
     files.sort();
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
@@ -109,7 +113,8 @@ fn merged_model_matches_unmerged_on_stories260k() {
 /// (the merge itself runs on the host).
 pub fn check_merged_matches_unmerged_on<B: TemperBackend>(device: &B::Device) {
     let tmp = tempfile::tempdir().unwrap();
-    let (adapter, _) = stories_adapter(7, 4, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    let (adapter, _) =
+        stories_adapter(7, 4, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
     let dir = tmp.path().join("adapter");
     adapter.write(&dir, WriteMode::Refuse, &[]).unwrap();
     let out = tmp.path().join("merged");
@@ -119,13 +124,22 @@ pub fn check_merged_matches_unmerged_on<B: TemperBackend>(device: &B::Device) {
     let mut unmerged = load(&shared("models/stories260K"));
     apply_adapter(&mut unmerged, &adapter).unwrap();
     let merged = load(&out);
-    let logits = |m: &temper::model::CausalLm<B>| -> Vec<f32> { m.forward(ids::<B>(device)).into_data().convert::<f32>().to_vec().unwrap() };
+    let logits = |m: &temper::model::CausalLm<B>| -> Vec<f32> {
+        m.forward(ids::<B>(device)).into_data().convert::<f32>().to_vec().unwrap()
+    };
     let (want, got, plain) = (logits(&unmerged), logits(&merged), logits(&base));
     let diff = crate::common::max_abs_diff(&got, &want);
     let effect = crate::common::max_abs_diff(&plain, &want);
     assert!(effect > 0.1, "the adapter must change the logits (changed by {effect})");
     assert!(diff <= 1e-4, "merged vs unmerged logits differ by {diff:e}");
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "model.safetensors"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "model.safetensors",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing from the merged folder");
     }
 }
@@ -141,7 +155,14 @@ fn weighted_sum_of_two_adapters_matches_both_applied() {
     let inputs = [input(&da, 0.7), input(&db, 0.3)];
     let out = tmp.path().join("merged");
     merge(&shared("models/stories260K"), &inputs, MergeDtype::Auto, &out);
-    let report = verify_merge::<Cpu>(&shared("models/stories260K"), &inputs, &out, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
+    let report = verify_merge::<Cpu>(
+        &shared("models/stories260K"),
+        &inputs,
+        &out,
+        &[1, 403, 407, 261, 378],
+        &Default::default(),
+    )
+    .unwrap();
     assert!(report.max_abs_logit_diff <= 1e-4, "{report:?}");
 }
 
@@ -152,16 +173,25 @@ fn sharded_base_keeps_its_shards_and_index_and_casts_to_bf16() {
     let out = tmp.path().join("merged");
     merge(&base, &[input(&fixtures().join("peft/llama/adapter"), 1.0)], MergeDtype::Bf16, &out);
     let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
-    let (src_idx, idx) = (read(&base.join("model.safetensors.index.json")), read(&out.join("model.safetensors.index.json")));
+    let (src_idx, idx) =
+        (read(&base.join("model.safetensors.index.json")), read(&out.join("model.safetensors.index.json")));
     assert_eq!(src_idx["weight_map"], idx["weight_map"], "same tensor -> shard assignment");
-    let total: u64 = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).map(|p| {
-        let bytes = std::fs::read(&p).unwrap();
-        SafeTensors::deserialize(&bytes).unwrap().tensors().iter().map(|(_, v)| v.data().len() as u64).sum::<u64>()
-    }).sum();
+    let total: u64 = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            SafeTensors::deserialize(&bytes).unwrap().tensors().iter().map(|(_, v)| v.data().len() as u64).sum::<u64>()
+        })
+        .sum();
     assert_eq!(idx["metadata"]["total_size"], total);
     assert!(tensors(&out).iter().all(|(_, dt, _, _)| *dt == Dtype::BF16));
     let cfg = read(&out.join("config.json"));
-    assert!(cfg.get("dtype") == Some(&"bfloat16".into()) || cfg.get("torch_dtype") == Some(&"bfloat16".into()), "{cfg}");
+    assert!(
+        cfg.get("dtype") == Some(&"bfloat16".into()) || cfg.get("torch_dtype") == Some(&"bfloat16".into()),
+        "{cfg}"
+    );
     // bf16: the merged weights are the f32 merge rounded once.
     let f32_out = tmp.path().join("merged_f32");
     merge(&base, &[input(&fixtures().join("peft/llama/adapter"), 1.0)], MergeDtype::F32, &f32_out);
@@ -197,16 +227,25 @@ fn merge_command_refuses_bad_inputs_and_leaves_nothing() {
     let out = tmp.path().join("merged");
     let good = fixtures().join("peft/llama/adapter");
 
-    let err = refused(&["merge", "--model", s(&llama), "--adapter", s(&fixtures().join("peft/phi3/adapter")), "--out", s(&out)], tmp.path(), 0);
+    let err = refused(
+        &["merge", "--model", s(&llama), "--adapter", s(&fixtures().join("peft/phi3/adapter")), "--out", s(&out)],
+        tmp.path(),
+        0,
+    );
     assert!(err.contains("another base model"), "{err}");
 
-    let err = refused(&["merge", "--model", s(&llama), "--adapter", s(&tmp.path().join("nowhere")), "--out", s(&out)], tmp.path(), 0);
+    let err = refused(
+        &["merge", "--model", s(&llama), "--adapter", s(&tmp.path().join("nowhere")), "--out", s(&out)],
+        tmp.path(),
+        0,
+    );
     assert!(err.contains("adapter_config.json"), "{err}");
 
     let dora = tmp.path().join("dora");
     std::fs::create_dir_all(&dora).unwrap();
     std::fs::copy(good.join("adapter_model.safetensors"), dora.join("adapter_model.safetensors")).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(good.join("adapter_config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("adapter_config.json")).unwrap()).unwrap();
     cfg["use_dora"] = true.into();
     std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
     let err = refused(&["merge", "--model", s(&llama), "--adapter", s(&dora), "--out", s(&out)], tmp.path(), 1);
@@ -218,7 +257,23 @@ fn merge_command_refuses_bad_inputs_and_leaves_nothing() {
     let err = refused(&["merge", "--model", s(&llama), "--adapter", s(&no_weights), "--out", s(&out)], tmp.path(), 2);
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 
-    let err = refused(&["merge", "--model", s(&llama), "--adapter", s(&good), "--adapter", s(&good), "--weights", "0.5", "--out", s(&out)], tmp.path(), 2);
+    let err = refused(
+        &[
+            "merge",
+            "--model",
+            s(&llama),
+            "--adapter",
+            s(&good),
+            "--adapter",
+            s(&good),
+            "--weights",
+            "0.5",
+            "--out",
+            s(&out),
+        ],
+        tmp.path(),
+        2,
+    );
     assert!(err.contains("--weights"), "{err}");
 
     std::fs::create_dir_all(&out).unwrap();
@@ -227,7 +282,18 @@ fn merge_command_refuses_bad_inputs_and_leaves_nothing() {
     assert!(err.contains("already exists") && err.contains("--force"), "{err}");
     assert!(out.join("keep.txt").is_file(), "an existing output is not touched without --force");
 
-    let ok = temper(&["merge", "--model", s(&llama), "--adapter", s(&good), "--out", s(&out), "--force", "--verify", "--json"]);
+    let ok = temper(&[
+        "merge",
+        "--model",
+        s(&llama),
+        "--adapter",
+        s(&good),
+        "--out",
+        s(&out),
+        "--force",
+        "--verify",
+        "--json",
+    ]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert!(report["verify"]["max_abs_logit_diff"].as_f64().unwrap() < 1e-4, "{report}");
@@ -241,20 +307,26 @@ fn lm_head_adapter_on_tied_embeddings_needs_untie() {
     // An lm_head pair of the right shapes: A [r, hidden], B [vocab, r].
     let q = adapter.modules.values().next().unwrap().clone();
     let hidden = q.a.shape[1];
-    let b = temper::export::HostTensor { shape: vec![512, 2], data: (0..1024).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect() };
+    let b = temper::export::HostTensor {
+        shape: vec![512, 2],
+        data: (0..1024).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect(),
+    };
     let a = temper::export::HostTensor { shape: vec![2, hidden], data: q.a.data.clone() };
     adapter.modules.insert("lm_head".into(), temper::export::LoraPair { a, b });
     let dir = tmp.path().join("adapter");
     adapter.write(&dir, WriteMode::Refuse, &[]).unwrap();
     let model = shared("models/stories260K");
     let out = tmp.path().join("merged");
-    let err = merge_model(&model, &[input(&dir, 1.0)], opts(MergeDtype::Auto), &out, WriteMode::Refuse, &mut |_| {}).unwrap_err().to_string();
+    let err = merge_model(&model, &[input(&dir, 1.0)], opts(MergeDtype::Auto), &out, WriteMode::Refuse, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--untie") && err.contains("lm_head"), "{err}");
     assert!(!out.exists());
     let untie = MergeOptions { dtype: MergeDtype::Auto, untie: true };
     let summary = merge_model(&model, &[input(&dir, 1.0)], untie, &out, WriteMode::Refuse, &mut |_| {}).unwrap();
     assert!(summary.untied);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["tie_word_embeddings"], false);
     let names: Vec<String> = tensors(&out).into_iter().map(|t| t.0).collect();
     assert!(names.contains(&"lm_head.weight".to_string()));
@@ -310,8 +382,12 @@ fn vision_language_merge_keeps_the_vision_tower_byte_for_byte() {
             .iter()
             .map(|k| TextLayout::Legacy.checkpoint_name(&internal_module(k.as_str().unwrap()).0))
             .collect();
-        let (base_bytes, merged_bytes) = (std::fs::read(base.join("model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
-        let (b, mm) = (SafeTensors::deserialize(&base_bytes).unwrap(), SafeTensors::deserialize(&merged_bytes).unwrap());
+        let (base_bytes, merged_bytes) = (
+            std::fs::read(base.join("model.safetensors")).unwrap(),
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+        );
+        let (b, mm) =
+            (SafeTensors::deserialize(&base_bytes).unwrap(), SafeTensors::deserialize(&merged_bytes).unwrap());
         assert_eq!(b.names().len(), mm.names().len(), "{name}: tensor count");
         let (mut same, mut vision, mut differ) = (0, 0, std::collections::BTreeSet::new());
         for (key, view) in b.tensors() {
@@ -325,14 +401,21 @@ fn vision_language_merge_keeps_the_vision_tower_byte_for_byte() {
             }
         }
         assert_eq!(differ, changed, "{name}: exactly the adapted projections change");
-        assert!(vision >= 10 && same + differ.len() == b.names().len(), "{name}: {vision} vision / projector tensors kept");
+        assert!(
+            vision >= 10 && same + differ.len() == b.names().len(),
+            "{name}: {vision} vision / projector tensors kept"
+        );
         assert_eq!(std::fs::read(base.join("config.json")).unwrap(), std::fs::read(out.join("config.json")).unwrap());
 
         let device = Default::default();
         let merged_model = load_model::<Cpu>(&out, WeightPrecision::F32, &device).unwrap().model;
         let r = Reference::open(&fixtures().join(e["reference"].as_str().unwrap()));
         let (ids, shape) = r.i64("input_ids");
-        let got: Vec<f32> = merged_model.forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let got: Vec<f32> = merged_model
+            .forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device))
+            .into_data()
+            .to_vec()
+            .unwrap();
         let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
         assert!(diff <= 1e-4, "{name}: merged text logits vs PEFT: {diff:e}");
     }
@@ -352,13 +435,26 @@ fn verify_is_the_default_for_small_models_and_catches_a_wrong_merge() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(report["verify"]["max_abs_logit_diff"].as_f64().unwrap() < 1e-4, "{report}");
-    let o = temper(&["merge", "--model", s(&base), "--adapter", s(&dir), "--out", s(&out), "--force", "--no-verify", "--json"]);
+    let o = temper(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&dir),
+        "--out",
+        s(&out),
+        "--force",
+        "--no-verify",
+        "--json",
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(report["verify"].is_null(), "{report}");
     // Merged at weight 0.5, checked against weight 1: the difference shows.
     let half = tmp.path().join("half");
     merge(&base, &[input(&dir, 0.5)], MergeDtype::Auto, &half);
-    let wrong = verify_merge::<Cpu>(&base, &[input(&dir, 1.0)], &half, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
-    let right = verify_merge::<Cpu>(&base, &[input(&dir, 0.5)], &half, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
+    let wrong =
+        verify_merge::<Cpu>(&base, &[input(&dir, 1.0)], &half, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
+    let right =
+        verify_merge::<Cpu>(&base, &[input(&dir, 0.5)], &half, &[1, 403, 407, 261, 378], &Default::default()).unwrap();
     assert!(right.max_abs_logit_diff <= 1e-4 && wrong.max_abs_logit_diff > 1e-2, "{right:?} {wrong:?}");
 }

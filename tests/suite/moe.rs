@@ -48,7 +48,9 @@ fn moe_logits_and_routing_match_transformers() {
     let m = moe_manifest();
     for name in MODELS {
         let e = &m["models"][name];
-        let model = load_model::<Cpu>(&moe_dir().join(e["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let model = load_model::<Cpu>(&moe_dir().join(e["path"].as_str().unwrap()), WeightPrecision::F32, &device)
+            .unwrap()
+            .model;
         let r = Reference::open(&moe_dir().join(e["reference"].as_str().unwrap()));
         let input = ids::<Cpu>(&r, &device);
         let got: Vec<f32> = model.forward(input.clone()).into_data().to_vec().unwrap();
@@ -79,7 +81,11 @@ fn moe_logits_and_routing_match_transformers() {
 }
 
 /// The residual stream after a layer's attention (pre-norm families, as all of these are).
-fn attention_residual(layer: &temper::model::decoder::DecoderLayer<Cpu>, x: Tensor<Cpu, 3>, ctx: &temper::model::decoder::ForwardContext<Cpu>) -> Tensor<Cpu, 3> {
+fn attention_residual(
+    layer: &temper::model::decoder::DecoderLayer<Cpu>,
+    x: Tensor<Cpu, 3>,
+    ctx: &temper::model::decoder::ForwardContext<Cpu>,
+) -> Tensor<Cpu, 3> {
     let normed = layer.input_layernorm.as_ref().expect("pre-norm").forward(x.clone());
     let rope = &ctx.rope;
     x + layer.self_attn.as_ref().expect("an attention layer").forward(normed, rope, &ctx.mask, None)
@@ -100,7 +106,10 @@ fn peft_expert_adapters_match_peft_logits_and_gradients() {
     for name in MODELS {
         let e = &m["peft"][name];
         let base = &m["models"][name];
-        let mut model = load_model::<CpuAutodiff>(&moe_dir().join(base["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let mut model =
+            load_model::<CpuAutodiff>(&moe_dir().join(base["path"].as_str().unwrap()), WeightPrecision::F32, &device)
+                .unwrap()
+                .model;
         let adapter = Adapter::read(&moe_dir().join(e["adapter"].as_str().unwrap())).unwrap();
         assert!(adapter.modules.keys().any(|k| k.contains(".mlp.experts.")), "{name}: no expert deltas read");
         apply_adapter(&mut model, &adapter).unwrap();
@@ -147,7 +156,10 @@ fn per_expert_adapters_load_and_temper_writes_the_3d_form() {
         let base = &m["models"][name];
         let e = &m["peft"][name]["per_expert"];
         assert!(e.is_object(), "{name}: per_expert missing from the MoE manifest");
-        let mut model = load_model::<Cpu>(&moe_dir().join(base["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let mut model =
+            load_model::<Cpu>(&moe_dir().join(base["path"].as_str().unwrap()), WeightPrecision::F32, &device)
+                .unwrap()
+                .model;
         let adapter = Adapter::read(&moe_dir().join(e["adapter"].as_str().unwrap())).unwrap();
         apply_adapter(&mut model, &adapter).unwrap();
         // Against the 3-D adapter's PEFT logits: the conversion is exact (the manifest records
@@ -160,7 +172,8 @@ fn per_expert_adapters_load_and_temper_writes_the_3d_form() {
     let tmp = tempfile::tempdir().unwrap();
     let src = moe_dir().join(m["peft"]["qwen3_moe"]["adapter"].as_str().unwrap());
     let adapter = Adapter::read(&src).unwrap();
-    let mut model = load_model::<Cpu>(&moe_dir().join("models/qwen3_moe"), WeightPrecision::F32, &device).unwrap().model;
+    let mut model =
+        load_model::<Cpu>(&moe_dir().join("models/qwen3_moe"), WeightPrecision::F32, &device).unwrap().model;
     apply_adapter(&mut model, &adapter).unwrap();
     let back = extract_adapter(&mut model, &adapter.config, "models/qwen3_moe").unwrap();
     let out = tmp.path().join("adapter");
@@ -190,7 +203,15 @@ fn merge_writes_experts_in_the_base_layout() {
         let base = moe_dir().join(m["models"][name]["path"].as_str().unwrap());
         let out = tmp.path().join(name);
         let input = MergeInput { adapter: Adapter::read(&dir).unwrap(), dir: dir.clone(), weight: 1.0 };
-        let summary = merge_model(&base, &[input], MergeOptions { dtype: MergeDtype::F32, untie: false }, &out, WriteMode::Refuse, &mut |_| {}).unwrap();
+        let summary = merge_model(
+            &base,
+            &[input],
+            MergeOptions { dtype: MergeDtype::F32, untie: false },
+            &out,
+            WriteMode::Refuse,
+            &mut |_| {},
+        )
+        .unwrap();
         assert!(summary.merged > 0, "{name}: nothing merged");
         let merged = Reference::open(&out.join("model.safetensors"));
         if name == "qwen3_moe" {
@@ -236,13 +257,17 @@ fn recipe_trains_lora_on_the_experts() {
             tmp.path().join("run").display()
         );
         std::fs::write(&path, text).unwrap();
-        std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", path.to_str().unwrap()]).output().unwrap()
+        std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+            .args(["train", path.to_str().unwrap()])
+            .output()
+            .unwrap()
     };
     let o = recipe("  r: 4\n  lora_alpha: 8\n  target_modules: [q_proj, v_proj]\n  target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     let adapter = tmp.path().join("run/adapter");
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["target_parameters"], serde_json::json!(["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]));
     assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
     let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
@@ -266,12 +291,25 @@ fn export_writes_the_per_expert_form() {
     let tmp = tempfile::tempdir().unwrap();
     let m = moe_manifest();
     let device = Default::default();
-    for (name, expect) in [("qwen3_moe", "mlp.experts.3.up_proj.lora_B.weight"), ("mixtral", "block_sparse_moe.experts.3.w3.lora_B.weight")] {
+    for (name, expect) in [
+        ("qwen3_moe", "mlp.experts.3.up_proj.lora_B.weight"),
+        ("mixtral", "block_sparse_moe.experts.3.w3.lora_B.weight"),
+    ] {
         let src = moe_dir().join(m["peft"][name]["adapter"].as_str().unwrap());
         let base = moe_dir().join(m["models"][name]["path"].as_str().unwrap());
         let out = tmp.path().join(name);
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
-            .args(["export", "--adapter", src.to_str().unwrap(), "--format", "peft-per-expert", "--out", out.to_str().unwrap(), "--base", base.to_str().unwrap()])
+            .args([
+                "export",
+                "--adapter",
+                src.to_str().unwrap(),
+                "--format",
+                "peft-per-expert",
+                "--out",
+                out.to_str().unwrap(),
+                "--base",
+                base.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
@@ -280,8 +318,12 @@ fn export_writes_the_per_expert_form() {
         let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert!(st.names().iter().any(|k| k.ends_with(&format!("layers.0.{expect}"))), "{name}: {:?}", st.names());
-        assert!(st.names().iter().all(|k| !k.contains(".mlp.experts.lora_") && !k.contains("base_layer")), "{name}: 3-D keys left");
-        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert!(
+            st.names().iter().all(|k| !k.contains(".mlp.experts.lora_") && !k.contains("base_layer")),
+            "{name}: 3-D keys left"
+        );
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         assert!(cfg.get("target_parameters").is_none(), "{name}: {cfg}");
         let mut model = load_model::<Cpu>(&base, WeightPrecision::F32, &device).unwrap().model;
         apply_adapter(&mut model, &Adapter::read(&out).unwrap()).unwrap();
@@ -337,7 +379,10 @@ fn gpt_oss_mxfp4_experts_load_dequantized() {
         }
         let n: usize = shape.iter().product();
         let norm = k.ends_with("norm.weight");
-        let values: Vec<f32> = (0..n).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).map(|u| if norm { 1.0 + 0.1 * u } else { 0.2 * u }).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+            .map(|u| if norm { 1.0 + 0.1 * u } else { 0.2 * u })
+            .collect();
         let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         dense.push((k.clone(), shape.clone(), raw.clone()));
         quantized.push((k, shape, raw));
@@ -348,7 +393,17 @@ fn gpt_oss_mxfp4_experts_load_dequantized() {
         let views: Vec<(String, TensorView)> = tensors
             .iter()
             .filter(|(k, _, _)| !(drop_scales && k.ends_with("gate_up_proj_scales")))
-            .map(|(k, s, b)| (k.clone(), TensorView::new(if k.ends_with("_blocks") || k.ends_with("_scales") { Dtype::U8 } else { Dtype::F32 }, s.clone(), b).unwrap()))
+            .map(|(k, s, b)| {
+                (
+                    k.clone(),
+                    TensorView::new(
+                        if k.ends_with("_blocks") || k.ends_with("_scales") { Dtype::U8 } else { Dtype::F32 },
+                        s.clone(),
+                        b,
+                    )
+                    .unwrap(),
+                )
+            })
             .collect();
         std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
     };
@@ -356,14 +411,30 @@ fn gpt_oss_mxfp4_experts_load_dequantized() {
     write(&qdir, &quantized, false);
     write(&ddir, &dense, false);
     write(&broken, &quantized, true);
-    assert_eq!(quantized.iter().filter(|(k, _, _)| k.ends_with("_blocks")).count(), 8, "both expert tensors of 4 layers in MXFP4");
+    assert_eq!(
+        quantized.iter().filter(|(k, _, _)| k.ends_with("_blocks")).count(),
+        8,
+        "both expert tensors of 4 layers in MXFP4"
+    );
     let device = Default::default();
-    let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new((0..26i64).map(|t| 3 + t * 17 % 500).collect::<Vec<_>>(), [2, 13]), &device);
-    let logits = |dir: &std::path::Path| -> Vec<f32> { load_model::<Cpu>(dir, WeightPrecision::F32, &device).unwrap().model.forward(ids.clone()).into_data().to_vec().unwrap() };
+    let ids = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::new((0..26i64).map(|t| 3 + t * 17 % 500).collect::<Vec<_>>(), [2, 13]),
+        &device,
+    );
+    let logits = |dir: &std::path::Path| -> Vec<f32> {
+        load_model::<Cpu>(dir, WeightPrecision::F32, &device)
+            .unwrap()
+            .model
+            .forward(ids.clone())
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
     let (q, d) = (logits(&qdir), logits(&ddir));
     assert!(q.iter().all(|x| x.is_finite()) && q.iter().any(|&x| x != q[0]), "degenerate logits");
     assert_eq!(q, d, "MXFP4 checkpoint vs its dequantized f32 copy");
-    let err = load_model::<Cpu>(&broken, WeightPrecision::F32, &device).err().expect("missing scales refused").to_string();
+    let err =
+        load_model::<Cpu>(&broken, WeightPrecision::F32, &device).err().expect("missing scales refused").to_string();
     assert!(err.contains("gate_up_proj_scales"), "{err}");
 }
 
@@ -381,7 +452,9 @@ fn load_balancing_loss_matches_transformers_and_trains() {
     let m = moe_manifest();
     for name in MODELS {
         let e = &m["models"][name];
-        let model = load_model::<Cpu>(&moe_dir().join(e["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let model = load_model::<Cpu>(&moe_dir().join(e["path"].as_str().unwrap()), WeightPrecision::F32, &device)
+            .unwrap()
+            .model;
         let r = Reference::open(&moe_dir().join(e["reference"].as_str().unwrap()));
         let input = ids::<Cpu>(&r, &device);
         let [b, t] = input.dims();
@@ -390,13 +463,18 @@ fn load_balancing_loss_matches_transformers_and_trains() {
         let layers = ctx.router.as_ref().unwrap().borrow();
         let experts = model.config.moe.as_ref().unwrap().num_experts;
         let (counts, rows) = load_balancing_counts(&layers, None, experts);
-        let aux: f32 = layers.iter().map(|l| load_balancing_term(l.logits.clone(), None, &counts, rows).into_scalar().elem::<f32>()).sum();
+        let aux: f32 = layers
+            .iter()
+            .map(|l| load_balancing_term(l.logits.clone(), None, &counts, rows).into_scalar().elem::<f32>())
+            .sum();
         let want = e["aux_loss"].as_f64().unwrap() as f32;
         assert!((aux - want).abs() <= 1e-5 * want.max(1.0), "{name}: aux loss {aux} vs transformers {want}");
     }
     // Training with it: Qwen3-MoE with LoRA on the experts, 4 steps on the fixture's batch.
     let curve = |aux: Option<f64>, checkpointing: bool| -> Vec<f64> {
-        let mut model = load_model::<CpuAutodiff>(&moe_dir().join("models/qwen3_moe"), WeightPrecision::F32, &device).unwrap().model;
+        let mut model = load_model::<CpuAutodiff>(&moe_dir().join("models/qwen3_moe"), WeightPrecision::F32, &device)
+            .unwrap()
+            .model;
         apply_adapter(&mut model, &Adapter::read(&moe_dir().join("peft/qwen3_moe/adapter")).unwrap()).unwrap();
         let mut opt = Optimizer::new(&mut model, &TrainConfig { learning_rate: 1e-2, ..TrainConfig::default() });
         let r = Reference::open(&moe_dir().join("peft/qwen3_moe/reference.safetensors"));
@@ -411,14 +489,23 @@ fn load_balancing_loss_matches_transformers_and_trains() {
         };
         (0..4)
             .map(|s| {
-                let o = StepOptions { lr: 1e-2, checkpointing, dropout: StepKey { seed: 1, step: s, micro_batch: 0 }, loss_scale: 1.0, aux_loss_coef: aux };
+                let o = StepOptions {
+                    lr: 1e-2,
+                    checkpointing,
+                    dropout: StepKey { seed: 1, step: s, micro_batch: 0 },
+                    loss_scale: 1.0,
+                    aux_loss_coef: aux,
+                };
                 optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o).unwrap().loss
             })
             .collect()
     };
     let (plain, with_aux, with_aux_ckpt) = (curve(None, false), curve(Some(0.5), false), curve(Some(0.5), true));
     assert_eq!(plain[0], with_aux[0], "the first step's LM loss does not depend on the aux loss");
-    assert!(plain.iter().zip(&with_aux).skip(1).any(|(a, b)| (a - b).abs() > 1e-6), "aux loss changed nothing: {plain:?} vs {with_aux:?}");
+    assert!(
+        plain.iter().zip(&with_aux).skip(1).any(|(a, b)| (a - b).abs() > 1e-6),
+        "aux loss changed nothing: {plain:?} vs {with_aux:?}"
+    );
     for (s, (a, b)) in with_aux.iter().zip(&with_aux_ckpt).enumerate() {
         assert!((a - b).abs() <= 1e-5, "step {s}: checkpointed {b} vs plain {a} with the aux loss");
     }
@@ -459,7 +546,8 @@ fn fused_3d_expert_checkpoints_load_and_merge() {
     let fused = tmp.path().join("fused");
     std::fs::create_dir_all(&fused).unwrap();
     std::fs::copy(src.join("config.json"), fused.join("config.json")).unwrap();
-    let views: Vec<(String, TensorView)> = out.iter().map(|(k, s, b)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> =
+        out.iter().map(|(k, s, b)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
     std::fs::write(fused.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
     let device = Default::default();
     let m = moe_manifest();
@@ -474,7 +562,15 @@ fn fused_3d_expert_checkpoints_load_and_merge() {
     let dir = moe_dir().join(m["peft"]["qwen3_moe"]["adapter"].as_str().unwrap());
     let merged = tmp.path().join("merged");
     let input = MergeInput { adapter: Adapter::read(&dir).unwrap(), dir, weight: 1.0 };
-    merge_model(&fused, &[input], MergeOptions { dtype: MergeDtype::F32, untie: false }, &merged, WriteMode::Refuse, &mut |_| {}).unwrap();
+    merge_model(
+        &fused,
+        &[input],
+        MergeOptions { dtype: MergeDtype::F32, untie: false },
+        &merged,
+        WriteMode::Refuse,
+        &mut |_| {},
+    )
+    .unwrap();
     let written = Reference::open(&merged.join("model.safetensors"));
     assert!(written.names().iter().any(|k| k == "model.layers.0.mlp.experts.gate_up_proj"), "merge changed the layout");
     let d = logits(&merged, m["peft"]["qwen3_moe"]["reference"].as_str().unwrap());
@@ -489,23 +585,41 @@ fn router_lora_only_when_asked() {
     let device = Default::default();
     for (name, param) in [("qwen3_moe", "mlp.gate.weight"), ("gpt_oss", "mlp.router.weight")] {
         let dir = moe_dir().join("models").join(name);
-        let targets = |params: Vec<&str>| LoraConfig { r: 2, lora_alpha: 4.0, target_modules: TargetModules::List(vec!["q_proj".into()]), target_parameters: Some(params.into_iter().map(String::from).collect()), ..LoraConfig::default() };
+        let targets = |params: Vec<&str>| LoraConfig {
+            r: 2,
+            lora_alpha: 4.0,
+            target_modules: TargetModules::List(vec!["q_proj".into()]),
+            target_parameters: Some(params.into_iter().map(String::from).collect()),
+            ..LoraConfig::default()
+        };
         let mut model = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap().model;
         let hit = inject(&mut model, &targets(vec!["mlp.experts.down_proj"]), 0).unwrap();
-        assert!(hit.iter().all(|m| !m.ends_with(".mlp.gate") && !m.ends_with(".mlp.router")), "{name}: router adapted unasked");
+        assert!(
+            hit.iter().all(|m| !m.ends_with(".mlp.gate") && !m.ends_with(".mlp.router")),
+            "{name}: router adapted unasked"
+        );
         let mut model = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap().model;
         let cfg = targets(vec![param]);
         let hit = inject(&mut model, &cfg, 0).unwrap();
         let router = param.trim_end_matches(".weight");
-        assert_eq!(hit.iter().filter(|m| m.ends_with(&format!(".{router}"))).count(), 4 - usize::from(name == "qwen3_moe"), "{name}: one router per sparse layer");
+        assert_eq!(
+            hit.iter().filter(|m| m.ends_with(&format!(".{router}"))).count(),
+            4 - usize::from(name == "qwen3_moe"),
+            "{name}: one router per sparse layer"
+        );
         let adapter = extract_adapter(&mut model, &cfg, "x").unwrap();
         let tmp = tempfile::tempdir().unwrap();
         adapter.write(&tmp.path().join("a"), temper::export::WriteMode::Refuse, &[]).unwrap();
-        let cfg_json: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap()).unwrap();
+        let cfg_json: Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap()).unwrap();
         assert_eq!(cfg_json["target_parameters"], serde_json::json!([param]), "{name}");
         let bytes = std::fs::read(tmp.path().join("a/adapter_model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        assert!(st.names().iter().any(|k| *k == format!("base_model.model.model.layers.3.{router}.lora_A.weight")), "{name}: {:?}", st.names());
+        assert!(
+            st.names().iter().any(|k| *k == format!("base_model.model.model.layers.3.{router}.lora_A.weight")),
+            "{name}: {:?}",
+            st.names()
+        );
         assert_eq!(Adapter::read(&tmp.path().join("a")).unwrap().modules, adapter.modules, "{name}: round trip");
     }
 }

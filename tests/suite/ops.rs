@@ -36,15 +36,23 @@ fn cases(t: usize) -> Vec<Case> {
     let scale = 1.0 / (6.0f64).sqrt();
     let mut out = Vec::new();
     for block in [None, Some(1), Some(4), Some(5)] {
-        let base = AttentionSpec {
-            block_rows: block,
-            ..AttentionSpec::causal(scale)
-        };
+        let base = AttentionSpec { block_rows: block, ..AttentionSpec::causal(scale) };
         out.push(Case { name: "causal, 4 heads, 2 kv heads", heads: 4, kv_heads: 2, spec: base.clone() });
         out.push(Case { name: "causal, 3 heads, 1 kv head", heads: 3, kv_heads: 1, spec: base.clone() });
-        out.push(Case { name: "window 3", heads: 4, kv_heads: 4, spec: AttentionSpec { window: Some(3), ..base.clone() } });
-        out.push(Case { name: "soft-capped 2.0", heads: 2, kv_heads: 1, spec: AttentionSpec { softcap: Some(2.0), ..base.clone() } });
-        let segs = vec![(0..t).map(|i| (i / 4) as u32).collect::<Vec<_>>(), (0..t).map(|i| u32::from(i >= 7)).collect()];
+        out.push(Case {
+            name: "window 3",
+            heads: 4,
+            kv_heads: 4,
+            spec: AttentionSpec { window: Some(3), ..base.clone() },
+        });
+        out.push(Case {
+            name: "soft-capped 2.0",
+            heads: 2,
+            kv_heads: 1,
+            spec: AttentionSpec { softcap: Some(2.0), ..base.clone() },
+        });
+        let segs =
+            vec![(0..t).map(|i| (i / 4) as u32).collect::<Vec<_>>(), (0..t).map(|i| u32::from(i >= 7)).collect()];
         out.push(Case {
             name: "packed segments and window 5",
             heads: 4,
@@ -52,7 +60,12 @@ fn cases(t: usize) -> Vec<Case> {
             spec: AttentionSpec { segments: Some(Arc::new(segs)), window: Some(5), ..base.clone() },
         });
         // gpt-oss: a per-head sink logit in every row's denominator, with a sliding window.
-        out.push(Case { name: "attention sinks and window 4", heads: 4, kv_heads: 2, spec: AttentionSpec { sinks: Some(Arc::new(vec![0.5, -1.0, 2.0, 0.0])), window: Some(4), ..base.clone() } });
+        out.push(Case {
+            name: "attention sinks and window 4",
+            heads: 4,
+            kv_heads: 2,
+            spec: AttentionSpec { sinks: Some(Arc::new(vec![0.5, -1.0, 2.0, 0.0])), window: Some(4), ..base.clone() },
+        });
     }
     out
 }
@@ -81,7 +94,9 @@ fn blockwise_attention_forward_and_gradients_equal_the_plain_formula() {
         };
         let (got, want) = (run(true), run(false));
         let label = format!("{} (block rows {:?})", case.name, case.spec.block_rows);
-        for (what, a, w) in [("output", &got.0, &want.0), ("dq", &got.1, &want.1), ("dk", &got.2, &want.2), ("dv", &got.3, &want.3)] {
+        for (what, a, w) in
+            [("output", &got.0, &want.0), ("dq", &got.1, &want.1), ("dk", &got.2, &want.2), ("dv", &got.3, &want.3)]
+        {
             let diff = max_abs_diff(a, w);
             assert!(diff <= ATTN_TOL, "{label}: {what} differs by {diff:e}");
         }
@@ -145,7 +160,11 @@ fn custom_operations_run_on_the_base_backend() {
         let q = Tensor::<B, 4>::ones([1, 2, 3, 4], device);
         let out = tops::attention(q.clone(), q.clone(), q, &AttentionSpec::causal(0.5));
         assert_eq!(out.dims(), [1, 2, 3, 4]);
-        let loss = tops::cross_entropy_sum(Tensor::<B, 2>::zeros([2, 4], device), Tensor::<B, 2>::zeros([5, 4], device), &CrossEntropySpec::new(vec![1, 2], None));
+        let loss = tops::cross_entropy_sum(
+            Tensor::<B, 2>::zeros([2, 4], device),
+            Tensor::<B, 2>::zeros([5, 4], device),
+            &CrossEntropySpec::new(vec![1, 2], None),
+        );
         let value = values(loss)[0];
         // Uniform logits over 5 tokens, 2 rows: 2 ln 5.
         assert!((value - 2.0 * 5f32.ln()).abs() < 1e-5, "{value}");
@@ -168,15 +187,22 @@ fn loss_over_a_large_vocabulary_keeps_f32_precision() {
     let (hv, wv) = (values(hidden.clone()), values(weight.clone()));
     for r in 0..rows {
         let target = (r * 37_813 % vocab) as i64;
-        let z: Vec<f64> = (0..vocab).map(|v| (0..h).map(|j| hv[r * h + j] as f64 * wv[v * h + j] as f64).sum()).collect();
+        let z: Vec<f64> =
+            (0..vocab).map(|v| (0..h).map(|j| hv[r * h + j] as f64 * wv[v * h + j] as f64).sum()).collect();
         let max = z.iter().copied().fold(f64::MIN, f64::max);
         let want = max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln() - z[target as usize];
         let row = hidden.clone().slice([r..r + 1, 0..h]);
-        let chunked = values(tops::cross_entropy_sum(row.clone(), weight.clone(), &CrossEntropySpec::new(vec![target], None)))[0] as f64;
+        let chunked =
+            values(tops::cross_entropy_sum(row.clone(), weight.clone(), &CrossEntropySpec::new(vec![target], None)))[0]
+                as f64;
         let logits = row.matmul(weight.clone().transpose()).reshape([1, 1, vocab]);
         let plain = values(temper::train::loss::nll_sum(logits, &[target]))[0] as f64;
         for (what, got) in [("chunked", chunked), ("log_softmax", plain)] {
-            assert!((got - want).abs() <= TOL, "row {r}, {what}: NLL {got} vs f64 {want} (diff {:e})", (got - want).abs());
+            assert!(
+                (got - want).abs() <= TOL,
+                "row {r}, {what}: NLL {got} vs f64 {want} (diff {:e})",
+                (got - want).abs()
+            );
         }
     }
 }

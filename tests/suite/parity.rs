@@ -75,7 +75,11 @@ parity_tests! {
 fn every_fixture_model_has_a_parity_test() {
     let m = manifest();
     let names: Vec<&String> = m["models"].as_object().expect("models").keys().collect();
-    assert_eq!(names.len(), 22, "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})");
+    assert_eq!(
+        names.len(),
+        22,
+        "a fixture was added or removed: update parity_tests! or the llama_deep test ({names:?})"
+    );
 }
 
 /// 30 layers, a 32k vocabulary, f16 weights (loaded as f32), tied head: deep and wide enough
@@ -90,7 +94,9 @@ fn deep_wide_model_keeps_f32_accuracy_against_float64() {
     let m = manifest();
     let entry = &m["models"]["llama_deep"];
     let device = Default::default();
-    let model = load_model::<Cpu>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+    let model = load_model::<Cpu>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device)
+        .unwrap()
+        .model;
     let reference = Reference::open(&fixtures().join(entry["reference"].as_str().unwrap()));
     let (ids, shape) = reference.i64("input_ids");
     let (b, t) = (shape[0], shape[1]);
@@ -137,22 +143,31 @@ pub fn check_kv_cache_on<B: TemperBackend>(name: &str, device: &B::Device) {
     let entry = &m["models"][name];
     {
         let device = device.clone();
-        let model = load_model::<B>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let model = load_model::<B>(&fixtures().join(entry["path"].as_str().unwrap()), WeightPrecision::F32, &device)
+            .unwrap()
+            .model;
         let reference = Reference::open(&fixtures().join(entry["reference"].as_str().unwrap()));
         let (ids, shape) = reference.i64("input_ids");
         let row: Vec<i64> = ids[..shape[1]].to_vec();
         let t = row.len();
-        let full: Vec<f32> = model.forward(Tensor::<B, 2, Int>::from_data(TensorData::new(row.clone(), [1, t]), &device)).into_data().to_vec().unwrap();
+        let full: Vec<f32> = model
+            .forward(Tensor::<B, 2, Int>::from_data(TensorData::new(row.clone(), [1, t]), &device))
+            .into_data()
+            .to_vec()
+            .unwrap();
         let mut cache = KvCache::new(model.config.num_layers);
         let mut got = Vec::new();
         // LongRoPE switches to its long factors once a call reaches past the original context:
         // the prompt does, as the full pass does.
         let prompt = match &model.config.rope.scaling {
-            temper::model::rope::RopeScaling::LongRope { original_max_position_embeddings, .. } => original_max_position_embeddings + 1,
+            temper::model::rope::RopeScaling::LongRope { original_max_position_embeddings, .. } => {
+                original_max_position_embeddings + 1
+            }
             _ => 5,
         };
         for (start, len) in std::iter::once((0, prompt)).chain((prompt..t).map(|i| (i, 1))) {
-            let piece = Tensor::<B, 2, Int>::from_data(TensorData::new(row[start..start + len].to_vec(), [1, len]), &device);
+            let piece =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(row[start..start + len].to_vec(), [1, len]), &device);
             let ctx = model.causal_context(1, len, cache.len);
             let logits = model.logits(model.hidden_states(piece, &ctx, Some(&mut cache)));
             got.extend(logits.into_data().to_vec::<f32>().unwrap());
@@ -233,12 +248,17 @@ fn gemma3_and_olmo3_configs_resolve_local_and_global_rope() {
         "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192}
     }))
     .unwrap();
-    assert_eq!(c.layer_windows.iter().map(Option::is_some).collect::<Vec<_>>(), [true, true, true, false, true, true, true, false]);
+    assert_eq!(
+        c.layer_windows.iter().map(Option::is_some).collect::<Vec<_>>(),
+        [true, true, true, false, true, true, true, false]
+    );
     assert_eq!(c.local_rope.map(|r| (r.theta, r.scaling)), Some((500000.0, RopeScaling::Default)));
 
     let e = load(serde_json::json!({"model_type": "gemma3", "vision_config": {}})).unwrap_err().to_string();
     assert!(e.contains("text_config"), "{e}");
-    let e = load(serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true})).unwrap_err().to_string();
+    let e = load(serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true}))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("use_bidirectional_attention"), "{e}");
 }
 
@@ -266,23 +286,35 @@ fn vision_language_checkpoints_in_the_nested_layout_load_and_merge() {
                 format!("model.{k}")
             }
         };
-        let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().map(|(k, v)| (rename(&k), v)).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            st.tensors().into_iter().map(|(k, v)| (rename(&k), v)).collect();
         assert!(views.iter().any(|(k, _)| k == "model.language_model.embed_tokens.weight"));
         std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
         let device = Default::default();
-        let model = load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap_or_else(|e| panic!("{name}: {e}")).model;
+        let model =
+            load_model::<Cpu>(&dir, WeightPrecision::F32, &device).unwrap_or_else(|e| panic!("{name}: {e}")).model;
         let entry = &manifest()["models"][name];
         let reference = Reference::open(&fixtures().join(entry["reference"].as_str().unwrap()));
         let (ids, shape) = reference.i64("input_ids");
-        let got: Vec<f32> = model.forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let got: Vec<f32> = model
+            .forward(Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device))
+            .into_data()
+            .to_vec()
+            .unwrap();
         let diff = max_abs_diff(&got, &reference.f32("logits").0);
         assert!(diff <= LOGITS_TOL, "{name} (nested layout): {diff:e}");
         // Merging PEFT's adapter keeps the nested names and changes the adapted projections.
         let adapter = fixtures().join(format!("peft/{name}/adapter"));
         let out = tmp.path().join("merged");
-        let input = temper::export::MergeInput { adapter: temper::export::Adapter::read(&adapter).unwrap(), dir: adapter.clone(), weight: 1.0 };
+        let input = temper::export::MergeInput {
+            adapter: temper::export::Adapter::read(&adapter).unwrap(),
+            dir: adapter.clone(),
+            weight: 1.0,
+        };
         let opts = temper::export::MergeOptions { dtype: temper::export::MergeDtype::Auto, untie: false };
-        let summary = temper::export::merge_model(&dir, &[input], opts, &out, temper::export::WriteMode::Refuse, &mut |_| {}).unwrap();
+        let summary =
+            temper::export::merge_model(&dir, &[input], opts, &out, temper::export::WriteMode::Refuse, &mut |_| {})
+                .unwrap();
         assert_eq!(summary.merged, manifest()["peft"][name]["merged_keys"].as_array().unwrap().len(), "{name}");
         let merged = std::fs::read(out.join("model.safetensors")).unwrap();
         let m = SafeTensors::deserialize(&merged).unwrap();

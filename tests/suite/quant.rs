@@ -5,7 +5,6 @@
 use safetensors::{Dtype, SafeTensors};
 use temper::quant::{dequantize_4bit, quantize_4bit, FourBit};
 
-
 use crate::common::fixtures;
 
 fn f32s(view: &safetensors::tensor::TensorView) -> Vec<f32> {
@@ -58,12 +57,28 @@ fn double_quantization_is_bitsandbytes_bit_for_bit() {
         let input = f32s(&st.tensor(&format!("{name}.input")).unwrap());
         let plain = quantize_4bit(&input, 64, kind);
         let nested = quantize_absmax(&plain.absmax);
-        assert_eq!(nested.codes, st.tensor(&format!("{name}.absmax_codes")).unwrap().data(), "{name}: 8-bit absmax codes");
-        assert_eq!(bits(&nested.nested_absmax), bits(&f32s(&st.tensor(&format!("{name}.nested_absmax")).unwrap())), "{name}: nested absmax");
-        assert_eq!(nested.offset.to_bits(), f32s(&st.tensor(&format!("{name}.offset")).unwrap())[0].to_bits(), "{name}: offset");
+        assert_eq!(
+            nested.codes,
+            st.tensor(&format!("{name}.absmax_codes")).unwrap().data(),
+            "{name}: 8-bit absmax codes"
+        );
+        assert_eq!(
+            bits(&nested.nested_absmax),
+            bits(&f32s(&st.tensor(&format!("{name}.nested_absmax")).unwrap())),
+            "{name}: nested absmax"
+        );
+        assert_eq!(
+            nested.offset.to_bits(),
+            f32s(&st.tensor(&format!("{name}.offset")).unwrap())[0].to_bits(),
+            "{name}: offset"
+        );
         let q = LoadIn4Bit { kind, double_quant: true }.quantize(&input);
         assert_eq!(q.packed, st.tensor(&format!("{name}.packed")).unwrap().data(), "{name}: 4-bit codes");
-        assert_eq!(bits(&q.absmax), bits(&f32s(&st.tensor(&format!("{name}.absmax")).unwrap())), "{name}: dequantized absmax");
+        assert_eq!(
+            bits(&q.absmax),
+            bits(&f32s(&st.tensor(&format!("{name}.absmax")).unwrap())),
+            "{name}: dequantized absmax"
+        );
     }
 }
 
@@ -76,7 +91,8 @@ fn bitsandbytes_checkpoints_dequantize_to_bitsandbytes_weights() {
     use temper::quant::read_bnb_4bit;
     let (_, cfg) = DecoderConfig::from_model_dir(&fixtures().join("models/llama")).unwrap();
     let shapes = |module: &str| -> [usize; 2] {
-        let (h, q, kv, i) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        let (h, q, kv, i) =
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
         match module.rsplit('.').next().unwrap() {
             "q_proj" => [q, h],
             "k_proj" | "v_proj" => [kv, h],
@@ -121,8 +137,10 @@ fn broken_bitsandbytes_weights_are_named_errors() {
                 owned.push((name, view.dtype(), shape, data));
             }
         }
-        let views: Vec<(String, safetensors::tensor::TensorView)> =
-            owned.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
         std::fs::write(tmp.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
         let ckpt = Checkpoint::open(tmp.path()).unwrap();
         read_bnb_4bit(&ckpt, key, [48, 48]).map(|_| ()).unwrap_err().to_string()
@@ -130,7 +148,13 @@ fn broken_bitsandbytes_weights_are_named_errors() {
     let state = format!("{key}.quant_state.bitsandbytes__nf4");
     let e = write(&|n, d| if n == state { Some(d[..d.len() / 2].to_vec()) } else { Some(d) });
     assert!(e.contains(&state) && e.contains("not a bitsandbytes quant state"), "{e}");
-    let e = write(&|n, d| if n == state { Some(String::from_utf8(d).unwrap().replace("[48, 48]", "[48, 40]").into_bytes()) } else { Some(d) });
+    let e = write(&|n, d| {
+        if n == state {
+            Some(String::from_utf8(d).unwrap().replace("[48, 48]", "[48, 40]").into_bytes())
+        } else {
+            Some(d)
+        }
+    });
     assert!(e.contains(key) && e.contains("[48, 40]"), "{e}");
     let e = write(&|n, d| if n == key { Some(d[..d.len() - 8].to_vec()) } else { Some(d) });
     assert!(e.contains(key) && e.contains("bytes"), "{e}");
@@ -157,12 +181,18 @@ fn device_4bit_linear_matches_the_dense_product_and_its_input_gradient() {
         let w = Packed4Bit::<B>::upload(q, shape, &device);
         let got: Vec<f32> = w.dequantize(DType::F32).into_data().to_vec().unwrap();
         let want = dequantize_4bit(q);
-        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{what}");
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{what}"
+        );
         got
     }
-    for (shape, kind, bs) in [([24, 128], FourBit::Nf4, 64), ([7, 37], FourBit::Nf4, 64), ([9, 40], FourBit::Fp4, 128)] {
+    for (shape, kind, bs) in [([24, 128], FourBit::Nf4, 64), ([7, 37], FourBit::Nf4, 64), ([9, 40], FourBit::Fp4, 128)]
+    {
         let n = shape[0] * shape[1];
-        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
+        let values: Vec<f32> =
+            (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
         let q = quantize_4bit(&values, bs, kind);
         let what = format!("{shape:?} {kind:?}");
         let dense = check::<crate::common::Cpu>(&q, shape, &what);
@@ -187,7 +217,12 @@ fn device_4bit_linear_matches_the_dense_product_and_its_input_gradient() {
         let dxd: Vec<f32> = xd.grad(&grads).unwrap().into_data().to_vec().unwrap();
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         let (y4, yd): (Vec<f32>, Vec<f32>) = (y4.into_data().to_vec().unwrap(), yd.into_data().to_vec().unwrap());
-        assert!(diff(&y4, &yd) <= 1e-5 && diff(&dx4, &dxd) <= 1e-5, "{what}: y {:e}, dx {:e}", diff(&y4, &yd), diff(&dx4, &dxd));
+        assert!(
+            diff(&y4, &yd) <= 1e-5 && diff(&dx4, &dxd) <= 1e-5,
+            "{what}: y {:e}, dx {:e}",
+            diff(&y4, &yd),
+            diff(&dx4, &dxd)
+        );
     }
 }
 
@@ -196,15 +231,22 @@ fn device_4bit_linear_matches_the_dense_product_and_its_input_gradient() {
 pub fn check_device_dequantize_on<B: temper::ops::TemperBackend>(device: &B::Device) {
     use burn::tensor::DType;
     use temper::quant::device::Packed4Bit;
-    for (shape, kind, bs) in [([24, 128], FourBit::Nf4, 64), ([7, 37], FourBit::Nf4, 64), ([9, 40], FourBit::Fp4, 128)] {
+    for (shape, kind, bs) in [([24, 128], FourBit::Nf4, 64), ([7, 37], FourBit::Nf4, 64), ([9, 40], FourBit::Fp4, 128)]
+    {
         let n = shape[0] * shape[1];
         // Values whose top nibbles are >= 8, so sign-extending shifts would show.
-        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
+        let values: Vec<f32> =
+            (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
         let q = quantize_4bit(&values, bs, kind);
         assert!(q.packed.iter().any(|b| b >> 4 >= 8), "{shape:?}: no high nibble >= 8");
-        let got: Vec<f32> = Packed4Bit::<B>::upload(&q, shape, device).dequantize(DType::F32).into_data().to_vec().unwrap();
+        let got: Vec<f32> =
+            Packed4Bit::<B>::upload(&q, shape, device).dequantize(DType::F32).into_data().to_vec().unwrap();
         let want = dequantize_4bit(&q);
-        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{shape:?} {kind:?}");
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{shape:?} {kind:?}"
+        );
     }
 }
 
@@ -221,12 +263,20 @@ fn bitsandbytes_4bit_models_match_transformers_and_train_lora() {
     for name in ["llama64_nf4", "llama64_nf4_dq", "llama64_fp4"] {
         let dir = fixtures().join("quant").join(name);
         let device = Default::default();
-        let mut model = load_model::<crate::common::Cpu>(&dir, WeightPrecision::F32, &device).unwrap_or_else(|e| panic!("{name}: {e}")).model;
+        let mut model = load_model::<crate::common::Cpu>(&dir, WeightPrecision::F32, &device)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .model;
         let projections = projections_mut(&mut model);
-        assert_eq!(projections.iter().filter(|(_, p)| p.quant.is_some()).count(), 14, "{name}: every layer projection is 4-bit");
+        assert_eq!(
+            projections.iter().filter(|(_, p)| p.quant.is_some()).count(),
+            14,
+            "{name}: every layer projection is 4-bit"
+        );
         let r = crate::common::Reference::open(&dir.join("reference.safetensors"));
         let (ids, shape) = r.i64("input_ids");
-        let input = || Tensor::<crate::common::Cpu, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
+        let input = || {
+            Tensor::<crate::common::Cpu, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device)
+        };
         let got: Vec<f32> = model.forward(input()).into_data().to_vec().unwrap();
         let (want, _) = r.f32("logits");
         let diff = crate::common::max_abs_diff(&got, &want);
@@ -241,11 +291,21 @@ fn bitsandbytes_4bit_models_match_transformers_and_train_lora() {
         inject(&mut model, &cfg, 5).unwrap();
         let rows: Vec<Vec<i64>> = ids.chunks(shape[1]).map(<[i64]>::to_vec).collect();
         let (targets, _) = shift_labels(&rows);
-        let x = Tensor::<crate::common::CpuAutodiff, 2, Int>::from_data(TensorData::new(ids.clone(), [shape[0], shape[1]]), &device);
+        let x = Tensor::<crate::common::CpuAutodiff, 2, Int>::from_data(
+            TensorData::new(ids.clone(), [shape[0], shape[1]]),
+            &device,
+        );
         let grads = nll_sum(model.forward(x), &targets).backward();
         for (module, proj) in projections_mut(&mut model) {
             let Some(lora) = &proj.lora else { continue };
-            let g: Vec<f32> = lora.lora_a.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for {module}.lora_A")).into_data().to_vec().unwrap();
+            let g: Vec<f32> = lora
+                .lora_a
+                .val()
+                .grad(&grads)
+                .unwrap_or_else(|| panic!("{name}: no gradient for {module}.lora_A"))
+                .into_data()
+                .to_vec()
+                .unwrap();
             assert!(g.iter().any(|x| *x != 0.0) && g.iter().all(|x| x.is_finite()), "{name}: {module}");
             assert!(proj.weight.val().grad(&grads).is_none(), "{name}: {module} base got a gradient");
         }
@@ -263,10 +323,15 @@ fn quantize_on_load_is_the_bitsandbytes_model() {
     use temper::model::{load_model_4bit, Checkpoint, WeightPrecision};
     use temper::quant::read_bnb_4bit;
     let dense = fixtures().join("quant/llama64");
-    for (name, kind, double_quant) in [("llama64_nf4", FourBit::Nf4, false), ("llama64_nf4_dq", FourBit::Nf4, true), ("llama64_fp4", FourBit::Fp4, false)] {
+    for (name, kind, double_quant) in [
+        ("llama64_nf4", FourBit::Nf4, false),
+        ("llama64_nf4_dq", FourBit::Nf4, true),
+        ("llama64_fp4", FourBit::Fp4, false),
+    ] {
         let device = Default::default();
         let spec = temper::quant::LoadIn4Bit { kind, double_quant };
-        let mut model = load_model_4bit::<crate::common::Cpu>(&dense, WeightPrecision::F32, Some(spec), &device).unwrap().model;
+        let mut model =
+            load_model_4bit::<crate::common::Cpu>(&dense, WeightPrecision::F32, Some(spec), &device).unwrap().model;
         let bnb = Checkpoint::open(&fixtures().join("quant").join(name)).unwrap();
         let mut checked = 0;
         for (module, proj) in projections_mut(&mut model) {
@@ -278,22 +343,46 @@ fn quantize_on_load_is_the_bitsandbytes_model() {
             // Double quantization keeps the 8-bit codes on the device: dequantized there.
             assert_eq!(q.absmax_codes.is_some(), double_quant, "{name}: {module} keeps its absmax in 8 bits");
             let absmax: Vec<f32> = q.packed().absmax().into_data().to_vec().unwrap();
-            assert_eq!(absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.quantized.absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{name}: {module} absmax");
+            assert_eq!(
+                absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.quantized.absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{name}: {module} absmax"
+            );
             checked += 1;
         }
         assert_eq!(checked, 14, "{name}");
         let r = crate::common::Reference::open(&fixtures().join("quant").join(name).join("reference.safetensors"));
         let (ids, shape) = r.i64("input_ids");
-        let got: Vec<f32> = model.forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let got: Vec<f32> = model
+            .forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(
+                TensorData::new(ids, [shape[0], shape[1]]),
+                &device,
+            ))
+            .into_data()
+            .to_vec()
+            .unwrap();
         let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
         assert!(diff <= 1e-4, "{name}: quantized on load vs transformers + bitsandbytes: {diff:e}");
     }
     // The CLI flag, on the real stories260K model: a 4-bit loss close to, and not equal to, f32's.
     let model = crate::common::shared("models/stories260K");
     let eval = |extra: &[&str]| -> f64 {
-        let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--data", "tests/fixtures/eval.jsonl", "--device", "cpu", "--json"];
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "tests/fixtures/eval.jsonl",
+            "--device",
+            "cpu",
+            "--json",
+        ];
         args.extend_from_slice(extra);
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(&args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
     };
@@ -319,7 +408,10 @@ fn recipe_quantization_section_trains_on_a_4bit_base_and_is_validated() {
             tmp.path().join("run").display()
         );
         std::fs::write(&path, text).unwrap();
-        std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", path.to_str().unwrap()]).output().unwrap()
+        std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+            .args(["train", path.to_str().unwrap()])
+            .output()
+            .unwrap()
     };
     let o = recipe("quantization:\n  load_in_4bit: true\n  quant_type: nf4\n  double_quant: true\n");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -386,9 +478,16 @@ pub fn check_4bit_peft_on<A: temper::ops::TemperAutodiff>(device: &A::Device) {
 #[test]
 fn inspect_shows_a_4bit_checkpoints_scheme() {
     let dir = fixtures().join("quant/llama64_nf4_dq");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["inspect", dir.to_str().unwrap()]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["inspect", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && out.contains("quantized    bitsandbytes 4-bit nf4, double quantization, compute dtype float32"), "{out}");
+    assert!(
+        o.status.success()
+            && out.contains("quantized    bitsandbytes 4-bit nf4, double quantization, compute dtype float32"),
+        "{out}"
+    );
 }
 
 /// `temper merge` onto a bitsandbytes 4-bit base: the 4-bit weights are dequantized, merged in
@@ -405,19 +504,38 @@ fn merge_onto_a_4bit_base_writes_a_dequantized_model() {
         let merge = |dtype: &str| {
             let out = tmp.path().join(dtype);
             let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
-                .args(["merge", "--model", dir.to_str().unwrap(), "--adapter", dir.join("peft_adapter").to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", dtype, "--no-verify"])
+                .args([
+                    "merge",
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--adapter",
+                    dir.join("peft_adapter").to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--dtype",
+                    dtype,
+                    "--no-verify",
+                ])
                 .output()
                 .unwrap();
             let err = String::from_utf8_lossy(&o.stderr).to_string();
             assert!(o.status.success() && err.contains("14 weights were dequantized"), "{name}: {err}");
-            let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
             assert!(config.get("quantization_config").is_none(), "{name}");
             out
         };
         let (f32_dir, bf16_dir) = (merge("f32"), merge("bf16"));
-        let (a, b) = (std::fs::read(f32_dir.join("model.safetensors")).unwrap(), std::fs::read(bf16_dir.join("model.safetensors")).unwrap());
+        let (a, b) = (
+            std::fs::read(f32_dir.join("model.safetensors")).unwrap(),
+            std::fs::read(bf16_dir.join("model.safetensors")).unwrap(),
+        );
         let (full, half) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
-        assert_eq!(full.names().len(), 2 * 9 + 3, "{name}: 7 projections + 2 norms per layer, embeddings, norm, head; no quant tensors");
+        assert_eq!(
+            full.names().len(),
+            2 * 9 + 3,
+            "{name}: 7 projections + 2 norms per layer, embeddings, norm, head; no quant tensors"
+        );
         for (k, v) in full.tensors() {
             assert_eq!(v.dtype(), Dtype::F32, "{name}: {k}");
             let h = half.tensor(&k).unwrap();
@@ -428,7 +546,14 @@ fn merge_onto_a_4bit_base_writes_a_dequantized_model() {
         let merged = load_model::<crate::common::Cpu>(&f32_dir, WeightPrecision::F32, &device).unwrap().model;
         let r = crate::common::Reference::open(&dir.join("peft_reference.safetensors"));
         let (ids, shape) = r.i64("input_ids");
-        let got: Vec<f32> = merged.forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device)).into_data().to_vec().unwrap();
+        let got: Vec<f32> = merged
+            .forward(Tensor::<crate::common::Cpu, 2, Int>::from_data(
+                TensorData::new(ids, [shape[0], shape[1]]),
+                &device,
+            ))
+            .into_data()
+            .to_vec()
+            .unwrap();
         let diff = crate::common::max_abs_diff(&got, &r.f32("logits").0);
         assert!(diff <= 1e-4, "{name}: merged logits vs 4-bit base + adapter {diff:e}");
     }
@@ -443,11 +568,16 @@ fn host_dequantization_equals_the_generic_path() {
     let device = Default::default();
     for (shape, double_quant) in [([24usize, 128usize], false), ([7, 37], false), ([40, 160], true)] {
         let n = shape[0] * shape[1];
-        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
+        let values: Vec<f32> =
+            (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32)).collect();
         let q = LoadIn4Bit { kind: FourBit::Nf4, double_quant }.quantize(&values);
         let w = Packed4Bit::<crate::common::Cpu>::upload(&q, shape, &device);
         let generic: Vec<f32> = w.dequantize(burn::tensor::DType::F32).into_data().to_vec().unwrap();
         let host: Vec<f32> = w.dequantize_on_host(burn::tensor::DType::F32).unwrap().into_data().to_vec().unwrap();
-        assert_eq!(host.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), generic.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{shape:?} double_quant {double_quant}");
+        assert_eq!(
+            host.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            generic.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{shape:?} double_quant {double_quant}"
+        );
     }
 }

@@ -37,7 +37,8 @@ pub const GPU_LOGITS_TOL: f32 = 1.5e-4;
 fn scale_of(x: &[f32]) -> f32 {
     x.iter().fold(1f32, |m, v| m.max(v.abs()))
 }
-const MODELS: &[&str] = &["qwen3_5_text", "qwen3_5_text_r3", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next"];
+const MODELS: &[&str] =
+    &["qwen3_5_text", "qwen3_5_text_r3", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next"];
 
 fn dir() -> std::path::PathBuf {
     fixtures().join("qwen35")
@@ -62,7 +63,11 @@ fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::
     Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
 }
 
-fn logits_of<B: TemperBackend>(model: &CausalLm<B>, input: Tensor<B, 2, Int>, segments: Option<Vec<Vec<u32>>>) -> Vec<f32> {
+fn logits_of<B: TemperBackend>(
+    model: &CausalLm<B>,
+    input: Tensor<B, 2, Int>,
+    segments: Option<Vec<Vec<u32>>>,
+) -> Vec<f32> {
     let [b, t] = input.dims();
     let ctx = model.context(&vec![(0..t).collect(); b], 0, segments);
     model.logits(model.hidden_states(input, &ctx, None)).into_data().to_vec().unwrap()
@@ -108,7 +113,8 @@ fn qwen35_left_padded_batch_matches_transformers() {
             continue;
         }
         let (mask, shape) = r.i64("padded.attention_mask");
-        let segments: Vec<Vec<u32>> = mask.chunks(shape[1]).map(|row| row.iter().map(|&x| x as u32).collect()).collect();
+        let segments: Vec<Vec<u32>> =
+            mask.chunks(shape[1]).map(|row| row.iter().map(|&x| x as u32).collect()).collect();
         let got = logits_of(&model, ids::<Cpu>(&r, "padded.input_ids", &device), Some(segments));
         let (want, wshape) = r.f32("padded.logits");
         let vocab = wshape[2];
@@ -153,7 +159,12 @@ fn qwen35_generation_with_the_state_cache_matches() {
     let r = Reference::open(&dir().join(m["models"]["qwen3_5_text"]["reference"].as_str().unwrap()));
     let prompt: Vec<u32> = r.i64("generate.prompt_ids").0.iter().map(|&x| x as u32).collect();
     let want: Vec<u32> = r.i64("generate.new_ids").0.iter().map(|&x| x as u32).collect();
-    let cfg = SamplingConfig { max_new_tokens: want.len(), temperature: 0.0, stop_tokens: Vec::new(), ..SamplingConfig::default() };
+    let cfg = SamplingConfig {
+        max_new_tokens: want.len(),
+        temperature: 0.0,
+        stop_tokens: Vec::new(),
+        ..SamplingConfig::default()
+    };
     let got = generate(&model, &prompt, &cfg, |_| {}).unwrap();
     assert_eq!(got, want, "greedy tokens with the state cache");
     // The whole sequence in one pass: the last 20 positions' logits are the decode steps'.
@@ -182,9 +193,11 @@ fn qwen35_cached_decode_equals_the_full_pass() {
     // A 70-token prefill (more than one chunk), then one token at a time.
     let mut start = 0;
     for len in std::iter::once(70).chain(std::iter::repeat_n(1, 20)) {
-        let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(all[start..start + len].to_vec(), [1, len]), &device);
+        let ids =
+            Tensor::<Cpu, 2, Int>::from_data(TensorData::new(all[start..start + len].to_vec(), [1, len]), &device);
         let ctx = model.causal_context(1, len, cache.len);
-        let logits: Vec<f32> = model.logits(model.hidden_states(ids, &ctx, Some(&mut cache))).into_data().to_vec().unwrap();
+        let logits: Vec<f32> =
+            model.logits(model.hidden_states(ids, &ctx, Some(&mut cache))).into_data().to_vec().unwrap();
         stepped.extend(logits);
         start += len;
     }
@@ -206,8 +219,11 @@ pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
     let m = manifest();
     for name in ["qwen3_5_text", "qwen3_5_text_ab", "qwen3_5_moe_text", "qwen3_next"] {
         let e = &m["peft"][name];
-        let mut model = load_model::<B>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, device).unwrap().model;
-        let adapter = Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let mut model = load_model::<B>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, device)
+            .unwrap()
+            .model;
+        let adapter =
+            Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
         apply_adapter(&mut model, &adapter).unwrap_or_else(|err| panic!("{name}: {err}"));
         let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
         let input = ids::<B>(&r, "input_ids", device);
@@ -217,7 +233,11 @@ pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
         let got: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
         let want_logits = r.f32("logits").0;
         let diff = max_abs_diff(&got, &want_logits);
-        assert!(diff <= LOGITS_TOL * scale_of(&want_logits), "{name}: logits with the adapter differ by {diff:e} (largest logit {})", scale_of(&want_logits));
+        assert!(
+            diff <= LOGITS_TOL * scale_of(&want_logits),
+            "{name}: logits with the adapter differ by {diff:e} (largest logit {})",
+            scale_of(&want_logits)
+        );
         let (targets, count) = shift_labels(&labels);
         let loss = nll_sum(logits, &targets).div_scalar(count as f32);
         let loss_value = loss.clone().into_scalar().elem::<f32>();
@@ -234,7 +254,11 @@ pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
                 let (want, want_shape) = r.f32(&key);
                 assert_eq!(t.shape, want_shape, "{name}: {key} shape");
                 let d = max_abs_diff(&t.data, &want);
-                assert!(d <= GRAD_TOL * scale_of(&want), "{name}: {key} differs from PEFT by {d:e} (largest value {})", scale_of(&want));
+                assert!(
+                    d <= GRAD_TOL * scale_of(&want),
+                    "{name}: {key} differs from PEFT by {d:e} (largest value {})",
+                    scale_of(&want)
+                );
                 checked += 1;
             }
         }
@@ -250,7 +274,8 @@ fn qwen35_vlm_adapter_matches_peft() {
     let m = manifest();
     let device = Default::default();
     let e = &m["peft"]["qwen3_5"];
-    let mut model = load_model::<Cpu>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+    let mut model =
+        load_model::<Cpu>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
     apply_adapter(&mut model, &Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap()).unwrap();
     let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
     let got = logits_of(&model, ids::<Cpu>(&r, "input_ids", &device), None);
@@ -269,7 +294,8 @@ fn qwen35_ten_step_curve_matches_pytorch() {
     crate::train_parity::run_with::<CpuAutodiff>("qwen35/qwen3_5_text_train", false, 5e-4, &Default::default());
     let device = Default::default();
     let (_, plain) = crate::train_parity::curve_on::<CpuAutodiff>("qwen35/qwen3_5_text_train", false, 0.0, &device);
-    let (_, checkpointed) = crate::train_parity::curve_on::<CpuAutodiff>("qwen35/qwen3_5_text_train", true, 0.0, &device);
+    let (_, checkpointed) =
+        crate::train_parity::curve_on::<CpuAutodiff>("qwen35/qwen3_5_text_train", true, 0.0, &device);
     crate::train_parity::assert_same_curve("qwen3_5_text with gradient checkpointing", &plain, &checkpointed, 1e-5);
 }
 
@@ -282,12 +308,16 @@ fn qwen35_packed_rows_equal_unpacked_documents() {
     let device = Default::default();
     let e = &m["peft"]["qwen3_5_text"];
     let load = || {
-        let mut model = load_model::<CpuAutodiff>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
+        let mut model =
+            load_model::<CpuAutodiff>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device)
+                .unwrap()
+                .model;
         apply_adapter(&mut model, &Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap()).unwrap();
         model
     };
     // Two documents of 70 and 85 tokens: the boundary falls inside the second chunk.
-    let doc = |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| 3 + ((i * 31 + salt * 17) % 110) as u32).collect() };
+    let doc =
+        |n: usize, salt: u64| -> Vec<u32> { (0..n as u64).map(|i| 3 + ((i * 31 + salt * 17) % 110) as u32).collect() };
     let (a, b) = (doc(70, 1), doc(85, 2));
     let loss_and_grads = |batch: &Batch| -> (f32, BTreeMap<String, Vec<f32>>) {
         let mut model = load();
@@ -309,14 +339,20 @@ fn qwen35_packed_rows_equal_unpacked_documents() {
         }
         (value, out)
     };
-    let labels = |d: &[u32]| -> Vec<i64> { d.iter().enumerate().map(|(k, &x)| if k == 0 { -100 } else { x as i64 }).collect() };
+    let labels =
+        |d: &[u32]| -> Vec<i64> { d.iter().enumerate().map(|(k, &x)| if k == 0 { -100 } else { x as i64 }).collect() };
     let packed = Batch {
         input_ids: vec![a.iter().chain(&b).copied().collect()],
         labels: vec![labels(&a).into_iter().chain(labels(&b)).collect()],
         positions: vec![(0..a.len()).chain(0..b.len()).collect()],
         segments: Some(vec![std::iter::repeat_n(1, a.len()).chain(std::iter::repeat_n(2, b.len())).collect()]),
     };
-    let alone = |d: &[u32]| Batch { input_ids: vec![d.to_vec()], labels: vec![labels(d)], positions: vec![(0..d.len()).collect()], segments: None };
+    let alone = |d: &[u32]| Batch {
+        input_ids: vec![d.to_vec()],
+        labels: vec![labels(d)],
+        positions: vec![(0..d.len()).collect()],
+        segments: None,
+    };
     let (lp, gp) = loss_and_grads(&packed);
     let (la, ga) = loss_and_grads(&alone(&a));
     let (lb, gb) = loss_and_grads(&alone(&b));
@@ -328,7 +364,6 @@ fn qwen35_packed_rows_equal_unpacked_documents() {
         assert!(d <= 1e-4 * scale, "{module}: packed gradient differs from the documents' by {d:e} (scale {scale:e})");
     }
 }
-
 
 /// `temper train` from a recipe on a Qwen 3.5 checkpoint (the `qwen3_5` VLM fixture widened to
 /// the stories260K tokenizer's 512 tokens): packed rows, gradient checkpointing, all-linear; the
@@ -352,13 +387,20 @@ fn recipe_trains_a_qwen35_vlm_checkpoint_end_to_end() {
         if name == "model.language_model.embed_tokens.weight" {
             // Rows 128..512: small deterministic values, so every id of the tokenizer embeds.
             let cols = shape[1];
-            data.extend((0..(512 - shape[0]) * cols).flat_map(|i| (((i * 7919) % 1000) as f32 / 1000.0 - 0.5).mul_add(0.1, 0.0).to_le_bytes()));
+            data.extend(
+                (0..(512 - shape[0]) * cols)
+                    .flat_map(|i| (((i * 7919) % 1000) as f32 / 1000.0 - 0.5).mul_add(0.1, 0.0).to_le_bytes()),
+            );
             shape[0] = 512;
         }
         tensors.push((name.to_string(), shape, data));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        tensors.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
     safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(crate::common::shared("models/stories260K").join(f), model.join(f)).unwrap();
@@ -376,7 +418,10 @@ fn recipe_trains_a_qwen35_vlm_checkpoint_end_to_end() {
         ),
     )
     .unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", recipe.to_str().unwrap()]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["train", recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("vision-language checkpoint") && err.contains("mtp"), "the VLM notice: {err}");
@@ -385,10 +430,27 @@ fn recipe_trains_a_qwen35_vlm_checkpoint_end_to_end() {
     let names = st.names();
     let has = |s: &str| names.iter().any(|k| k.contains(s));
     assert!(has("base_model.model.model.language_model.layers.0.linear_attn.in_proj_qkv.lora_A.weight"), "{names:?}");
-    assert!(has("linear_attn.in_proj_z.lora_B") && has("linear_attn.out_proj.lora_A") && has("layers.3.self_attn.q_proj.lora_A"), "{names:?}");
+    assert!(
+        has("linear_attn.in_proj_z.lora_B")
+            && has("linear_attn.out_proj.lora_A")
+            && has("layers.3.self_attn.q_proj.lora_A"),
+        "{names:?}"
+    );
     assert!(!has("in_proj_a") && !has("in_proj_b") && !has("visual") && !has("mtp"), "{names:?}");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
-        .args(["generate", "--model", model.to_str().unwrap(), "--adapter", run.join("adapter").to_str().unwrap(), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--device", "cpu"])
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            run.join("adapter").to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

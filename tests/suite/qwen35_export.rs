@@ -25,18 +25,11 @@ fn q35_manifest() -> Value {
 }
 
 fn merge(model: &str, adapter: &Path, out: &Path) {
-    let input = MergeInput {
-        adapter: Adapter::read(adapter).unwrap(),
-        dir: adapter.to_path_buf(),
-        weight: 1.0,
-    };
+    let input = MergeInput { adapter: Adapter::read(adapter).unwrap(), dir: adapter.to_path_buf(), weight: 1.0 };
     merge_model(
         &q35().join(model),
         &[input],
-        MergeOptions {
-            dtype: MergeDtype::Auto,
-            untie: false,
-        },
+        MergeOptions { dtype: MergeDtype::Auto, untie: false },
         out,
         WriteMode::Refuse,
         &mut |_| {},
@@ -48,35 +41,21 @@ fn merge(model: &str, adapter: &Path, out: &Path) {
 fn raw_tensors(file: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
-        .collect()
+    st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
-        .fold(0.0, f32::max)
+    got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
 }
 
 /// Merge `adapter` into `model` and compare with `merged` (disk key -> PEFT's merged values):
 /// those tensors within MERGE_TOL, every other tensor byte for byte. Returns the merged folder.
-fn check_merge(
-    model: &str,
-    adapter: &Path,
-    merged: &BTreeMap<String, Vec<f32>>,
-    tmp: &Path,
-) -> PathBuf {
+fn check_merge(model: &str, adapter: &Path, merged: &BTreeMap<String, Vec<f32>>, tmp: &Path) -> PathBuf {
     let out = tmp.join(format!("merged_{model}"));
     merge(model, adapter, &out);
     let base = raw_tensors(&q35().join(model).join("model.safetensors"));
@@ -93,24 +72,14 @@ fn check_merge(
         match merged.get(name) {
             Some(want) => {
                 let worst = worst_relative(&f32s(got_bytes), want);
-                assert!(
-                    worst <= MERGE_TOL,
-                    "{model}: {name} differs from merge_and_unload by {worst:e} (relative)"
-                );
+                assert!(worst <= MERGE_TOL, "{model}: {name} differs from merge_and_unload by {worst:e} (relative)");
                 assert_ne!(got_bytes, bytes, "{model}: {name} should have changed");
                 changed += 1;
             }
-            None => assert!(
-                got_bytes == bytes,
-                "{model}: {name} is not adapted and must be copied byte for byte"
-            ),
+            None => assert!(got_bytes == bytes, "{model}: {name} is not adapted and must be copied byte for byte"),
         }
     }
-    assert_eq!(
-        changed,
-        merged.len(),
-        "{model}: every merged tensor is in the base"
-    );
+    assert_eq!(changed, merged.len(), "{model}: every merged tensor is in the base");
     out
 }
 
@@ -126,18 +95,8 @@ fn qwen35_merged_weights_match_peft_merge_and_unload() {
     let tmp = tempfile::tempdir().unwrap();
     let m = q35_manifest();
     let merged = peft_merged_text();
-    assert_eq!(
-        merged.len(),
-        m["peft"]["qwen3_5_text"]["merged"]["changed_disk_keys"]
-            .as_u64()
-            .unwrap() as usize
-    );
-    check_merge(
-        "models/qwen3_5_text",
-        &q35().join("peft/qwen3_5_text/adapter"),
-        &merged,
-        tmp.path(),
-    );
+    assert_eq!(merged.len(), m["peft"]["qwen3_5_text"]["merged"]["changed_disk_keys"].as_u64().unwrap() as usize);
+    check_merge("models/qwen3_5_text", &q35().join("peft/qwen3_5_text/adapter"), &merged, tmp.path());
 }
 
 /// The VLM checkpoint: the decoder's adapted tensors change under `model.language_model.*`
@@ -150,12 +109,7 @@ fn qwen35_vlm_merge_keeps_vision_and_mtp_byte_for_byte() {
     let m = q35_manifest();
     let renamed: BTreeMap<String, Vec<f32>> = peft_merged_text()
         .into_iter()
-        .map(|(k, v)| {
-            (
-                k.replacen("model.layers.", "model.language_model.layers.", 1),
-                v,
-            )
-        })
+        .map(|(k, v)| (k.replacen("model.layers.", "model.language_model.layers.", 1), v))
         .collect();
     let listed: Vec<&str> = m["peft"]["qwen3_5"]["merged"]["changed_disk_keys_list"]
         .as_array()
@@ -163,27 +117,14 @@ fn qwen35_vlm_merge_keeps_vision_and_mtp_byte_for_byte() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(
-        renamed.keys().map(String::as_str).collect::<Vec<_>>(),
-        listed
-    );
-    let out = check_merge(
-        "models/qwen3_5",
-        &q35().join("peft/qwen3_5/adapter"),
-        &renamed,
-        tmp.path(),
-    );
+    assert_eq!(renamed.keys().map(String::as_str).collect::<Vec<_>>(), listed);
+    let out = check_merge("models/qwen3_5", &q35().join("peft/qwen3_5/adapter"), &renamed, tmp.path());
     let got = raw_tensors(&out.join("model.safetensors"));
     let (vision, mtp) = (
-        got.keys()
-            .filter(|k| k.starts_with("model.visual."))
-            .count(),
+        got.keys().filter(|k| k.starts_with("model.visual.")).count(),
         got.keys().filter(|k| k.starts_with("mtp.")).count(),
     );
-    assert!(
-        vision >= 10 && mtp == 7,
-        "{vision} vision and {mtp} mtp tensors kept"
-    );
+    assert!(vision >= 10 && mtp == 7, "{vision} vision and {mtp} mtp tensors kept");
     assert_eq!(
         std::fs::read(q35().join("models/qwen3_5/config.json")).unwrap(),
         std::fs::read(out.join("config.json")).unwrap()
@@ -230,36 +171,20 @@ fn qwen35_moe_merge_writes_each_experts_delta_into_fused_and_per_expert_layouts(
         .unwrap()
         .replace("models/qwen3_5_moe_text", "models/qwen3_5_moe");
     std::fs::write(vlm_adapter.join("adapter_config.json"), cfg).unwrap();
-    let renamed: Vec<(String, Vec<usize>, Vec<u8>)> =
-        raw_tensors(&text_adapter.join("adapter_model.safetensors"))
-            .into_iter()
-            .map(|(k, (s, b))| {
-                (
-                    k.replacen(
-                        "base_model.model.model.layers.",
-                        "base_model.model.model.language_model.layers.",
-                        1,
-                    ),
-                    s,
-                    b,
-                )
-            })
-            .collect();
+    let renamed: Vec<(String, Vec<usize>, Vec<u8>)> = raw_tensors(&text_adapter.join("adapter_model.safetensors"))
+        .into_iter()
+        .map(|(k, (s, b))| {
+            (k.replacen("base_model.model.model.layers.", "base_model.model.model.language_model.layers.", 1), s, b)
+        })
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = renamed
         .iter()
         .map(|(k, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
+            (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
         })
         .collect();
-    std::fs::write(
-        vlm_adapter.join("adapter_model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(vlm_adapter.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap())
+        .unwrap();
 
     let (fused_out, per_out) = (tmp.path().join("fused"), tmp.path().join("per"));
     merge("models/qwen3_5_moe", &vlm_adapter, &fused_out);
@@ -269,12 +194,8 @@ fn qwen35_moe_merge_writes_each_experts_delta_into_fused_and_per_expert_layouts(
     let per = raw_tensors(&per_out.join("model.safetensors"));
     let lora = raw_tensors(&text_adapter.join("adapter_model.safetensors"));
     let m = q35_manifest();
-    let s = m["peft"]["qwen3_5_moe_text"]["lora_config"]["lora_alpha"]
-        .as_f64()
-        .unwrap()
-        / m["peft"]["qwen3_5_moe_text"]["lora_config"]["r"]
-            .as_f64()
-            .unwrap();
+    let s = m["peft"]["qwen3_5_moe_text"]["lora_config"]["lora_alpha"].as_f64().unwrap()
+        / m["peft"]["qwen3_5_moe_text"]["lora_config"]["r"].as_f64().unwrap();
     let (experts, inter) = (4, 32);
     for layer in 0..4 {
         let key = |p: &str| format!("base_model.model.model.layers.{layer}.mlp.experts.{p}");
@@ -289,47 +210,19 @@ fn qwen35_moe_merge_writes_each_experts_delta_into_fused_and_per_expert_layouts(
         let (fgu, fd) = (f32s(&fused[&gate_up].1), f32s(&fused[&down].1));
         let (bgu, bd) = (f32s(&fused_base[&gate_up].1), f32s(&fused_base[&down].1));
         for e in 0..experts {
-            let dgu = expert_delta(
-                &f32s(&ga.1),
-                &ga.0,
-                &f32s(&gb.1),
-                &gb.0,
-                experts,
-                e,
-                s as f32,
-            );
-            let dd = expert_delta(
-                &f32s(&da.1),
-                &da.0,
-                &f32s(&db.1),
-                &db.0,
-                experts,
-                e,
-                s as f32,
-            );
+            let dgu = expert_delta(&f32s(&ga.1), &ga.0, &f32s(&gb.1), &gb.0, experts, e, s as f32);
+            let dd = expert_delta(&f32s(&da.1), &da.0, &f32s(&db.1), &db.0, experts, e, s as f32);
             let n_gu = 2 * inter * 64;
-            let want_gu: Vec<f32> = bgu[e * n_gu..(e + 1) * n_gu]
-                .iter()
-                .zip(&dgu)
-                .map(|(w, d)| w + d)
-                .collect();
+            let want_gu: Vec<f32> = bgu[e * n_gu..(e + 1) * n_gu].iter().zip(&dgu).map(|(w, d)| w + d).collect();
             assert!(
                 worst_relative(&fgu[e * n_gu..(e + 1) * n_gu], &want_gu) <= MERGE_TOL,
                 "layer {layer} expert {e} gate_up"
             );
             let n_d = 64 * inter;
-            let want_d: Vec<f32> = bd[e * n_d..(e + 1) * n_d]
-                .iter()
-                .zip(&dd)
-                .map(|(w, d)| w + d)
-                .collect();
-            assert!(
-                worst_relative(&fd[e * n_d..(e + 1) * n_d], &want_d) <= MERGE_TOL,
-                "layer {layer} expert {e} down"
-            );
+            let want_d: Vec<f32> = bd[e * n_d..(e + 1) * n_d].iter().zip(&dd).map(|(w, d)| w + d).collect();
+            assert!(worst_relative(&fd[e * n_d..(e + 1) * n_d], &want_d) <= MERGE_TOL, "layer {layer} expert {e} down");
             // The per-expert layout: gate rows 0..I, up rows I..2I of the fused slice.
-            let p =
-                |n: &str| f32s(&per[&format!("model.layers.{layer}.mlp.experts.{e}.{n}.weight")].1);
+            let p = |n: &str| f32s(&per[&format!("model.layers.{layer}.mlp.experts.{e}.{n}.weight")].1);
             let half = inter * 64;
             assert!(
                 max_abs_diff(&p("gate_proj"), &fgu[e * n_gu..e * n_gu + half]) <= 1e-6,
@@ -345,14 +238,8 @@ fn qwen35_moe_merge_writes_each_experts_delta_into_fused_and_per_expert_layouts(
             );
         }
     }
-    for key in fused
-        .keys()
-        .filter(|k| k.starts_with("model.visual.") || k.starts_with("mtp."))
-    {
-        assert!(
-            fused[key].1 == fused_base[key].1,
-            "{key} copied byte for byte"
-        );
+    for key in fused.keys().filter(|k| k.starts_with("model.visual.") || k.starts_with("mtp.")) {
+        assert!(fused[key].1 == fused_base[key].1, "{key} copied byte for byte");
     }
 }
 
@@ -373,11 +260,7 @@ fn qwen3_next_merge_adds_the_delta_to_the_stored_grouped_rows() {
             &lora[&format!("base_model.model.{module}.lora_B.weight")],
         );
         let (r, d_in, d_out) = (a.0[0], a.0[1], b.0[0]);
-        let (a, b, s) = (
-            f32s(&a.1),
-            f32s(&b.1),
-            s["scaling"].as_f64().unwrap() as f32,
-        );
+        let (a, b, s) = (f32s(&a.1), f32s(&b.1), s["scaling"].as_f64().unwrap() as f32);
         let mut w = f32s(&base[&format!("{module}.weight")].1);
         for o in 0..d_out {
             for i in 0..d_in {
@@ -400,8 +283,7 @@ fn safetensor_keys(file: &Path) -> Vec<String> {
 }
 
 fn config(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
 }
 
 /// Re-written by `Adapter::write`, the fixtures keep PEFT's keys on each class (the VLM's
@@ -422,47 +304,31 @@ fn qwen35_peft_export_keeps_peft_names_and_lists_the_trained_modules() {
             safetensor_keys(&src.join("adapter_model.safetensors")),
             "{name}: PEFT's keys"
         );
-        let (mine, peft) = (
-            raw_tensors(&out.join("adapter_model.safetensors")),
-            raw_tensors(&src.join("adapter_model.safetensors")),
-        );
+        let (mine, peft) =
+            (raw_tensors(&out.join("adapter_model.safetensors")), raw_tensors(&src.join("adapter_model.safetensors")));
         for (k, (shape, bytes)) in &peft {
             assert_eq!(&mine[k].0, shape, "{name}: {k}");
-            assert!(
-                max_abs_diff(&f32s(&mine[k].1), &f32s(bytes)) == 0.0,
-                "{name}: {k} unchanged"
-            );
+            assert!(max_abs_diff(&f32s(&mine[k].1), &f32s(bytes)) == 0.0, "{name}: {k} unchanged");
         }
         let (cfg, want) = (config(&out), config(&src));
         if name == "qwen3_5" {
             let re = regex::Regex::new(cfg["target_modules"].as_str().unwrap()).unwrap();
             let ckpt = raw_tensors(&q35().join("models/qwen3_5/model.safetensors"));
-            let modules: Vec<String> = ckpt
-                .keys()
-                .filter_map(|k| k.strip_suffix(".weight"))
-                .map(str::to_string)
-                .collect();
+            let modules: Vec<String> =
+                ckpt.keys().filter_map(|k| k.strip_suffix(".weight")).map(str::to_string).collect();
             let hit: Vec<&String> = modules.iter().filter(|m| re.is_match(m)).collect();
             let adapted: std::collections::BTreeSet<String> = peft
                 .keys()
-                .filter_map(|k| {
-                    k.strip_prefix("base_model.model.")?
-                        .strip_suffix(".lora_A.weight")
-                })
+                .filter_map(|k| k.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight"))
                 .map(str::to_string)
                 .collect();
             assert_eq!(
-                hit.iter()
-                    .map(|s| s.to_string())
-                    .collect::<std::collections::BTreeSet<_>>(),
+                hit.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>(),
                 adapted,
                 "the regex matches exactly the adapted modules"
             );
         } else {
-            assert_eq!(
-                cfg["target_modules"], want["target_modules"],
-                "{name}: explicit names of the trained modules"
-            );
+            assert_eq!(cfg["target_modules"], want["target_modules"], "{name}: explicit names of the trained modules");
         }
         // PEFT writes `[]` or null for no parameters; Temper leaves the key out.
         let params = |v: &Value| v["target_parameters"].as_array().cloned().unwrap_or_default();
@@ -473,12 +339,7 @@ fn qwen35_peft_export_keeps_peft_names_and_lists_the_trained_modules() {
 // ---- GGUF -----------------------------------------------------------------------------------
 
 /// A GGUF file's string metadata and f32 tensors (name -> (dims, data)).
-fn read_gguf(
-    path: &Path,
-) -> (
-    BTreeMap<String, String>,
-    BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) {
+fn read_gguf(path: &Path) -> (BTreeMap<String, String>, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
     let b = std::fs::read(path).unwrap();
     let mut p = 0usize;
     let mut take = |n: usize| {
@@ -525,10 +386,7 @@ fn read_gguf(
 }
 
 fn temper(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_temper"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_temper")).args(args).output().unwrap()
 }
 
 fn export_gguf(adapter: &Path, base: &str, out: &Path) -> std::process::Output {
@@ -547,9 +405,7 @@ fn export_gguf(adapter: &Path, base: &str, out: &Path) -> std::process::Output {
 
 /// Rows `rows` of a row-major matrix with `cols` columns.
 fn rows_of(data: &[f32], cols: usize, rows: impl IntoIterator<Item = usize>) -> Vec<f32> {
-    rows.into_iter()
-        .flat_map(|r| data[r * cols..(r + 1) * cols].to_vec())
-        .collect()
+    rows.into_iter().flat_map(|r| data[r * cols..(r + 1) * cols].to_vec()).collect()
 }
 
 /// `_reorder_v_heads` of llama.cpp's `conversion/qwen.py`, written out: value head (g, j) of
@@ -582,11 +438,7 @@ fn qwen35_gguf_has_llama_cpp_names_and_value_head_order() {
     let adapter = Adapter::read(&src).unwrap();
     let mut want: Vec<String> = Vec::new();
     for module in adapter.modules.keys() {
-        let (layer, path) = module
-            .strip_prefix("model.layers.")
-            .unwrap()
-            .split_once('.')
-            .unwrap();
+        let (layer, path) = module.strip_prefix("model.layers.").unwrap().split_once('.').unwrap();
         let n = match path {
             "linear_attn.in_proj_qkv" => "attn_qkv",
             "linear_attn.in_proj_z" => "attn_gate",
@@ -608,46 +460,23 @@ fn qwen35_gguf_has_llama_cpp_names_and_value_head_order() {
     // in_proj_qkv: q and k rows (64) as stored, the v rows tiled.
     let qkv = &adapter.modules["model.layers.0.linear_attn.in_proj_qkv"];
     let rank = qkv.a.shape[0];
-    let rows: Vec<usize> = (0..64)
-        .chain(tiled(hk, r, d).into_iter().map(|i| 64 + i))
-        .collect();
-    assert_eq!(
-        t["blk.0.attn_qkv.weight.lora_b"],
-        (vec![rank, 128], rows_of(&qkv.b.data, rank, rows))
-    );
-    assert_eq!(
-        t["blk.0.attn_qkv.weight.lora_a"],
-        (vec![64, rank], qkv.a.data.clone())
-    );
+    let rows: Vec<usize> = (0..64).chain(tiled(hk, r, d).into_iter().map(|i| 64 + i)).collect();
+    assert_eq!(t["blk.0.attn_qkv.weight.lora_b"], (vec![rank, 128], rows_of(&qkv.b.data, rank, rows)));
+    assert_eq!(t["blk.0.attn_qkv.weight.lora_a"], (vec![64, rank], qkv.a.data.clone()));
     // in_proj_z (rank 4 by rank_pattern, scaling 4 = alpha 16 / 4: nothing to fold).
     let z = &adapter.modules["model.layers.1.linear_attn.in_proj_z"];
-    assert_eq!(
-        t["blk.1.attn_gate.weight.lora_b"].1,
-        rows_of(&z.b.data, 4, tiled(hk, r, d))
-    );
+    assert_eq!(t["blk.1.attn_gate.weight.lora_b"].1, rows_of(&z.b.data, 4, tiled(hk, r, d)));
     // out_proj: A's columns tiled, B as stored.
     let o_p = &adapter.modules["model.layers.2.linear_attn.out_proj"];
     let cols = tiled(hk, r, d);
-    let a_tiled: Vec<f32> = o_p
-        .a
-        .data
-        .chunks_exact(64)
-        .flat_map(|row| cols.iter().map(|&c| row[c]).collect::<Vec<_>>())
-        .collect();
+    let a_tiled: Vec<f32> =
+        o_p.a.data.chunks_exact(64).flat_map(|row| cols.iter().map(|&c| row[c]).collect::<Vec<_>>()).collect();
     assert_eq!(t["blk.2.ssm_out.weight.lora_a"].1, a_tiled);
     assert_eq!(t["blk.2.ssm_out.weight.lora_b"].1, o_p.b.data);
     // q_proj keeps its per-head [q | gate] rows; o_proj (alpha_pattern 8: scaling 1 against
     // llama.cpp's 16 / 8 = 2) has half of B folded in.
-    assert_eq!(
-        t["blk.3.attn_q.weight.lora_b"].1,
-        adapter.modules["model.layers.3.self_attn.q_proj"].b.data
-    );
-    let ob: Vec<f32> = adapter.modules["model.layers.3.self_attn.o_proj"]
-        .b
-        .data
-        .iter()
-        .map(|x| x * 0.5)
-        .collect();
+    assert_eq!(t["blk.3.attn_q.weight.lora_b"].1, adapter.modules["model.layers.3.self_attn.q_proj"].b.data);
+    let ob: Vec<f32> = adapter.modules["model.layers.3.self_attn.o_proj"].b.data.iter().map(|x| x * 0.5).collect();
     assert!(max_abs_diff(&t["blk.3.attn_output.weight.lora_b"].1, &ob) <= 1e-7);
     // The VLM checkpoint converts to the same qwen35 GGUF.
     let vlm = tmp.path().join("vlm.gguf");
@@ -679,22 +508,11 @@ fn qwen3_next_gguf_splits_in_proj_qkvz_as_the_converter_does() {
         .chain((0..2).flat_map(|g| group(g, 32, 32)))
         .collect();
     let z_rows: Vec<usize> = (0..2).flat_map(|g| group(g, 64, 32)).collect();
-    assert_eq!(
-        t["blk.0.attn_qkv.weight.lora_b"],
-        (vec![rank, 128], rows_of(&qkvz.b.data, rank, qkv_rows))
-    );
-    assert_eq!(
-        t["blk.0.attn_gate.weight.lora_b"],
-        (vec![rank, 64], rows_of(&qkvz.b.data, rank, z_rows))
-    );
+    assert_eq!(t["blk.0.attn_qkv.weight.lora_b"], (vec![rank, 128], rows_of(&qkvz.b.data, rank, qkv_rows)));
+    assert_eq!(t["blk.0.attn_gate.weight.lora_b"], (vec![rank, 64], rows_of(&qkvz.b.data, rank, z_rows)));
     assert_eq!(t["blk.0.attn_qkv.weight.lora_a"].1, qkvz.a.data);
     assert_eq!(t["blk.0.attn_gate.weight.lora_a"].1, qkvz.a.data);
-    assert_eq!(
-        t["blk.1.ssm_ba.weight.lora_b"].1,
-        adapter.modules["model.layers.1.linear_attn.in_proj_ba"]
-            .b
-            .data
-    );
+    assert_eq!(t["blk.1.ssm_ba.weight.lora_b"].1, adapter.modules["model.layers.1.linear_attn.in_proj_ba"].b.data);
 }
 
 /// 3-D expert LoRA has no llama.cpp tensor (the converter maps only the 2-D form): refused
@@ -703,16 +521,9 @@ fn qwen3_next_gguf_splits_in_proj_qkvz_as_the_converter_does() {
 fn qwen35_moe_gguf_with_3d_experts_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("moe.gguf");
-    let o = export_gguf(
-        &q35().join("peft/qwen3_5_moe_text/adapter"),
-        "models/qwen3_5_moe_text",
-        &out,
-    );
+    let o = export_gguf(&q35().join("peft/qwen3_5_moe_text/adapter"), "models/qwen3_5_moe_text", &out);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("mlp.experts") && err.contains("qwen35moe"),
-        "{err}"
-    );
+    assert!(!o.status.success() && err.contains("mlp.experts") && err.contains("qwen35moe"), "{err}");
     assert!(!out.exists());
 }
 
@@ -754,83 +565,39 @@ fn qwen35_serving_rules_follow_each_servers_code() {
     let all = edited("qwen3_5_text_ab", t, "ab", |_| {});
     let v = verdicts(&all, "models/qwen3_5_text");
     assert_eq!(broken(&v), [vec![], vec![], vec!["M10"]], "{v:#?}");
-    assert!(
-        v[0].notes.iter().any(|n| n.contains("in_proj_ba")),
-        "{v:#?}"
-    );
-    assert!(
-        v[2].to_string()
-            .contains("in_proj_a, in_proj_b, in_proj_qkv, in_proj_z"),
-        "{}",
-        v[2]
-    );
+    assert!(v[0].notes.iter().any(|n| n.contains("in_proj_ba")), "{v:#?}");
+    assert!(v[2].to_string().contains("in_proj_a, in_proj_b, in_proj_qkv, in_proj_z"), "{}", v[2]);
     let b_only = edited("qwen3_5_text_ab", t, "b_only", |a| {
-        a.modules
-            .retain(|m, _| m.ends_with("in_proj_b") || m.ends_with("o_proj"))
+        a.modules.retain(|m, _| m.ends_with("in_proj_b") || m.ends_with("o_proj"))
     });
-    assert_eq!(
-        broken(&verdicts(&b_only, "models/qwen3_5_text")),
-        [vec![], vec![], vec!["M10"]]
-    );
+    assert_eq!(broken(&verdicts(&b_only, "models/qwen3_5_text")), [vec![], vec![], vec!["M10"]]);
     let attn_only = edited("qwen3_5_text_ab", t, "attn", |a| {
-        a.modules
-            .retain(|m, _| m.contains("self_attn") || m.ends_with("out_proj"))
+        a.modules.retain(|m, _| m.contains("self_attn") || m.ends_with("out_proj"))
     });
     let v = verdicts(&attn_only, "models/qwen3_5_text");
     assert!(v.iter().all(|v| v.ok()), "{v:#?}");
     let packed = edited("qwen3_5_text_ab", t, "packed", |a| {
-        let b = a
-            .modules
-            .remove("model.layers.0.linear_attn.in_proj_b")
-            .unwrap();
-        let aa = a
-            .modules
-            .remove("model.layers.0.linear_attn.in_proj_a")
-            .unwrap();
+        let b = a.modules.remove("model.layers.0.linear_attn.in_proj_b").unwrap();
+        let aa = a.modules.remove("model.layers.0.linear_attn.in_proj_a").unwrap();
         let mut data = b.b.data.clone();
         data.extend(&aa.b.data);
-        let pair = temper::export::LoraPair {
-            a: b.a.clone(),
-            b: temper::export::HostTensor {
-                shape: vec![8, 4],
-                data,
-            },
-        };
-        a.modules
-            .insert("model.layers.0.linear_attn.in_proj_ba".into(), pair);
+        let pair =
+            temper::export::LoraPair { a: b.a.clone(), b: temper::export::HostTensor { shape: vec![8, 4], data } };
+        a.modules.insert("model.layers.0.linear_attn.in_proj_ba".into(), pair);
     });
-    assert_eq!(
-        broken(&verdicts(&packed, "models/qwen3_5_text")),
-        [vec!["V7"], vec!["L2"], vec!["M7", "M10"]]
-    );
+    assert_eq!(broken(&verdicts(&packed, "models/qwen3_5_text")), [vec!["V7"], vec!["L2"], vec!["M7", "M10"]]);
 
     let v = verdicts(&q35().join("peft/qwen3_next/adapter"), "models/qwen3_next");
     assert_eq!(broken(&v), [vec![], vec![], vec!["M10"]], "{v:#?}");
-    assert!(
-        v[0].notes
-            .iter()
-            .any(|n| n.contains("--tensor-parallel-size 1")),
-        "{v:#?}"
-    );
+    assert!(v[0].notes.iter().any(|n| n.contains("--tensor-parallel-size 1")), "{v:#?}");
 
     // MoE: the text class reads per-expert 2-D LoRA; the VLM class the 3-D form.
-    let v = verdicts(
-        &q35().join("peft/qwen3_5_moe_text/adapter"),
-        "models/qwen3_5_moe_text",
-    );
-    assert_eq!(
-        broken(&v),
-        [vec!["V9"], vec!["L4"], vec!["M9", "M10"]],
-        "{v:#?}"
-    );
+    let v = verdicts(&q35().join("peft/qwen3_5_moe_text/adapter"), "models/qwen3_5_moe_text");
+    assert_eq!(broken(&v), [vec!["V9"], vec!["L4"], vec!["M9", "M10"]], "{v:#?}");
     // (M4: a vision-language adapter's target_modules is a regex, which mistral.rs does not read.)
     let vlm = edited("qwen3_5_moe_text", t, "moe_vlm", |a| a.nested = true);
     let v = verdicts(&vlm, "models/qwen3_5_moe");
-    assert_eq!(
-        broken(&v),
-        [vec![], vec!["L4"], vec!["M4", "M9", "M10"]],
-        "{v:#?}"
-    );
+    assert_eq!(broken(&v), [vec![], vec!["L4"], vec!["M4", "M9", "M10"]], "{v:#?}");
     let down_only = edited("qwen3_5_moe_text", t, "down_only", |a| {
         a.nested = true;
         a.modules.retain(|m, _| !m.ends_with("gate_up_proj"));
@@ -842,10 +609,7 @@ fn qwen35_serving_rules_follow_each_servers_code() {
         a.nested = true;
         a.expert_format = temper::export::experts::ExpertFormat::PerExpert { mixtral: false };
     });
-    assert_eq!(
-        broken(&verdicts(&per_expert, "models/qwen3_5_moe"))[0],
-        ["V9"]
-    );
+    assert_eq!(broken(&verdicts(&per_expert, "models/qwen3_5_moe"))[0], ["V9"]);
 }
 
 // ---- the model itself (needs the Qwen 3.5 decoder) -------------------------------------------
@@ -886,7 +650,8 @@ fn qwen35_merged_models_logits_match_peft_with_the_adapter() {
         temper::lora::apply_adapter(&mut unmerged, &Adapter::read(&adapter_dir).unwrap()).unwrap();
         let unmerged = logits(&unmerged);
         let peft = r.f32("logits").0;
-        let (d_peft, d_own, d_unmerged_peft) = (max_abs_diff(&merged, &peft), max_abs_diff(&merged, &unmerged), max_abs_diff(&unmerged, &peft));
+        let (d_peft, d_own, d_unmerged_peft) =
+            (max_abs_diff(&merged, &peft), max_abs_diff(&merged, &unmerged), max_abs_diff(&unmerged, &peft));
         eprintln!("{name}: merged vs PEFT {d_peft:e}, merged vs Temper unmerged {d_own:e}, Temper unmerged vs PEFT {d_unmerged_peft:e}");
         assert!(d_peft <= vs_peft, "{name}: merged logits vs PEFT with the adapter {d_peft:e}");
         assert!(d_own <= vs_own, "{name}: merged vs unmerged in Temper {d_own:e}");
@@ -900,44 +665,17 @@ fn qwen35_inspect_shows_layer_pattern_delta_net_and_unloaded_parts() {
     let o = temper(&["inspect", q35().join("models/qwen3_5").to_str().unwrap()]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        text.contains("4 layers: 3 gated delta net, 1 gated attention"),
-        "{text}"
-    );
-    assert!(
-        text.contains("2 key heads x 16, 4 value heads x 16 (2 per key head), conv kernel 4"),
-        "{text}"
-    );
-    assert!(
-        text.contains("vision tower") && text.contains("mtp head     7 tensors"),
-        "{text}"
-    );
-    let o = temper(&[
-        "inspect",
-        "--json",
-        q35().join("models/qwen3_5_text_r3").to_str().unwrap(),
-    ]);
+    assert!(text.contains("4 layers: 3 gated delta net, 1 gated attention"), "{text}");
+    assert!(text.contains("2 key heads x 16, 4 value heads x 16 (2 per key head), conv kernel 4"), "{text}");
+    assert!(text.contains("vision tower") && text.contains("mtp head     7 tensors"), "{text}");
+    let o = temper(&["inspect", "--json", q35().join("models/qwen3_5_text_r3").to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j: Value = serde_json::from_slice(&o.stdout).unwrap();
-    for key in [
-        "model_type",
-        "architecture",
-        "parameters",
-        "layers",
-        "hidden_size",
-        "vision_language",
-        "files",
-    ] {
+    for key in ["model_type", "architecture", "parameters", "layers", "hidden_size", "vision_language", "files"] {
         assert!(j.get(key).is_some(), "{key} kept");
     }
     assert_eq!(j["layer_pattern"]["gated_delta_net"], 3);
     assert_eq!(j["layer_pattern"]["attention"], 2);
     assert_eq!(j["delta_net"]["value_heads"], 6);
-    assert_eq!(
-        (
-            j["vision_tower_tensors"].as_u64(),
-            j["mtp_tensors"].as_u64()
-        ),
-        (Some(0), Some(0))
-    );
+    assert_eq!((j["vision_tower_tensors"].as_u64(), j["mtp_tensors"].as_u64()), (Some(0), Some(0)));
 }

@@ -31,20 +31,33 @@ fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
     let out = tmp.path().join("run");
     let model = shared("models/stories260K");
     let o = temper(&[
-        "train", "recipes/quickstart.yaml",
-        "--set", &format!("base_model={}", model.display()),
-        "--set", &format!("output.dir={}", out.display()),
-        "--set", "train.max_steps=24",
-        "--device", "cpu",
+        "train",
+        "recipes/quickstart.yaml",
+        "--set",
+        &format!("base_model={}", model.display()),
+        "--set",
+        &format!("output.dir={}", out.display()),
+        "--set",
+        "train.max_steps=24",
+        "--device",
+        "cpu",
     ]);
     assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains(&out.join("adapter").display().to_string()), "prints where the adapter went: {stdout}");
     let summary = read_json(&out.join("summary.json"));
-    let (before, after) = (summary["initial_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
+    let (before, after) =
+        (summary["initial_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
     assert!(after < before - 0.2, "eval loss should fall: {before} -> {after}");
     assert_eq!(summary["steps"], 24);
-    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md", "loss_curve.svg", "recipe.yaml", "metrics.jsonl"] {
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/README.md",
+        "loss_curve.svg",
+        "recipe.yaml",
+        "metrics.jsonl",
+    ] {
         assert!(out.join(f).is_file(), "{f} written");
     }
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
@@ -56,7 +69,16 @@ fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
     assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 24]);
     // The exported adapter reloads and lowers the loss on the eval rows.
     let eval = |adapter: Option<&Path>| {
-        let mut args = vec!["eval".to_string(), "--model".into(), model.display().to_string(), "--data".into(), "datasets/stories/eval.jsonl".into(), "--json".into(), "--device".into(), "cpu".into()];
+        let mut args = vec![
+            "eval".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--data".into(),
+            "datasets/stories/eval.jsonl".into(),
+            "--json".into(),
+            "--device".into(),
+            "cpu".into(),
+        ];
         if let Some(a) = adapter {
             args.extend(["--adapter".to_string(), a.display().to_string()]);
         }
@@ -84,7 +106,17 @@ fn small_run(out: &Path, resume: bool, stop: Option<usize>) -> Vec<(usize, f64)>
         base_model: "stories260K".into(),
         lora: LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, ..LoraConfig::default() },
         data: data_cfg,
-        train: TrainConfig { max_steps: Some(8), micro_batch_size: 2, gradient_accumulation_steps: 2, learning_rate: 2e-3, warmup_steps: Some(2), save_steps: Some(2), eval_steps: Some(4), resume, ..TrainConfig::default() },
+        train: TrainConfig {
+            max_steps: Some(8),
+            micro_batch_size: 2,
+            gradient_accumulation_steps: 2,
+            learning_rate: 2e-3,
+            warmup_steps: Some(2),
+            save_steps: Some(2),
+            eval_steps: Some(4),
+            resume,
+            ..TrainConfig::default()
+        },
         output_dir: out.to_path_buf(),
         recipe_text: None,
         show_progress: false,
@@ -128,12 +160,24 @@ fn diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = temper(&[
-        "train", "recipes/quickstart.yaml",
-        "--set", &format!("base_model={}", shared("models/stories260K").display()),
-        "--set", &format!("output.dir={}", out.display()),
-        "--set", "train.max_steps=6", "--set", "train.save_steps=1", "--set", "train.learning_rate=1.0e30",
-        "--set", "train.warmup_steps=0", "--set", "train.max_grad_norm=0",
-        "--device", "cpu",
+        "train",
+        "recipes/quickstart.yaml",
+        "--set",
+        &format!("base_model={}", shared("models/stories260K").display()),
+        "--set",
+        &format!("output.dir={}", out.display()),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.save_steps=1",
+        "--set",
+        "train.learning_rate=1.0e30",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.max_grad_norm=0",
+        "--device",
+        "cpu",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("non-finite"), "{err}");
@@ -146,7 +190,9 @@ fn diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adapter() {
 
 #[test]
 fn recipe_typo_names_the_key_path_and_line() {
-    let text = std::fs::read_to_string(repo().join("recipes/quickstart.yaml")).unwrap().replace("  learning_rate:", "  lerning_rate:");
+    let text = std::fs::read_to_string(repo().join("recipes/quickstart.yaml"))
+        .unwrap()
+        .replace("  learning_rate:", "  lerning_rate:");
     let err = Recipe::from_yaml(&text, Path::new("recipes/quickstart.yaml"), &[]).unwrap_err().to_string();
     let line = text.lines().position(|l| l.contains("lerning_rate")).unwrap() + 1;
     assert!(err.contains("train.lerning_rate") && err.contains(&format!("quickstart.yaml:{line}")), "{err}");
@@ -156,9 +202,13 @@ fn recipe_typo_names_the_key_path_and_line() {
 fn recipe_wrong_type_and_impossible_values_are_named() {
     let base = std::fs::read_to_string(repo().join("recipes/quickstart.yaml")).unwrap();
     let p = Path::new("r.yaml");
-    let err = Recipe::from_yaml(&base.replace("micro_batch_size: 4", "micro_batch_size: four"), p, &[]).unwrap_err().to_string();
+    let err = Recipe::from_yaml(&base.replace("micro_batch_size: 4", "micro_batch_size: four"), p, &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("train.micro_batch_size"), "{err}");
-    let err = Recipe::from_yaml(&base.replace("learning_rate: 1.0e-3", "learning_rate: -1.0"), p, &[]).unwrap_err().to_string();
+    let err = Recipe::from_yaml(&base.replace("learning_rate: 1.0e-3", "learning_rate: -1.0"), p, &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("train.learning_rate") && err.contains("positive"), "{err}");
     let err = Recipe::from_yaml(&base, p, &["lora.r=0".into()]).unwrap_err().to_string();
     assert!(err.contains("lora.r"), "{err}");
@@ -172,11 +222,16 @@ fn training_row_that_is_not_json_names_file_and_line() {
     let data = tmp.path().join("train.jsonl");
     std::fs::write(&data, "{\"text\": \"a\"}\n{\"text\": \"b\"}\nnot json\n").unwrap();
     let o = temper(&[
-        "train", "recipes/quickstart.yaml",
-        "--set", &format!("base_model={}", shared("models/stories260K").display()),
-        "--set", &format!("data.train={}", data.display()),
-        "--set", &format!("output.dir={}", tmp.path().join("run").display()),
-        "--device", "cpu",
+        "train",
+        "recipes/quickstart.yaml",
+        "--set",
+        &format!("base_model={}", shared("models/stories260K").display()),
+        "--set",
+        &format!("data.train={}", data.display()),
+        "--set",
+        &format!("output.dir={}", tmp.path().join("run").display()),
+        "--device",
+        "cpu",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("train.jsonl:3"), "{err}");

@@ -5,11 +5,11 @@
 use temper::data::Batch;
 use temper::export::Adapter;
 use temper::lora::apply_adapter;
-use temper::model::{load_model, WeightPrecision};
-use temper::ops::TemperAutodiff;
-use temper::ops::dropout::StepKey;
-use temper::train::optim::LrSchedule;
 use temper::model::CausalLm;
+use temper::model::{load_model, WeightPrecision};
+use temper::ops::dropout::StepKey;
+use temper::ops::TemperAutodiff;
+use temper::train::optim::LrSchedule;
 use temper::train::{optimizer_step, LossScaler, Optimizer, StepOptions, StepStats, TrainConfig};
 
 use crate::common::{fixtures, manifest, max_abs_diff, CpuAutodiff, Reference};
@@ -23,7 +23,8 @@ fn train_entry(name: &str) -> (std::path::PathBuf, serde_json::Value) {
     match name.split_once('/') {
         Some((dir, n)) => {
             let root = fixtures().join(dir);
-            let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
             (root, m["train"][n].clone())
         }
         None => (fixtures(), manifest()["train"][name].clone()),
@@ -48,8 +49,18 @@ pub fn run_with<B: TemperAutodiff>(name: &str, checkpointing: bool, norm_tol: f6
     assert_eq!(curve.len(), want_loss.len());
     for (s, stats) in curve.iter().enumerate() {
         assert!((stats.lr - want_lr[s]).abs() < 1e-12, "{name} step {s}: lr {} vs torch {}", stats.lr, want_lr[s]);
-        assert!((stats.loss - want_loss[s]).abs() <= LOSS_TOL, "{name} step {s}: loss {} vs torch {}", stats.loss, want_loss[s]);
-        assert!((stats.grad_norm - want_norm[s]).abs() <= norm_tol * want_norm[s].max(1.0), "{name} step {s}: grad norm {} vs torch {}", stats.grad_norm, want_norm[s]);
+        assert!(
+            (stats.loss - want_loss[s]).abs() <= LOSS_TOL,
+            "{name} step {s}: loss {} vs torch {}",
+            stats.loss,
+            want_loss[s]
+        );
+        assert!(
+            (stats.grad_norm - want_norm[s]).abs() <= norm_tol * want_norm[s].max(1.0),
+            "{name} step {s}: grad norm {} vs torch {}",
+            stats.grad_norm,
+            want_norm[s]
+        );
     }
     let ours = temper::lora::extract_adapter(&mut model, &temper::lora::LoraConfig::default(), "x").unwrap();
     let theirs = Adapter::read(&root.join(e["final_adapter"].as_str().unwrap())).unwrap();
@@ -59,32 +70,61 @@ pub fn run_with<B: TemperAutodiff>(name: &str, checkpointing: bool, norm_tol: f6
     let moved = theirs
         .modules
         .iter()
-        .map(|(m, p)| max_abs_diff(&p.a.data, &initial.modules[m].a.data).max(max_abs_diff(&p.b.data, &initial.modules[m].b.data)))
+        .map(|(m, p)| {
+            max_abs_diff(&p.a.data, &initial.modules[m].a.data).max(max_abs_diff(&p.b.data, &initial.modules[m].b.data))
+        })
         .fold(0.0, f32::max);
     assert!(moved > 1e-2, "{name}: the reference run barely moved the weights ({moved})");
     for (module, pair) in &theirs.modules {
         let got = &ours.modules[module];
         let d = max_abs_diff(&got.a.data, &pair.a.data).max(max_abs_diff(&got.b.data, &pair.b.data));
-        assert!(d <= 5e-3 * moved, "{name}: final {module} differs from torch by {d:e} (training moved weights by {moved:e})");
+        assert!(
+            d <= 5e-3 * moved,
+            "{name}: final {module} differs from torch by {d:e} (training moved weights by {moved:e})"
+        );
     }
 }
 
 /// The fixture's training run (its PEFT-initialised adapter, batches, AdamW settings and
 /// schedule) on backend `B`, with every adapter's dropout set to `dropout`: the trained model
 /// and each step's statistics.
-pub fn curve_on<B: TemperAutodiff>(name: &str, checkpointing: bool, dropout: f64, device: &B::Device) -> (CausalLm<B>, Vec<StepStats>) {
+pub fn curve_on<B: TemperAutodiff>(
+    name: &str,
+    checkpointing: bool,
+    dropout: f64,
+    device: &B::Device,
+) -> (CausalLm<B>, Vec<StepStats>) {
     let (mut model, mut opt, steps) = fixture_run::<B>(name, WeightPrecision::F32, dropout, device);
     let curve = steps
         .into_iter()
         .enumerate()
-        .map(|(s, (batch, lr))| optimizer_step(&mut model, &mut opt, &[batch], StepOptions { lr, checkpointing, dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 }, loss_scale: 1.0, aux_loss_coef: None }).unwrap())
+        .map(|(s, (batch, lr))| {
+            optimizer_step(
+                &mut model,
+                &mut opt,
+                &[batch],
+                StepOptions {
+                    lr,
+                    checkpointing,
+                    dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 },
+                    loss_scale: 1.0,
+                    aux_loss_coef: None,
+                },
+            )
+            .unwrap()
+        })
         .collect();
     (model, curve)
 }
 
 /// The fixture run's model (base in `precision`, PEFT-initialised adapter with `dropout`),
 /// optimizer, and each step's batch and learning rate.
-fn fixture_run<B: TemperAutodiff>(name: &str, precision: WeightPrecision, dropout: f64, device: &B::Device) -> (CausalLm<B>, Optimizer<B>, Vec<(Batch, f64)>) {
+fn fixture_run<B: TemperAutodiff>(
+    name: &str,
+    precision: WeightPrecision,
+    dropout: f64,
+    device: &B::Device,
+) -> (CausalLm<B>, Optimizer<B>, Vec<(Batch, f64)>) {
     let (root, e) = train_entry(name);
     let mut model = load_model::<B>(&root.join(e["base_model"].as_str().unwrap()), precision, device).unwrap().model;
     apply_adapter(&mut model, &Adapter::read(&root.join(e["initial_adapter"].as_str().unwrap())).unwrap()).unwrap();
@@ -128,7 +168,12 @@ pub fn assert_same_curve(what: &str, a: &[StepStats], b: &[StepStats], tol: f64)
     assert_eq!(a.len(), b.len());
     for (s, (x, y)) in a.iter().zip(b).enumerate() {
         assert!((x.loss - y.loss).abs() <= tol, "{what} step {s}: loss {} vs {}", x.loss, y.loss);
-        assert!((x.grad_norm - y.grad_norm).abs() <= tol * x.grad_norm.max(1.0), "{what} step {s}: grad norm {} vs {}", x.grad_norm, y.grad_norm);
+        assert!(
+            (x.grad_norm - y.grad_norm).abs() <= tol * x.grad_norm.max(1.0),
+            "{what} step {s}: grad norm {} vs {}",
+            x.grad_norm,
+            y.grad_norm
+        );
     }
 }
 
@@ -177,8 +222,44 @@ fn gradient_checkpointing_gives_the_same_curve() {
 /// (warmup 3, 17 steps), recorded with transformers 4.57.6.
 #[test]
 fn schedules_match_transformers() {
-    let cosine = [0.0, 0.3333333333333333, 0.6666666666666666, 1.0, 0.9874639560909118, 0.9504844339512095, 0.890915741234015, 0.8117449009293668, 0.716941869558779, 0.6112604669781572, 0.5, 0.38873953302184283, 0.28305813044122097, 0.18825509907063326, 0.1090842587659851, 0.04951556604879048, 0.01253604390908819];
-    let linear = [0.0, 0.3333333333333333, 0.6666666666666666, 1.0, 0.9285714285714286, 0.8571428571428571, 0.7857142857142857, 0.7142857142857143, 0.6428571428571429, 0.5714285714285714, 0.5, 0.42857142857142855, 0.35714285714285715, 0.2857142857142857, 0.21428571428571427, 0.14285714285714285, 0.07142857142857142];
+    let cosine = [
+        0.0,
+        0.3333333333333333,
+        0.6666666666666666,
+        1.0,
+        0.9874639560909118,
+        0.9504844339512095,
+        0.890915741234015,
+        0.8117449009293668,
+        0.716941869558779,
+        0.6112604669781572,
+        0.5,
+        0.38873953302184283,
+        0.28305813044122097,
+        0.18825509907063326,
+        0.1090842587659851,
+        0.04951556604879048,
+        0.01253604390908819,
+    ];
+    let linear = [
+        0.0,
+        0.3333333333333333,
+        0.6666666666666666,
+        1.0,
+        0.9285714285714286,
+        0.8571428571428571,
+        0.7857142857142857,
+        0.7142857142857143,
+        0.6428571428571429,
+        0.5714285714285714,
+        0.5,
+        0.42857142857142855,
+        0.35714285714285715,
+        0.2857142857142857,
+        0.21428571428571427,
+        0.14285714285714285,
+        0.07142857142857142,
+    ];
     for (schedule, want) in [(LrSchedule::Cosine, cosine), (LrSchedule::Linear, linear)] {
         for (s, w) in want.iter().enumerate() {
             let got = schedule.factor(s, 3, 17);
@@ -220,7 +301,13 @@ fn f16_base_with_dynamic_loss_scaling_follows_the_f32_curve() {
     let (mut redone, mut curve) = (0, Vec::new());
     for (s, (batch, lr)) in steps.into_iter().enumerate() {
         let stats = loop {
-            let o = StepOptions { lr, checkpointing: false, dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 }, loss_scale: scaler.scale, aux_loss_coef: None };
+            let o = StepOptions {
+                lr,
+                checkpointing: false,
+                dropout: StepKey { seed: 5, step: s as u64, micro_batch: 0 },
+                loss_scale: scaler.scale,
+                aux_loss_coef: None,
+            };
             let stats = optimizer_step(&mut model, &mut opt, std::slice::from_ref(&batch), o).unwrap();
             if scaler.update(stats.overflow) {
                 break stats;
@@ -229,13 +316,25 @@ fn f16_base_with_dynamic_loss_scaling_follows_the_f32_curve() {
         };
         curve.push(stats);
     }
-    assert!(redone > 0 && scaler.scale < 2f64.powi(40), "the 2^40 scale should overflow f16 (scale now {})", scaler.scale);
+    assert!(
+        redone > 0 && scaler.scale < 2f64.powi(40),
+        "the 2^40 scale should overflow f16 (scale now {})",
+        scaler.scale
+    );
     let worst = f32_curve.iter().zip(&curve).map(|(a, b)| (a.loss - b.loss).abs()).fold(0.0, f64::max);
-    eprintln!("f16 base: {redone} steps redone, final scale {}, largest loss difference from f32 {worst:e}", scaler.scale);
+    eprintln!(
+        "f16 base: {redone} steps redone, final scale {}, largest loss difference from f32 {worst:e}",
+        scaler.scale
+    );
     // f16 keeps 11 bits: the fixture's losses (~6.2) moved by at most 9.1e-4.
     for (s, (a, b)) in f32_curve.iter().zip(&curve).enumerate() {
         assert!((a.loss - b.loss).abs() <= 5e-3, "step {s}: f32 loss {} vs f16 {}", a.loss, b.loss);
-        assert!((a.grad_norm - b.grad_norm).abs() <= 5e-2 * a.grad_norm.max(1e-3), "step {s}: f32 grad norm {} vs f16 {}", a.grad_norm, b.grad_norm);
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() <= 5e-2 * a.grad_norm.max(1e-3),
+            "step {s}: f32 grad norm {} vs f16 {}",
+            a.grad_norm,
+            b.grad_norm
+        );
     }
 }
 
@@ -252,5 +351,8 @@ fn loss_scaler_halves_on_overflow_and_doubles_after_the_growth_interval() {
     assert!(s.update(false));
     assert_eq!((s.scale, s.good_steps), (65536.0, 0));
     assert_eq!(LossScaler::for_dtype(burn::tensor::DType::BF16, None).scale, 1.0);
-    assert_eq!(LossScaler::for_dtype(burn::tensor::DType::F16, Some((8.0, 3))), LossScaler { scale: 8.0, good_steps: 3 });
+    assert_eq!(
+        LossScaler::for_dtype(burn::tensor::DType::F16, Some((8.0, 3))),
+        LossScaler { scale: 8.0, good_steps: 3 }
+    );
 }

@@ -65,7 +65,8 @@ fn wgpu_merged_model_matches_unmerged() {
 #[test]
 #[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
 fn wgpu_dropout_curve_equals_the_cpu_curve() {
-    let (_, cpu) = crate::train_parity::curve_on::<crate::common::CpuAutodiff>("llama_train", false, 0.1, &Default::default());
+    let (_, cpu) =
+        crate::train_parity::curve_on::<crate::common::CpuAutodiff>("llama_train", false, 0.1, &Default::default());
     let (_, gpu) = crate::train_parity::curve_on::<Autodiff<Gpu>>("llama_train", false, 0.1, &WgpuDevice::default());
     crate::train_parity::assert_same_curve("cpu vs wgpu, dropout 0.1", &cpu, &gpu, 1e-5);
 }
@@ -81,7 +82,6 @@ fn wgpu_4bit_dequantization_matches_the_host() {
 fn wgpu_lora_on_a_4bit_base_matches_peft() {
     crate::quant::check_4bit_peft_on::<burn::backend::Autodiff<Gpu>>(&Default::default());
 }
-
 
 /// The gated delta rule (chunked forward and hand-written backward) against the CPU, with
 /// strong decays and packed segments.

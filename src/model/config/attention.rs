@@ -39,12 +39,22 @@ impl HfConfig {
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(invalid(path, "num_key_value_heads", format!("{kv_heads} must be positive and divide num_attention_heads = {heads}")));
+            return Err(invalid(
+                path,
+                "num_key_value_heads",
+                format!("{kv_heads} must be positive and divide num_attention_heads = {heads}"),
+            ));
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
             None if self.hidden_size % heads == 0 => self.hidden_size / heads,
-            None => return Err(invalid(path, "head_dim", format!("absent, and hidden_size {} is not a multiple of {heads} heads", self.hidden_size))),
+            None => {
+                return Err(invalid(
+                    path,
+                    "head_dim",
+                    format!("absent, and hidden_size {} is not a multiple of {heads} heads", self.hidden_size),
+                ))
+            }
         };
         if head_dim % 2 != 0 {
             return Err(invalid(path, "head_dim", format!("{head_dim} must be even for RoPE")));
@@ -62,13 +72,19 @@ impl HfConfig {
                 (b, b)
             }
             // Qwen 3.5 / Qwen3-Next: `attention_bias` on q, k, v and o (modeling_qwen3_5.py:836-847).
-            "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3" | "olmo2" | "olmo3" | "qwen3_5_text" | "qwen3_5_moe_text" | "qwen3_next" => {
+            "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3"
+            | "olmo2" | "olmo3" | "qwen3_5_text" | "qwen3_5_moe_text" | "qwen3_next" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
             _ => {
                 if self.attention_bias == Some(true) {
-                    return Err(unsupported(path, "attention_bias", "true".into(), &format!("{mt} has no attention bias")));
+                    return Err(unsupported(
+                        path,
+                        "attention_bias",
+                        "true".into(),
+                        &format!("{mt} has no attention bias"),
+                    ));
                 }
                 (false, false)
             }
@@ -86,10 +102,18 @@ impl HfConfig {
         let mt = self.model_type.as_str();
         let granite = |v: Option<f64>| if mt == "granite" { Some(v.unwrap_or(1.0)) } else { None };
         if let Some(s) = granite(self.logits_scaling).filter(|s| *s == 0.0 || !s.is_finite()) {
-            return Err(invalid(path, "logits_scaling", format!("{s} must be a finite non-zero number (logits are divided by it)")));
+            return Err(invalid(
+                path,
+                "logits_scaling",
+                format!("{s} must be a finite non-zero number (logits are divided by it)"),
+            ));
         }
         Ok(Scales {
-            embed_scale: if mt.starts_with("gemma") { Some((self.hidden_size as f64).sqrt()) } else { granite(self.embedding_multiplier) },
+            embed_scale: if mt.starts_with("gemma") {
+                Some((self.hidden_size as f64).sqrt())
+            } else {
+                granite(self.embedding_multiplier)
+            },
             residual_scale: granite(self.residual_multiplier),
             logits_divisor: granite(self.logits_scaling),
             final_softcap: if is_sandwich(mt) { self.final_logit_softcapping } else { None },
@@ -105,13 +129,21 @@ impl HfConfig {
         }
         if let Some(flags) = &self.no_rope_layers {
             if flags.len() != n {
-                return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "no_rope_layers".into(), reason: format!("has {} entries for {n} layers", flags.len()) });
+                return Err(Error::InvalidConfig {
+                    path: path.to_path_buf(),
+                    key: "no_rope_layers".into(),
+                    reason: format!("has {} entries for {n} layers", flags.len()),
+                });
             }
             return Ok(flags.iter().map(|&f| f != 0).collect());
         }
         let every = self.no_rope_layer_interval.unwrap_or(4);
         if every == 0 {
-            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "no_rope_layer_interval".into(), reason: "must be positive".into() });
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "no_rope_layer_interval".into(),
+                reason: "must be positive".into(),
+            });
         }
         Ok((0..n).map(|i| (i + 1) % every != 0).collect())
     }
@@ -145,7 +177,12 @@ impl HfConfig {
                         path: path.to_path_buf(),
                         key: "layer_types".into(),
                         value: format!("{other:?}"),
-                        reason: if hybrid { "supported: full_attention, linear_attention" } else { "supported: full_attention, sliding_attention" }.into(),
+                        reason: if hybrid {
+                            "supported: full_attention, linear_attention"
+                        } else {
+                            "supported: full_attention, sliding_attention"
+                        }
+                        .into(),
                     }),
                 })
                 .collect();
@@ -157,7 +194,11 @@ impl HfConfig {
             "gemma3_text" | "olmo3" => {
                 let every = if self.model_type == "olmo3" { 4 } else { self.sliding_window_pattern.unwrap_or(6) };
                 if every == 0 {
-                    return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "sliding_window_pattern".into(), reason: "must be positive".into() });
+                    return Err(Error::InvalidConfig {
+                        path: path.to_path_buf(),
+                        key: "sliding_window_pattern".into(),
+                        reason: "must be positive".into(),
+                    });
                 }
                 (0..n).map(|i| if (i + 1) % every != 0 { window } else { None }).collect()
             }

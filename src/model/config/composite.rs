@@ -15,7 +15,11 @@ pub(super) fn text_decoder_object(path: &Path, value: Value) -> Result<(Map<Stri
     if !COMPOSITE_MODEL_TYPES.contains(&outer_type.as_str()) {
         return match value {
             Value::Object(o) => Ok((o, None)),
-            _ => Err(Error::InvalidConfig { path: path.to_path_buf(), key: "config.json".into(), reason: "expected a JSON object".into() }),
+            _ => Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "config.json".into(),
+                reason: "expected a JSON object".into(),
+            }),
         };
     }
     let mut text_config = match value.get("text_config") {
@@ -48,7 +52,9 @@ pub(super) fn text_decoder_object(path: &Path, value: Value) -> Result<(Map<Stri
         }
     }
     // Token ids and the dtype are often only given at the top level.
-    for key in ["architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "quantization_config"] {
+    for key in
+        ["architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "quantization_config"]
+    {
         if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
             text_config.entry(key).or_insert_with(|| v.clone());
         }

@@ -75,7 +75,9 @@ impl HfConfig {
             if every == 0 {
                 return Err(invalid(path, "full_attention_interval", "must be positive".into()));
             }
-            return Ok((0..n).map(|i| if (i + 1) % every == 0 { Mixer::Attention } else { Mixer::GatedDeltaNet }).collect());
+            return Ok((0..n)
+                .map(|i| if (i + 1) % every == 0 { Mixer::Attention } else { Mixer::GatedDeltaNet })
+                .collect());
         };
         if types.len() != n {
             return Err(invalid(path, "layer_types", format!("has {} entries for {n} layers", types.len())));
@@ -85,7 +87,12 @@ impl HfConfig {
             .map(|t| match t.as_str() {
                 "full_attention" => Ok(Mixer::Attention),
                 "linear_attention" => Ok(Mixer::GatedDeltaNet),
-                other => Err(unsupported(path, "layer_types", format!("{other:?}"), &format!("{} layers are full_attention or linear_attention", self.model_type))),
+                other => Err(unsupported(
+                    path,
+                    "layer_types",
+                    format!("{other:?}"),
+                    &format!("{} layers are full_attention or linear_attention", self.model_type),
+                )),
             })
             .collect()
     }
@@ -125,7 +132,12 @@ impl HfConfig {
         }
         // The short convolution's activation is `hidden_act` in transformers; the decoder applies silu.
         if let Some(act) = self.hidden_act.as_deref().filter(|a| !matches!(*a, "silu" | "swish")) {
-            return Err(unsupported(path, "hidden_act", format!("{act:?}"), &format!("{mt} applies hidden_act after the delta net's convolution; only silu is supported")));
+            return Err(unsupported(
+                path,
+                "hidden_act",
+                format!("{act:?}"),
+                &format!("{mt} applies hidden_act after the delta net's convolution; only silu is supported"),
+            ));
         }
         Ok(Some(cfg))
     }

@@ -21,10 +21,16 @@ impl HfConfig {
     pub(super) fn activation(&self, path: &Path) -> Result<Activation> {
         // Gemma 2 reads `hidden_activation`; the others `hidden_act`.
         let (key, name) = match (&self.hidden_activation, &self.hidden_act) {
-            (Some(a), _) if self.model_type == "gemma2" || self.model_type == "gemma3_text" || self.hidden_act.is_none() => ("hidden_activation", a.as_str()),
+            (Some(a), _)
+                if self.model_type == "gemma2" || self.model_type == "gemma3_text" || self.hidden_act.is_none() =>
+            {
+                ("hidden_activation", a.as_str())
+            }
             (_, Some(a)) => ("hidden_act", a.as_str()),
             (Some(a), None) => ("hidden_activation", a.as_str()),
-            (None, None) => ("hidden_act", if self.model_type.starts_with("gemma") { "gelu_pytorch_tanh" } else { "silu" }),
+            (None, None) => {
+                ("hidden_act", if self.model_type.starts_with("gemma") { "gelu_pytorch_tanh" } else { "silu" })
+            }
         };
         match name {
             "silu" | "swish" => Ok(Activation::Silu),
@@ -54,7 +60,9 @@ impl HfConfig {
         let mt = self.model_type.as_str();
         match mt {
             "llama" | "granite" | "smollm3" => Ok(self.mlp_bias.unwrap_or(false)),
-            _ if self.mlp_bias == Some(true) => Err(unsupported(path, "mlp_bias", "true".into(), &format!("{mt} has no MLP bias"))),
+            _ if self.mlp_bias == Some(true) => {
+                Err(unsupported(path, "mlp_bias", "true".into(), &format!("{mt} has no MLP bias")))
+            }
             _ => Ok(false),
         }
     }

@@ -32,11 +32,32 @@ pub use mlp::Activation;
 pub use moe::{ExpertActivation, ExpertNaming, MoeConfig, Routing};
 
 /// The `model_type`s this decoder implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2", "olmo3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "granite",
+    "smollm3",
+    "olmo2",
+    "olmo3",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "gpt_oss",
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "qwen3_next",
+];
 
 /// The sparse mixture-of-experts families among them.
-pub const MOE_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next"];
+pub const MOE_MODEL_TYPES: &[&str] =
+    &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next"];
 
 /// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
 /// its own; the vision tower is left out of the model and copied unchanged by merge.
@@ -226,13 +247,23 @@ impl HfConfig {
     pub fn to_decoder_config(&self, path: &Path) -> Result<DecoderConfig> {
         let mt = self.model_type.as_str();
         if !SUPPORTED_MODEL_TYPES.contains(&mt) {
-            return Err(unsupported(path, "model_type", format!("{mt:?}"), &format!("supported: {}", SUPPORTED_MODEL_TYPES.join(", "))));
+            return Err(unsupported(
+                path,
+                "model_type",
+                format!("{mt:?}"),
+                &format!("supported: {}", SUPPORTED_MODEL_TYPES.join(", ")),
+            ));
         }
         self.check_quantization(path)?;
         let shape = self.attention_shape(path)?;
         let moe = self.moe_config(path)?;
         if self.use_bidirectional_attention == Some(true) {
-            return Err(unsupported(path, "use_bidirectional_attention", "true".into(), "this is an embedding model (attention is not causal); Temper trains causal language models"));
+            return Err(unsupported(
+                path,
+                "use_bidirectional_attention",
+                "true".into(),
+                "this is an embedding model (attention is not causal); Temper trains causal language models",
+            ));
         }
         let activation = self.activation(path)?;
         let intermediate_size = self.dense_intermediate_size(path, moe.as_ref())?;
@@ -297,7 +328,11 @@ impl HfConfig {
         let four_bit = method == "bitsandbytes" && q.get("load_in_4bit").and_then(Value::as_bool) == Some(true);
         let kind = q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4");
         if !four_bit || crate::quant::FourBit::from_name(kind).is_none() {
-            let what = if method == "bitsandbytes" { format!("bitsandbytes {}", if four_bit { kind } else { "8-bit" }) } else { method.to_string() };
+            let what = if method == "bitsandbytes" {
+                format!("bitsandbytes {}", if four_bit { kind } else { "8-bit" })
+            } else {
+                method.to_string()
+            };
             return Err(unsupported(
                 path,
                 "quantization_config",

@@ -74,7 +74,8 @@ impl HfConfig {
         if !MOE_MODEL_TYPES.contains(&mt) {
             return Ok(None);
         }
-        let invalid = |key: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: key.to_string(), reason };
+        let invalid =
+            |key: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: key.to_string(), reason };
         // (key, experts, top-k, expert intermediate) defaults of each class.
         let (experts_key, default_experts, default_k, default_expert_i) = match mt {
             "qwen3_moe" => ("num_experts", 128, 8, 768),
@@ -89,19 +90,34 @@ impl HfConfig {
         };
         // transformers 5 writes `num_local_experts` for every family (an attribute alias).
         let local = matches!(mt, "mixtral" | "gpt_oss");
-        let num_experts = if local { self.num_local_experts.or(self.num_experts) } else { self.num_experts.or(self.num_local_experts) }.unwrap_or(default_experts);
+        let num_experts = if local {
+            self.num_local_experts.or(self.num_experts)
+        } else {
+            self.num_experts.or(self.num_local_experts)
+        }
+        .unwrap_or(default_experts);
         let top_k = self.num_experts_per_tok.unwrap_or(default_k);
         if num_experts == 0 || top_k == 0 || top_k > num_experts {
-            return Err(invalid("num_experts_per_tok", format!("{top_k} experts per token of {num_experts} ({experts_key}): need 1 <= k <= experts")));
+            return Err(invalid(
+                "num_experts_per_tok",
+                format!("{top_k} experts per token of {num_experts} ({experts_key}): need 1 <= k <= experts"),
+            ));
         }
         let qwen_style = matches!(mt, "qwen3_moe" | "qwen2_moe" | "qwen3_5_moe_text" | "qwen3_next");
         let expert_intermediate = match (qwen_style, self.intermediate_size) {
             (true, _) => self.moe_intermediate_size.unwrap_or(default_expert_i),
             (false, Some(i)) => i,
-            (false, None) => return Err(invalid("intermediate_size", "is required: it is each expert's size in this family".into())),
+            (false, None) => {
+                return Err(invalid("intermediate_size", "is required: it is each expert's size in this family".into()))
+            }
         };
         if let Some(j) = self.router_jitter_noise.filter(|j| *j != 0.0) {
-            return Err(Error::Unsupported { path: path.to_path_buf(), key: "router_jitter_noise".into(), value: j.to_string(), reason: "router jitter (random input scaling while training) is not implemented; set it to 0".into() });
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                key: "router_jitter_noise".into(),
+                value: j.to_string(),
+                reason: "router jitter (random input scaling while training) is not implemented; set it to 0".into(),
+            });
         }
         let shared_default = match mt {
             "qwen2_moe" => Some(5632),
@@ -130,7 +146,10 @@ impl HfConfig {
             },
             routing: if mt == "gpt_oss" { Routing::TopKSoftmax } else { Routing::SoftmaxTopK },
             activation: if mt == "gpt_oss" {
-                ExpertActivation::ClampGlu { alpha: self.swiglu_alpha.unwrap_or(1.702), limit: self.swiglu_limit.unwrap_or(7.0) }
+                ExpertActivation::ClampGlu {
+                    alpha: self.swiglu_alpha.unwrap_or(1.702),
+                    limit: self.swiglu_limit.unwrap_or(7.0),
+                }
             } else {
                 ExpertActivation::Glu(self.activation(path)?)
             },
@@ -144,14 +163,24 @@ impl HfConfig {
     fn sparse_layers(&self, path: &Path) -> Result<Vec<bool>> {
         let n = self.num_hidden_layers;
         let (step, only) = match self.model_type.as_str() {
-            "qwen3_moe" | "qwen2_moe" | "qwen3_next" => (self.decoder_sparse_step.unwrap_or(1), self.mlp_only_layers.clone().unwrap_or_default()),
+            "qwen3_moe" | "qwen2_moe" | "qwen3_next" => {
+                (self.decoder_sparse_step.unwrap_or(1), self.mlp_only_layers.clone().unwrap_or_default())
+            }
             _ => (1, Vec::new()),
         };
         if step == 0 {
-            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "decoder_sparse_step".into(), reason: "must be positive".into() });
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "decoder_sparse_step".into(),
+                reason: "must be positive".into(),
+            });
         }
         if let Some(&l) = only.iter().find(|&&l| l >= n) {
-            return Err(Error::InvalidConfig { path: path.to_path_buf(), key: "mlp_only_layers".into(), reason: format!("names layer {l}, but the model has {n} layers") });
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "mlp_only_layers".into(),
+                reason: format!("names layer {l}, but the model has {n} layers"),
+            });
         }
         Ok((0..n).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect())
     }

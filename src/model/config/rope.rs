@@ -13,15 +13,28 @@ use crate::{Error, Result};
 impl HfConfig {
     /// The global RoPE and, for Gemma 3 and OLMo 3, the sliding layers' own. transformers >= 5
     /// may key `rope_parameters` by layer type (`full_attention`, `sliding_attention`).
-    pub(super) fn rope_configs(&self, path: &Path, head_dim: usize, max_pos: usize) -> Result<(RopeConfig, Option<RopeConfig>)> {
+    pub(super) fn rope_configs(
+        &self,
+        path: &Path,
+        head_dim: usize,
+        max_pos: usize,
+    ) -> Result<(RopeConfig, Option<RopeConfig>)> {
         let params = self.rope_parameters.as_ref().and_then(Value::as_object);
         let by_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| v.is_object());
         let rotary_dim = self.rotary_dim(path, head_dim)?;
         let (global, local) = match (by_type("full_attention"), by_type("sliding_attention")) {
             (Some(full), sliding) => {
-                let global = self.rope_from(path, "rope_parameters.full_attention", Some(full), None, rotary_dim, max_pos)?;
+                let global =
+                    self.rope_from(path, "rope_parameters.full_attention", Some(full), None, rotary_dim, max_pos)?;
                 let local = match sliding {
-                    Some(v) => Some(self.rope_from(path, "rope_parameters.sliding_attention", Some(v), None, rotary_dim, max_pos)?),
+                    Some(v) => Some(self.rope_from(
+                        path,
+                        "rope_parameters.sliding_attention",
+                        Some(v),
+                        None,
+                        rotary_dim,
+                        max_pos,
+                    )?),
                     None => None,
                 };
                 (global, local)
@@ -32,7 +45,8 @@ impl HfConfig {
                     (_, Some(v)) if !v.is_null() => Some(("rope_parameters", v)),
                     _ => None,
                 };
-                let theta = self.rope_theta.or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64));
+                let theta =
+                    self.rope_theta.or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64));
                 let key = scaling_value.map_or("rope_scaling", |(k, _)| k);
                 (self.rope_from(path, key, scaling_value.map(|(_, v)| v), theta, rotary_dim, max_pos)?, None)
             }
@@ -45,27 +59,33 @@ impl HfConfig {
                 scaling: RopeScaling::Default,
             })),
             // OLMo 3: the sliding layers use the default RoPE of the same theta.
-            "olmo3" => Some(local.unwrap_or(RopeConfig { theta: global.theta, rotary_dim, scaling: RopeScaling::Default })),
+            "olmo3" => {
+                Some(local.unwrap_or(RopeConfig { theta: global.theta, rotary_dim, scaling: RopeScaling::Default }))
+            }
             _ => None,
         };
         Ok((global, local))
     }
 
     /// One RoPE from a `rope_scaling` / `rope_parameters` object (`key` names it in errors).
-    fn rope_from(&self, path: &Path, key: &str, scaling: Option<&Value>, theta: Option<f64>, rotary_dim: usize, max_pos: usize) -> Result<RopeConfig> {
-        let theta = theta
-            .or_else(|| scaling.and_then(|v| v.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(10000.0);
+    fn rope_from(
+        &self,
+        path: &Path,
+        key: &str,
+        scaling: Option<&Value>,
+        theta: Option<f64>,
+        rotary_dim: usize,
+        max_pos: usize,
+    ) -> Result<RopeConfig> {
+        let theta =
+            theta.or_else(|| scaling.and_then(|v| v.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10000.0);
         if let Some(v) = scaling {
             self.check_mrope(path, key, v)?;
         }
         let scaling = match scaling {
             None => RopeScaling::Default,
-            Some(v) => RopeScaling::from_json(v, max_pos, self.original_max_position_embeddings).map_err(|reason| Error::Unsupported {
-                path: path.to_path_buf(),
-                key: key.to_string(),
-                value: compact(v),
-                reason,
+            Some(v) => RopeScaling::from_json(v, max_pos, self.original_max_position_embeddings).map_err(|reason| {
+                Error::Unsupported { path: path.to_path_buf(), key: key.to_string(), value: compact(v), reason }
             })?,
         };
         let rope = RopeConfig { theta, rotary_dim, scaling };
@@ -88,10 +108,20 @@ impl HfConfig {
                 _ => x.is_boolean(),
             };
             if !qwen3_5 {
-                return Err(unsupported(path, &format!("{key}.{name}"), compact(x), &format!("multimodal RoPE is not implemented for {}", self.model_type)));
+                return Err(unsupported(
+                    path,
+                    &format!("{key}.{name}"),
+                    compact(x),
+                    &format!("multimodal RoPE is not implemented for {}", self.model_type),
+                ));
             }
             if !well_formed {
-                return Err(unsupported(path, &format!("{key}.{name}"), compact(x), "expected a list of section sizes (mrope_section) or a boolean (mrope_interleaved)"));
+                return Err(unsupported(
+                    path,
+                    &format!("{key}.{name}"),
+                    compact(x),
+                    "expected a list of section sizes (mrope_section) or a boolean (mrope_interleaved)",
+                ));
             }
         }
         Ok(())

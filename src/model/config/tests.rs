@@ -41,7 +41,17 @@ use Mixer::{Attention as A, GatedDeltaNet as G};
 fn qwen3_5_text_derives_hybrid_layers_gated_attention_and_offset_norms() {
     let c = derive(parse(QWEN3_5_TEXT)).unwrap();
     assert_eq!(c.layer_mixers, [G, G, G, A]);
-    assert_eq!(c.delta_net, Some(DeltaNetConfig { num_k_heads: 2, num_v_heads: 4, k_head_dim: 16, v_head_dim: 16, conv_kernel: 4, grouped: false }));
+    assert_eq!(
+        c.delta_net,
+        Some(DeltaNetConfig {
+            num_k_heads: 2,
+            num_v_heads: 4,
+            k_head_dim: 16,
+            v_head_dim: 16,
+            conv_kernel: 4,
+            grouped: false
+        })
+    );
     assert!(c.attn_output_gate && c.qk_norm && !c.qk_norm_whole && c.tie_word_embeddings);
     assert!(!c.qkv_bias && !c.o_bias && !c.sandwich_norms && !c.post_norms);
     assert_eq!((c.norm_offset, c.rms_norm_eps, c.attn_scale), (1.0, 1e-6, 0.25));
@@ -78,9 +88,22 @@ fn qwen3_5_composite_reads_the_text_decoder_and_the_top_level_tie() {
 #[test]
 fn qwen3_5_text_config_left_out_takes_the_class_defaults() {
     let c = derive(json!({"model_type": "qwen3_5", "text_config": {}})).unwrap();
-    assert_eq!((c.model_type.as_str(), c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers), ("qwen3_5_text", 248_320, 4096, 12_288, 32));
+    assert_eq!(
+        (c.model_type.as_str(), c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers),
+        ("qwen3_5_text", 248_320, 4096, 12_288, 32)
+    );
     assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.rope.rotary_dim, c.rope.theta), (16, 4, 256, 64, 10_000.0));
-    assert_eq!(c.delta_net, Some(DeltaNetConfig { num_k_heads: 16, num_v_heads: 32, k_head_dim: 128, v_head_dim: 128, conv_kernel: 4, grouped: false }));
+    assert_eq!(
+        c.delta_net,
+        Some(DeltaNetConfig {
+            num_k_heads: 16,
+            num_v_heads: 32,
+            k_head_dim: 128,
+            v_head_dim: 128,
+            conv_kernel: 4,
+            grouped: false
+        })
+    );
     assert_eq!(c.layer_mixers.iter().filter(|m| **m == A).count(), 8);
     assert_eq!(&c.layer_mixers[..4], [G, G, G, A]);
     assert!(!c.tie_word_embeddings);
@@ -115,7 +138,17 @@ fn qwen3_5_moe_routes_to_renormalised_top_k_with_a_shared_expert_on_every_layer(
 #[test]
 fn qwen3_next_groups_its_projections_and_reads_the_qwen2_moe_layer_switches() {
     let c = derive(parse(QWEN3_NEXT)).unwrap();
-    assert_eq!(c.delta_net, Some(DeltaNetConfig { num_k_heads: 2, num_v_heads: 4, k_head_dim: 16, v_head_dim: 16, conv_kernel: 4, grouped: true }));
+    assert_eq!(
+        c.delta_net,
+        Some(DeltaNetConfig {
+            num_k_heads: 2,
+            num_v_heads: 4,
+            k_head_dim: 16,
+            v_head_dim: 16,
+            conv_kernel: 4,
+            grouped: true
+        })
+    );
     assert_eq!(c.layer_mixers, [G, G, G, A]);
     assert!(c.attn_output_gate && c.qk_norm && c.norm_offset == 1.0 && c.composite.is_none());
     let m = c.moe.as_ref().unwrap();
@@ -152,7 +185,14 @@ fn hybrid_configs_the_decoder_cannot_compute_are_refused_with_the_key() {
     };
     assert_eq!(with(QWEN3_5_TEXT, "linear_num_value_heads", json!(3)), "linear_num_value_heads");
     assert_eq!(with(QWEN3_5_TEXT, "linear_key_head_dim", json!(0)), "linear_key_head_dim");
-    assert_eq!(with(QWEN3_5_TEXT, "layer_types", json!(["linear_attention", "sliding_attention", "linear_attention", "full_attention"])), "layer_types");
+    assert_eq!(
+        with(
+            QWEN3_5_TEXT,
+            "layer_types",
+            json!(["linear_attention", "sliding_attention", "linear_attention", "full_attention"])
+        ),
+        "layer_types"
+    );
     assert_eq!(with(QWEN3_5_TEXT, "layer_types", json!(["linear_attention", "full_attention"])), "layer_types");
     assert_eq!(with(QWEN3_5_TEXT, "hidden_act", json!("gelu")), "hidden_act");
     assert_eq!(with(QWEN3_NEXT, "mlp_only_layers", json!([4])), "mlp_only_layers");

@@ -21,12 +21,26 @@ pub struct DeltaNetGrads<B: Backend> {
 
 /// Gradients of `q`, `k`, `v`, `g` and `beta` (the inputs of [`super::forward`], zero initial
 /// state) from the output's gradient `dout` `[b, t, h, dv]`.
-pub fn backward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>, dout: Tensor<B, 4>, spec: &DeltaNetSpec) -> DeltaNetGrads<B> {
+pub fn backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    g: Tensor<B, 3>,
+    beta: Tensor<B, 3>,
+    dout: Tensor<B, 4>,
+    spec: &DeltaNetSpec,
+) -> DeltaNetGrads<B> {
     let (qt, kt, vt, gt, bt) = (q.dtype(), k.dtype(), v.dtype(), g.dtype(), beta.dtype());
     let d = Dims::of(q.dims(), v.dims(), spec);
     let device = q.device();
     if d.t == 0 {
-        return DeltaNetGrads { q: q.zeros_like(), k: k.zeros_like(), v: v.zeros_like(), g: g.zeros_like(), beta: beta.zeros_like() };
+        return DeltaNetGrads {
+            q: q.zeros_like(),
+            k: k.zeros_like(),
+            v: v.zeros_like(),
+            g: g.zeros_like(),
+            beta: beta.zeros_like(),
+        };
     }
     let x = Inputs::new(q, k, v, g, beta, &d);
     let masks = Masks::new(spec, &d, &device);
@@ -80,7 +94,14 @@ type Grads<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<
 
 /// Every chunk's input gradients (chunk layout; `dg`, `dβ` as columns) from the states before
 /// (`s`) and the state gradients after (`ds`) each chunk.
-fn chunk_grads<B: Backend>(it: &Intra<B>, x: &Inputs<B>, d_o: &Tensor<B, 4>, s: Tensor<B, 4>, ds: Tensor<B, 4>, device: &B::Device) -> Grads<B> {
+fn chunk_grads<B: Backend>(
+    it: &Intra<B>,
+    x: &Inputs<B>,
+    d_o: &Tensor<B, 4>,
+    s: Tensor<B, 4>,
+    ds: Tensor<B, 4>,
+    device: &B::Device,
+) -> Grads<B> {
     let c = x.k.dims()[2];
     let t = |x: &Tensor<B, 4>| x.clone().swap_dims(2, 3);
     let feat = |a: &Tensor<B, 4>, b: Tensor<B, 4>| (a.clone() * b).sum_dim(3);
@@ -106,13 +127,21 @@ fn chunk_grads<B: Backend>(it: &Intra<B>, x: &Inputs<B>, d_o: &Tensor<B, 4>, s: 
     let kb_k = feat(&x.k, dkb.clone());
     let kt_k = feat(&x.k, dkt.clone()) * it.kdec.clone();
     let dq = dqt.clone() * it.decay_in.clone() + f.clone().matmul(x.k.clone());
-    let dk = dkb * (x.beta.clone() * it.decay_in.clone()) + dkt * it.kdec.clone() + (e.clone() + t(&e)).matmul(x.k.clone()) + t(&f).matmul(x.q.clone());
+    let dk = dkb * (x.beta.clone() * it.decay_in.clone())
+        + dkt * it.kdec.clone()
+        + (e.clone() + t(&e)).matmul(x.k.clone())
+        + t(&f).matmul(x.q.clone());
     let dv = dvb.clone() * x.beta.clone();
     let dbeta = feat(&x.v, dvb) + kb_k.clone() * it.decay_in.clone() + rows(da_kkd);
     // γ: every exp(γ_i - γ_j) pair, Γ, kdec = exp(γ_C - γ) and λ = exp(γ_C).
-    let last = Tensor::<B, 4>::from_data(TensorData::new((0..c).map(|i| f32::from(u8::from(i + 1 == c))).collect::<Vec<_>>(), [1, 1, c, 1]), (device, DType::F32));
+    let last = Tensor::<B, 4>::from_data(
+        TensorData::new((0..c).map(|i| f32::from(u8::from(i + 1 == c))).collect::<Vec<_>>(), [1, 1, c, 1]),
+        (device, DType::F32),
+    );
     let to_last = kt_k.clone().sum_dim(2) + dlambda * it.lambda.clone();
-    let dgamma = (kb_k * x.beta.clone() + feat(&x.q, dqt)) * it.decay_in.clone() - kt_k + last * to_last + rows(h.clone()) - cols(h);
+    let dgamma =
+        (kb_k * x.beta.clone() + feat(&x.q, dqt)) * it.decay_in.clone() - kt_k + last * to_last + rows(h.clone())
+            - cols(h);
     // γ = cumsum(g) within the chunk: dg is the reverse cumulative sum of dγ.
     let dg = dgamma.clone().sum_dim(2) - dgamma.clone().cumsum(2) + dgamma;
     (dq, dk, dv, dg, dbeta)

@@ -71,7 +71,14 @@ pub(super) struct Inputs<B: Backend> {
 }
 
 impl<B: Backend> Inputs<B> {
-    pub fn new(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>, d: &Dims) -> Self {
+    pub fn new(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        g: Tensor<B, 3>,
+        beta: Tensor<B, 3>,
+        d: &Dims,
+    ) -> Self {
         debug_assert_eq!(k.dims(), q.dims(), "q and k shapes");
         debug_assert_eq!(g.dims(), [d.b, d.t, d.h], "g shape");
         debug_assert_eq!(beta.dims(), [d.b, d.t, d.h], "beta shape");

@@ -106,6 +106,13 @@ pub fn chunked_with_state<B: Backend>(
 
 /// The chunked forward from a zero state: the output `[b, t, h, dv]` (f32) only. What
 /// [`crate::ops::TemperBackend::temper_gated_delta_rule`] computes on a base backend.
-pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>, spec: &DeltaNetSpec) -> Tensor<B, 4> {
+pub fn forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    g: Tensor<B, 3>,
+    beta: Tensor<B, 3>,
+    spec: &DeltaNetSpec,
+) -> Tensor<B, 4> {
     chunked_with_state(q, k, v, g, beta, None, spec).0
 }

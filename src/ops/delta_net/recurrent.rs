@@ -32,7 +32,9 @@ pub fn recurrent<B: Backend>(
     }
     // Per position and row, 0 where a new segment starts (the state restarts), else 1.
     let keep = spec.segment_index(b, t).map(|index| {
-        let flat: Vec<f32> = (0..t).flat_map(|i| index.iter().map(move |row| f32::from(u8::from(i == 0 || row[i] == row[i - 1])))).collect();
+        let flat: Vec<f32> = (0..t)
+            .flat_map(|i| index.iter().map(move |row| f32::from(u8::from(i == 0 || row[i] == row[i - 1]))))
+            .collect();
         Tensor::<B, 2>::from_data(TensorData::new(flat, [t, b]), (&device, fp))
     });
     let mut outs = Vec::with_capacity(t);
