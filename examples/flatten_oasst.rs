@@ -73,7 +73,7 @@ fn flatten(node: &Map<String, Value>, path: &mut Vec<Message>, out: &mut Vec<Vec
     };
     let Some(text) = node.get("text").and_then(Value::as_str) else { return };
     // Turns must alternate user / assistant, starting with the user.
-    let expected = if path.len() % 2 == 0 { "user" } else { "assistant" };
+    let expected = if path.len().is_multiple_of(2) { "user" } else { "assistant" };
     if role != expected || text.trim().is_empty() {
         return;
     }

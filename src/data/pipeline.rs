@@ -126,7 +126,7 @@ pub fn prepare(cfg: &DataConfig, tokenizer: &TextTokenizer, base_dir: &Path, see
             Some(ev)
         }
         (None, Some(split)) if split > 0.0 => {
-            if !(split < 1.0) {
+            if split.is_nan() || split >= 1.0 {
                 return Err(Error::InvalidArgument(format!("data.val_split must be in [0, 1), got {split}")));
             }
             let mut rng = StdRng::seed_from_u64(seed);

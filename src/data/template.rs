@@ -287,31 +287,6 @@ fn strftime(fmt: &str, now: std::time::SystemTime) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strftime_formats_dates_as_python_does() {
-        // 2024-07-26 13:05:09 UTC, a Friday, day 208 of a leap year.
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_722_085_509 - 86_400);
-        assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(strftime("%A %B %e, %y %H:%M:%S %I%p %j %%", t), "Friday July 26, 24 13:05:09 01PM 208 %");
-        assert_eq!(
-            strftime("%d-%m-%Y %a", std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
-            "29-02-2000 Tue"
-        );
-    }
-
-    #[test]
-    fn generation_tags_become_filter_blocks_with_their_whitespace_control() {
-        let (s, found) = generation_blocks_as_filters("a{%- generation %}b{% endgeneration -%}c{% if x %}{% endif %}");
-        assert!(found);
-        assert_eq!(s, "a{%- filter __temper_generation %}b{% endfilter -%}c{% if x %}{% endif %}");
-        assert!(!generation_blocks_as_filters("{% if generation %}{% endif %}").1);
-    }
-}
-
 /// Jinja2's `string` filter, Python's `str()`: `True` / `False` / `None` for booleans and none
 /// (minijinja writes `true` / `none`), as Qwen 3.5's template prints tool-call arguments with
 /// `args_value | string`. Strings pass through unchanged (safe ones stay safe).
@@ -386,4 +361,29 @@ fn describe(e: &minijinja::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_formats_dates_as_python_does() {
+        // 2024-07-26 13:05:09 UTC, a Friday, day 208 of a leap year.
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_722_085_509 - 86_400);
+        assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
+        assert_eq!(strftime("%A %B %e, %y %H:%M:%S %I%p %j %%", t), "Friday July 26, 24 13:05:09 01PM 208 %");
+        assert_eq!(
+            strftime("%d-%m-%Y %a", std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
+            "29-02-2000 Tue"
+        );
+    }
+
+    #[test]
+    fn generation_tags_become_filter_blocks_with_their_whitespace_control() {
+        let (s, found) = generation_blocks_as_filters("a{%- generation %}b{% endgeneration -%}c{% if x %}{% endif %}");
+        assert!(found);
+        assert_eq!(s, "a{%- filter __temper_generation %}b{% endfilter -%}c{% if x %}{% endif %}");
+        assert!(!generation_blocks_as_filters("{% if generation %}{% endif %}").1);
+    }
 }

@@ -8,6 +8,9 @@ use tokenizers::Tokenizer;
 
 use crate::{Error, Result};
 
+/// A token's byte range `(start, end)` in the text it was encoded from.
+pub type Span = (usize, usize);
+
 /// A tokenizer with the settings of its `tokenizer_config.json`.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -146,7 +149,7 @@ impl TextTokenizer {
     }
 
     /// Encode without special tokens, with each token's byte span in `text`.
-    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
         let enc = self
             .inner
             .encode(text, false)

@@ -476,13 +476,14 @@ fn add_lora(w: &mut [f32], d_in: usize, t: &Term) -> Result<()> {
     Ok(())
 }
 
+/// Per 4-bit weight: its shape and the dtype it is written in; and the names of the quant-state
+/// tensors that the merged checkpoint drops.
+type FourBitWeights = (HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>);
+
 /// A bitsandbytes 4-bit checkpoint's 4-bit weights (name -> `[out, in]`, and the dtype to write:
 /// `--dtype`, or the dtype it was quantized from), and the quant-state tensors a dequantized
 /// checkpoint drops. Empty for any other checkpoint.
-fn four_bit_weights(
-    ckpt: &Checkpoint,
-    dtype: MergeDtype,
-) -> Result<(HashMap<String, (Vec<usize>, Dtype)>, std::collections::HashSet<String>)> {
+fn four_bit_weights(ckpt: &Checkpoint, dtype: MergeDtype) -> Result<FourBitWeights> {
     let mut weights = HashMap::new();
     let mut aux = std::collections::HashSet::new();
     for entry in bnb_4bit_weights(ckpt)? {

@@ -635,8 +635,8 @@ fn load_moe<B: Backend>(
         let down = w.tensor::<B, 3>(&format!("{p}.mlp.experts.down_proj"), [e_count, h, inter], dtype, device)?;
         for e in 0..e_count {
             experts.push(Expert {
-                gate_up_proj: LoraLinear::frozen(gu.clone().slice([e..e + 1]).reshape([2 * inter, h]), None),
-                down_proj: LoraLinear::frozen(down.clone().slice([e..e + 1]).reshape([h, inter]), None),
+                gate_up_proj: LoraLinear::frozen(gu.clone().slice(e..e + 1).reshape([2 * inter, h]), None),
+                down_proj: LoraLinear::frozen(down.clone().slice(e..e + 1).reshape([h, inter]), None),
             });
         }
     } else {
@@ -692,12 +692,12 @@ fn load_gpt_oss_moe<B: Backend>(
     let experts = (0..e_count)
         .map(|e| Expert {
             gate_up_proj: LoraLinear::frozen(
-                gu.clone().slice([e..e + 1]).reshape([h, 2 * inter]).transpose(),
-                Some(gu_bias.clone().slice([e..e + 1]).reshape([2 * inter])),
+                gu.clone().slice(e..e + 1).reshape([h, 2 * inter]).transpose(),
+                Some(gu_bias.clone().slice(e..e + 1).reshape([2 * inter])),
             ),
             down_proj: LoraLinear::frozen(
-                down.clone().slice([e..e + 1]).reshape([inter, h]).transpose(),
-                Some(down_bias.clone().slice([e..e + 1]).reshape([h])),
+                down.clone().slice(e..e + 1).reshape([inter, h]).transpose(),
+                Some(down_bias.clone().slice(e..e + 1).reshape([h])),
             ),
         })
         .collect();

@@ -158,7 +158,7 @@ impl<B: TemperBackend> MoeBlock<B> {
                 }
                 continue;
             }
-            let rows = x_sorted.clone().slice([offset..offset + count]).reshape([1, count, h]);
+            let rows = x_sorted.clone().slice(offset..offset + count).reshape([1, count, h]);
             outputs.push(self.experts[e].forward(rows, self.activation).reshape([count, h]));
             offset += count;
         }

@@ -43,6 +43,8 @@ struct ShardIndex {
 }
 
 /// Where the weights of a model come from.
+// One value per model load: boxing the larger variant would save nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum WeightSource {
     Checkpoint(Checkpoint),
     /// Random normal weights (std 0.02, norms at their identity value): for benchmarks and

@@ -76,7 +76,7 @@ impl<B: Backend> Packed4Bit<B> {
                 words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])
             })
             .collect();
-        let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice([0..n.blocks]);
+        let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice(0..n.blocks);
         let map: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.map.clone()));
         let values = map.select(0, idx);
         let nested: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.nested_absmax.clone()));
@@ -85,7 +85,7 @@ impl<B: Backend> Packed4Bit<B> {
             .reshape([groups, 1])
             .expand([groups, crate::quant::double::NESTED_BLOCKSIZE])
             .reshape([groups * crate::quant::double::NESTED_BLOCKSIZE])
-            .slice([0..n.blocks]);
+            .slice(0..n.blocks);
         (values * scale).add_scalar(n.offset)
     }
 
@@ -102,7 +102,7 @@ impl<B: Backend> Packed4Bit<B> {
                 words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(15i64.elem()).reshape([w, 1])
             })
             .collect();
-        let idx = Tensor::cat(nibbles, 1).reshape([w * 8]).slice([0..n]);
+        let idx = Tensor::cat(nibbles, 1).reshape([w * 8]).slice(0..n);
         let code: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.code.clone()));
         let values = code.select(0, idx);
         let absmax = self.absmax();
@@ -112,10 +112,10 @@ impl<B: Backend> Packed4Bit<B> {
         let scaled = if full == n {
             (values.reshape([blocks, bs]) * absmax.reshape([blocks, 1])).reshape([n])
         } else {
-            let head = (values.clone().slice([0..full]).reshape([blocks, bs])
-                * absmax.clone().slice([0..blocks]).reshape([blocks, 1]))
+            let head = (values.clone().slice(0..full).reshape([blocks, bs])
+                * absmax.clone().slice(0..blocks).reshape([blocks, 1]))
             .reshape([full]);
-            let tail = values.slice([full..n]) * absmax.slice([blocks..blocks + 1]);
+            let tail = values.slice(full..n) * absmax.slice(blocks..blocks + 1);
             Tensor::cat(vec![head, tail], 0)
         };
         scaled.reshape([out, inp]).cast(dtype)

@@ -179,6 +179,9 @@ fn add<const W: usize>(acc: &mut [f32; W], v: &[f32; W]) {
 
 /// ATen's `multi_row_sum` for 4 rows of `W`-lane values: a 4-level cascade whose level step is
 /// `2^max(4, ceil_log2(size) / 4)`.
+// The row index `k` walks two levels of `acc` at once, as ATen's loops do; iterators would hide
+// the correspondence the bit-exactness depends on.
+#[allow(clippy::needless_range_loop)]
 fn multi_row_sum<const W: usize>(size: usize, load: impl Fn(usize, usize) -> [f32; W]) -> [[f32; W]; 4] {
     const LEVELS: usize = 4;
     let ceil_log2 = if size <= 2 { 1 } else { (usize::BITS - (size - 1).leading_zeros()) as usize };

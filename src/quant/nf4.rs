@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn codes_round_trip_and_bounds_are_bitsandbytes_midpoints() {
         // Midpoints as bitsandbytes prints them (nf4: 15; fp4 has an exact 0.0 between its zeros).
-        assert_eq!(FourBit::Nf4.bounds()[0], -0.8480963706970215);
+        assert_eq!(FourBit::Nf4.bounds()[0], -0.848_096_4);
         assert_eq!(FourBit::Fp4.bounds()[7], 0.0);
         for kind in [FourBit::Nf4, FourBit::Fp4] {
             let values: Vec<f32> = kind.code().iter().map(|c| c * 3.0).collect();

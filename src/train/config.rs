@@ -113,7 +113,7 @@ impl TrainConfig {
                 return Err((key, format!("must be in [0, 1), got {v}")));
             }
         }
-        if !(self.adam_epsilon > 0.0) {
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
             return Err(("adam_epsilon", format!("must be positive, got {}", self.adam_epsilon)));
         }
         if let Some(c) = self.router_aux_loss_coef {
@@ -127,7 +127,7 @@ impl TrainConfig {
                 ));
             }
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return Err(("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
         }
         if let Some(r) = self.warmup_ratio {

@@ -48,6 +48,9 @@ pub fn eval_nll<B: TemperBackend>(model: &CausalLm<B>, batch: &Batch) -> f64 {
 
 use burn::tensor::ElementConversion;
 
+/// A micro-batch's loss `[1]` and its LoRA gradients, in the order of `lora_params`.
+pub type LossAndGrads<B> = (Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>);
+
 /// Gradients of `nll_sum(batch) / denom` for every LoRA tensor (order of [`lora_params`]),
 /// and the batch's summed NLL as a `[1]` tensor (read by the caller once per optimizer step,
 /// so the device is not synchronised per micro-batch).
@@ -63,7 +66,7 @@ pub fn micro_batch_grads<B: TemperAutodiff>(
     denom: f64,
     checkpointing: bool,
     aux_coef: Option<f64>,
-) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
+) -> Result<LossAndGrads<B>> {
     if checkpointing {
         return checkpointed_grads(model, batch, denom, aux_coef);
     }
@@ -100,7 +103,7 @@ fn checkpointed_grads<B: TemperAutodiff>(
     batch: &Batch,
     denom: f64,
     aux_coef: Option<f64>,
-) -> Result<(Tensor<Inner<B>, 1>, Vec<Tensor<Inner<B>, 2>>)> {
+) -> Result<LossAndGrads<B>> {
     let keys: Vec<String> = lora_params(model).into_iter().map(|(k, _)| k).collect();
     let mut acc: Vec<Option<Tensor<Inner<B>, 2>>> = vec![None; keys.len()];
     let inner = model.valid();

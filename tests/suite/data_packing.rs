@@ -73,11 +73,12 @@ fn packed_rows_restart_positions_and_ignore_each_first_token() {
     cfg.packing = true;
     for b in batches(&ex, 2, &cfg, 0, 3, 1) {
         let segs = b.segments.as_ref().unwrap();
-        for r in 0..b.rows() {
+        assert_eq!(segs.len(), b.rows(), "one segment row per batch row");
+        for (r, seg) in segs.iter().enumerate() {
             assert!(b.input_ids[r].len() <= cfg.seq_len);
             for i in 0..b.seq_len() {
-                let starts = i == 0 || segs[r][i] != segs[r][i - 1];
-                if segs[r][i] == 0 {
+                let starts = i == 0 || seg[i] != seg[i - 1];
+                if seg[i] == 0 {
                     assert_eq!(b.labels[r][i], IGNORE_INDEX, "padding is never trained");
                 } else if starts {
                     assert_eq!((b.positions[r][i], b.labels[r][i]), (0, IGNORE_INDEX), "example start");

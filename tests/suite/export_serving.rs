@@ -91,7 +91,9 @@ fn broken_adapter(edit: impl FnOnce(&mut Value), tensors: impl FnOnce(&mut Adapt
 fn each_broken_rule_is_reported_by_the_servers_that_refuse_it() {
     use serde_json::json;
     let none = |_: &mut Adapter| {};
-    let cases: Vec<(&str, Vec<Verdict>, [Vec<&str>; 3])> = vec![
+    // (what is broken, the verdicts, the rules that vLLM, llama.cpp and mistral.rs report)
+    type Case<'a> = (&'a str, Vec<Verdict>, [Vec<&'a str>; 3]);
+    let cases: Vec<Case> = vec![
         ("DoRA", broken_adapter(|c| c["use_dora"] = json!(true), none), [vec!["V3"], vec!["L3"], vec!["M1"]]),
         ("bias", broken_adapter(|c| c["bias"] = json!("all"), none), [vec!["V4"], vec!["L3"], vec!["M1"]]),
         (

@@ -128,7 +128,8 @@ fn broken_bitsandbytes_weights_are_named_errors() {
     let bytes = std::fs::read(&src).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let key = "model.layers.0.self_attn.q_proj.weight";
-    let write = |edit: &dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>| {
+    type Edit<'a> = &'a dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>;
+    let write = |edit: Edit| {
         let tmp = tempfile::tempdir().unwrap();
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, view) in st.tensors() {

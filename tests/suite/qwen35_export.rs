@@ -338,8 +338,11 @@ fn qwen35_peft_export_keeps_peft_names_and_lists_the_trained_modules() {
 
 // ---- GGUF -----------------------------------------------------------------------------------
 
-/// A GGUF file's string metadata and f32 tensors (name -> (dims, data)).
-fn read_gguf(path: &Path) -> (BTreeMap<String, String>, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+/// GGUF tensors by name: (dims, f32 data).
+type GgufTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// A GGUF file's string metadata and f32 tensors.
+fn read_gguf(path: &Path) -> (BTreeMap<String, String>, GgufTensors) {
     let b = std::fs::read(path).unwrap();
     let mut p = 0usize;
     let mut take = |n: usize| {

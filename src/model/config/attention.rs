@@ -38,7 +38,7 @@ impl HfConfig {
     pub(super) fn attention_shape(&self, path: &Path) -> Result<AttentionShape> {
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(invalid(
                 path,
                 "num_key_value_heads",
@@ -47,7 +47,7 @@ impl HfConfig {
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
-            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
             None => {
                 return Err(invalid(
                     path,

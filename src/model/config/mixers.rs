@@ -123,7 +123,7 @@ impl HfConfig {
                 return Err(invalid(path, key, "must be positive".into()));
             }
         }
-        if cfg.num_v_heads % cfg.num_k_heads != 0 {
+        if !cfg.num_v_heads.is_multiple_of(cfg.num_k_heads) {
             return Err(invalid(
                 path,
                 "linear_num_value_heads",

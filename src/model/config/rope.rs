@@ -150,7 +150,7 @@ impl HfConfig {
             });
         }
         let rotary_dim = ((head_dim as f64) * factor) as usize;
-        if rotary_dim % 2 != 0 || rotary_dim == 0 {
+        if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
             return Err(Error::InvalidConfig {
                 path: path.to_path_buf(),
                 key: "partial_rotary_factor".into(),
