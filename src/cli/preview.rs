@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use temper::data::recipe::load_data_config;
 use temper::data::{prepare, DataConfig, DataFormat, Example, TextTokenizer};
-use temper::train::loss::IGNORE_INDEX;
+use temper::ops::loss::IGNORE_INDEX;
 
 #[derive(Debug, clap::Args)]
 pub struct PreviewArgs {

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 use temper::export::shard::bytes_to_f32;
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::loss::{nll_sum, shift_labels};
 use temper::ops::TemperBackend;
-use temper::train::loss::{nll_sum, shift_labels};
 
 use super::device::{resolve, run_task, DeviceArg, Resolved, Task, WGPU_F16_UNAVAILABLE};
 

@@ -5,7 +5,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use crate::data::config::DataConfig;
 use crate::data::example::{Batch, Example};
-use crate::train::loss::IGNORE_INDEX;
+use crate::ops::loss::IGNORE_INDEX;
 
 /// Without packing, rows are sorted by length inside windows of this many micro-batches.
 const LENGTH_GROUP_BATCHES: usize = 64;

@@ -9,7 +9,7 @@ use crate::data::record::{Conversation, Record};
 use crate::data::source::{RowError, SkipReason};
 use crate::data::template::{alpaca_plain_prompt, ChatTemplate, Message};
 use crate::data::TextTokenizer;
-use crate::train::loss::IGNORE_INDEX;
+use crate::ops::loss::IGNORE_INDEX;
 
 /// Tokenises records the same way for training, evaluation and preview.
 pub struct Encoder<'a> {

@@ -1,6 +1,6 @@
 //! What training consumes: tokenised examples with labels, and batches of them.
 
-use crate::train::loss::IGNORE_INDEX;
+use crate::ops::loss::IGNORE_INDEX;
 
 /// One tokenised training example: `labels[i]` is `input_ids[i]` where that token is trained,
 /// `IGNORE_INDEX` (-100) where it is not (prompt, template, padding).

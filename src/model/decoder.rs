@@ -16,8 +16,8 @@ use crate::model::moe::{Expert, MoeBlock};
 use crate::model::norm::RmsNorm;
 use crate::model::rope::{RopeConfig, RopeTables};
 use crate::model::weights::WeightSource;
+use crate::ops::loss;
 use crate::ops::{self, CrossEntropySpec, TemperBackend};
-use crate::train::loss;
 use crate::Result;
 
 /// `embed_tokens.weight`: `[vocab, hidden]`, frozen.

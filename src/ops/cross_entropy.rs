@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::train::loss::IGNORE_INDEX;
+use crate::ops::loss::IGNORE_INDEX;
 
 /// Logits at or above this many f32 values per chunk are split into more chunks.
 const CHUNK_LOGITS: usize = 1 << 23;

@@ -7,11 +7,15 @@
 //! use the default methods, which compute the forward pass block by block from Burn's tensor
 //! ops; `Autodiff<B>` overrides them to record one graph node whose backward recomputes the
 //! blocks instead of keeping them (the memory win over autodiff's per-op graph).
+//!
+//! [`loss`] holds the plain causal-LM loss and the label convention (`IGNORE_INDEX`) that data,
+//! model and training share: numerics both `model/` and `train/` use live here, below both.
 
 pub mod attention;
 pub mod cross_entropy;
 pub mod delta_net;
 pub mod dropout;
+pub mod loss;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

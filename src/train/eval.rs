@@ -5,8 +5,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::model::CausalLm;
+use crate::ops::loss::shift_labels;
 use crate::ops::TemperBackend;
-use crate::train::loss::shift_labels;
 use crate::{Error, Result};
 
 /// Loss over a set of rows.

@@ -4,7 +4,6 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
-pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod step;

@@ -8,8 +8,8 @@ use burn::tensor::{backend::AutodiffBackend, Int, Tensor, TensorData};
 use crate::data::Batch;
 use crate::lora::projections_mut;
 use crate::model::CausalLm;
+use crate::ops::loss::shift_labels;
 use crate::ops::{TemperAutodiff, TemperBackend};
-use crate::train::loss::shift_labels;
 use crate::{Error, Result};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;

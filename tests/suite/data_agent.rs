@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 use temper::data::encode::Encoder;
 use temper::data::{prepare, ChatTemplate, Conversation, DataConfig, DataFormat, Example, Message, TextTokenizer};
-use temper::train::loss::IGNORE_INDEX;
+use temper::ops::loss::IGNORE_INDEX;
 
 use crate::common::{fixtures, shared};
 

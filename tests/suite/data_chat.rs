@@ -8,7 +8,7 @@ use serde_json::Value;
 use temper::data::encode::Encoder;
 use temper::data::record::Conversation;
 use temper::data::{ChatTemplate, DataConfig, Message, TextTokenizer};
-use temper::train::loss::IGNORE_INDEX;
+use temper::ops::loss::IGNORE_INDEX;
 
 use crate::common::{fixtures, shared};
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use temper::data::recipe::data_config_from_str;
 use temper::data::{prepare, DataConfig, DataFormat, Example, Prepared, TextTokenizer};
-use temper::train::loss::IGNORE_INDEX;
+use temper::ops::loss::IGNORE_INDEX;
 
 use crate::common::shared;
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::tensor::{Int, Tensor, TensorData};
 use temper::data::{batches, prepare, Batch, DataConfig, Example};
 use temper::model::{load_model, CausalLm, WeightPrecision};
-use temper::train::loss::{nll_sum, shift_labels, IGNORE_INDEX};
+use temper::ops::loss::{nll_sum, shift_labels, IGNORE_INDEX};
 
 use crate::common::{fixtures, shared, Cpu};
 use crate::data_formats::{stories_tok, write};

@@ -5,8 +5,8 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use temper::export::Adapter;
 use temper::lora::{apply_adapter, extract_adapter, inject, projections_mut, LoraConfig, LoraInit};
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::loss::{nll_sum, shift_labels};
 use temper::ops::{TemperAutodiff, TemperBackend};
-use temper::train::loss::{nll_sum, shift_labels};
 
 use crate::common::{fixtures, manifest, max_abs_diff, Cpu, CpuAutodiff, Reference};
 

@@ -10,7 +10,7 @@ use temper::export::experts::fuse_experts;
 use temper::export::{Adapter, LoraPair};
 use temper::lora::{apply_adapter, extract_adapter};
 use temper::model::{load_model, WeightPrecision};
-use temper::train::loss::{nll_sum, shift_labels};
+use temper::ops::loss::{nll_sum, shift_labels};
 
 use crate::common::{fixtures, max_abs_diff, Cpu, CpuAutodiff, Reference};
 

@@ -8,8 +8,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use temper::ops::attention::{self, AttentionSpec};
 use temper::ops::cross_entropy::{self, CrossEntropySpec};
+use temper::ops::loss::IGNORE_INDEX;
 use temper::ops::{self as tops, TemperBackend};
-use temper::train::loss::IGNORE_INDEX;
 
 use crate::common::{max_abs_diff, Cpu, CpuAutodiff};
 
@@ -196,7 +196,7 @@ fn loss_over_a_large_vocabulary_keeps_f32_precision() {
             values(tops::cross_entropy_sum(row.clone(), weight.clone(), &CrossEntropySpec::new(vec![target], None)))[0]
                 as f64;
         let logits = row.matmul(weight.clone().transpose()).reshape([1, 1, vocab]);
-        let plain = values(temper::train::loss::nll_sum(logits, &[target]))[0] as f64;
+        let plain = values(temper::ops::loss::nll_sum(logits, &[target]))[0] as f64;
         for (what, got) in [("chunked", chunked), ("log_softmax", plain)] {
             assert!(
                 (got - want).abs() <= TOL,

@@ -3,8 +3,8 @@
 
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use temper::model::{load_model, WeightPrecision};
+use temper::ops::loss::{nll_sum, shift_labels};
 use temper::ops::TemperBackend;
-use temper::train::loss::{nll_sum, shift_labels};
 
 use crate::common::{fixtures, manifest, max_abs_diff, Cpu, Reference};
 

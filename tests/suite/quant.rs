@@ -259,7 +259,7 @@ fn bitsandbytes_4bit_models_match_transformers_and_train_lora() {
     use burn::tensor::{Int, Tensor, TensorData};
     use temper::lora::{inject, projections_mut, LoraConfig, LoraInit};
     use temper::model::{load_model, WeightPrecision};
-    use temper::train::loss::{nll_sum, shift_labels};
+    use temper::ops::loss::{nll_sum, shift_labels};
     let dense_dir = fixtures().join("quant/llama64");
     for name in ["llama64_nf4", "llama64_nf4_dq", "llama64_fp4"] {
         let dir = fixtures().join("quant").join(name);
@@ -444,7 +444,7 @@ pub fn check_4bit_peft_on<A: temper::ops::TemperAutodiff>(device: &A::Device) {
     use temper::export::Adapter;
     use temper::lora::{apply_adapter, projections_mut};
     use temper::model::{load_model, WeightPrecision};
-    use temper::train::loss::{nll_sum, shift_labels};
+    use temper::ops::loss::{nll_sum, shift_labels};
     for name in ["llama64_nf4", "llama64_nf4_dq", "llama64_fp4"] {
         let dir = fixtures().join("quant").join(name);
         let device = device.clone();

@@ -14,7 +14,7 @@ use temper::export::Adapter;
 use temper::lora::{apply_adapter, projections_mut};
 use temper::model::generate::{generate, SamplingConfig};
 use temper::model::{load_model, CausalLm, WeightPrecision};
-use temper::train::loss::{nll_sum, shift_labels};
+use temper::ops::loss::{nll_sum, shift_labels};
 
 use temper::ops::{TemperAutodiff, TemperBackend};
 
