@@ -99,7 +99,7 @@ impl<B: TemperBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let (q, k) = if self.rope { (rope.apply(q), rope.apply(k)) } else { (q, k) };
+        let (q, k) = if self.rope { (rope.apply_query(q), rope.apply(k)) } else { (q, k) };
         let q = q.swap_dims(1, 2);
         let mut k = k.swap_dims(1, 2);
         let mut v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);

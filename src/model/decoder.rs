@@ -3,7 +3,7 @@
 //! are switches in [`DecoderConfig`].
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, DType, Int, Tensor};
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
 use crate::lora::LoraLinear;
 use std::sync::Arc;
@@ -189,7 +189,16 @@ impl<B: Backend> ForwardContext<B> {
         device: &B::Device,
     ) -> Self {
         let heads = [cfg.num_heads, cfg.num_kv_heads];
-        let tables = |rope: &RopeConfig| rope.tables(positions, &heads, cfg.head_dim, dtype, device);
+        let query_scale = cfg.query_scale.map(|qs| {
+            let b = positions.len();
+            let t = positions.first().map_or(0, Vec::len);
+            let factors: Vec<f32> = positions.iter().flatten().map(|&p| qs.factor(p)).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(factors, [b, t, 1, 1]), (device, DType::F32)).cast(dtype)
+        });
+        let tables = |rope: &RopeConfig| RopeTables {
+            query_scale: query_scale.clone(),
+            ..rope.tables(positions, &heads, cfg.head_dim, dtype, device)
+        };
         ForwardContext {
             rope: tables(&cfg.rope),
             local_rope: cfg.local_rope.as_ref().map(tables),

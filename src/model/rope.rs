@@ -313,6 +313,7 @@ impl RopeConfig {
             by_heads: distinct.into_iter().map(|h| (h, make(&cos, h), make(&sin, h))).collect(),
             rotate_half: Tensor::<B, 2>::from_data(TensorData::new(r, [head_dim, head_dim]), (device, DType::F32))
                 .cast(dtype),
+            query_scale: None,
         }
     }
 }
@@ -324,6 +325,9 @@ pub struct RopeTables<B: Backend> {
     pub by_heads: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
     /// `[head_dim, head_dim]`
     pub rotate_half: Tensor<B, 2>,
+    /// Ministral 3: the queries' factor per position `[batch, seq, 1, 1]`, applied after RoPE
+    /// ([`crate::model::config::QueryScale`]).
+    pub query_scale: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> RopeTables<B> {
@@ -337,5 +341,14 @@ impl<B: Backend> RopeTables<B> {
         };
         let rotated = x.clone().reshape([b * t * h, d]).matmul(self.rotate_half.clone()).reshape([b, t, h, d]);
         x * cos.clone() + rotated * sin.clone()
+    }
+
+    /// Rotate the queries `[batch, seq, heads, head_dim]` and apply the query scale, if any.
+    pub fn apply_query(&self, q: Tensor<B, 4>) -> Tensor<B, 4> {
+        let q = self.apply(q);
+        match &self.query_scale {
+            Some(s) => q * s.clone(),
+            None => q,
+        }
     }
 }

@@ -14,6 +14,7 @@ mod export_serving;
 mod hub;
 mod lora_parity;
 mod merge;
+mod ministral3;
 mod moe;
 mod ops;
 mod parity;

@@ -106,3 +106,12 @@ fn wgpu_qwen35_logits_match_transformers() {
 fn wgpu_qwen35_peft_logits_and_gradients_match() {
     crate::qwen35::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
 }
+
+/// Ministral 3 (YaRN, the query temperature past the original context), alone and in the
+/// `mistral3` wrapper: logits, and PEFT adapters' logits and LoRA gradients on wgpu.
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_ministral3_logits_and_peft_gradients_match() {
+    crate::ministral3::check_logits_on::<Gpu>(&WgpuDevice::default());
+    crate::ministral3::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
+}

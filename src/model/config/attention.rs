@@ -202,7 +202,7 @@ impl HfConfig {
                 }
                 (0..n).map(|i| if (i + 1) % every != 0 { window } else { None }).collect()
             }
-            "mistral" | "phi3" | "mixtral" => vec![window; n],
+            "mistral" | "ministral3" | "phi3" | "mixtral" => vec![window; n],
             "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" if self.use_sliding_window == Some(true) => {
                 let first_full = self.max_window_layers.unwrap_or(n);
                 (0..n).map(|i| if i >= first_full { window } else { None }).collect()

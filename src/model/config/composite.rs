@@ -45,8 +45,13 @@ pub(super) fn text_decoder_object(path: &Path, value: Value) -> Result<(Map<Stri
     // `getattr(self.config, "tie_word_embeddings")`, modeling_utils.py:2494); only
     // AutoModelForCausalLM, which swaps in `get_text_config()` (auto/auto_factory.py:236-242),
     // reads the text_config's. Nothing in transformers syncs the two, so the top-level flag,
-    // where given, wins: it is how the checkpoint was trained.
-    if matches!(outer_type.as_str(), "qwen3_5" | "qwen3_5_moe") {
+    // where given, wins: it is how the checkpoint was trained. Mistral 3 (Ministral 3 inside
+    // `mistral3`) is the same: Mistral3ForConditionalGeneration ties from its own config
+    // (configuration_mistral3.py:98, default True). Where the top level leaves the flag out, the
+    // text config's value (or its class default) is kept: transformers 5.25 would fall back to
+    // True there, but it also refuses to tie a checkpoint whose lm_head differs from the
+    // embeddings (modeling_utils.py:2566-2585), which is what such older files hold.
+    if matches!(outer_type.as_str(), "qwen3_5" | "qwen3_5_moe" | "mistral3") {
         if let Some(tie) = value.get("tie_word_embeddings").filter(|v| v.is_boolean()) {
             text_config.insert("tie_word_embeddings".into(), tie.clone());
         }

@@ -10,8 +10,9 @@ pub(super) fn default_tie(model_type: &str) -> bool {
 
 /// The defaults of the config classes that nested `text_config`s rely on (transformers writes
 /// a sub-config's keys only where they differ from its class): Gemma3TextConfig and MistralConfig
-/// as in transformers 4.57; Qwen3_5TextConfig, Qwen3_5MoeTextConfig and Qwen3NextConfig as in
-/// transformers 5.25 (where a hand-written or older file may leave them out too).
+/// as in transformers 4.57; Qwen3_5TextConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig and
+/// Ministral3Config as in transformers 5.25 (where a hand-written or older file may leave them
+/// out too).
 pub(super) fn fill_class_defaults(obj: &mut serde_json::Map<String, Value>) {
     let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
     let hybrid = hybrid_defaults(&model_type);
@@ -52,10 +53,39 @@ pub(super) fn fill_class_defaults(obj: &mut serde_json::Map<String, Value>) {
             ("rope_theta", Value::from(10_000.0)),
             ("sliding_window", Value::from(4096)),
         ],
+        // Ministral3Config (transformers 5.25, models/ministral3/configuration_ministral3.py:73-106).
+        "ministral3" => &[
+            ("vocab_size", Value::from(131_072)),
+            ("hidden_size", Value::from(4096)),
+            ("intermediate_size", Value::from(14_336)),
+            ("num_hidden_layers", Value::from(34)),
+            ("num_attention_heads", Value::from(32)),
+            ("num_key_value_heads", Value::from(8)),
+            ("head_dim", Value::from(128)),
+            ("hidden_act", Value::from("silu")),
+            ("max_position_embeddings", Value::from(262_144)),
+            ("rms_norm_eps", Value::from(1e-5)),
+            ("bos_token_id", Value::from(1)),
+            ("eos_token_id", Value::from(2)),
+            ("tie_word_embeddings", Value::from(false)),
+        ],
         _ => &hybrid,
     };
     for (key, value) in defaults {
         obj.entry(*key).or_insert_with(|| value.clone());
+    }
+    if model_type == "ministral3" && obj.get("rope_parameters").is_none_or(Value::is_null) {
+        // `__post_init__`: YaRN x16 over a 16k original context, with the query temperature.
+        let max_pos = obj.get("max_position_embeddings").cloned().unwrap_or(Value::from(262_144));
+        obj.insert(
+            "rope_parameters".into(),
+            serde_json::json!({
+                "type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
+                "original_max_position_embeddings": 16_384, "max_position_embeddings": max_pos,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                "llama_4_scaling_beta": 0.1,
+            }),
+        );
     }
 }
 

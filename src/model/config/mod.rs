@@ -30,11 +30,13 @@ use crate::{Error, Result};
 pub use mixers::{DeltaNetConfig, Mixer};
 pub use mlp::Activation;
 pub use moe::{ExpertActivation, ExpertNaming, MoeConfig, Routing};
+pub use rope::QueryScale;
 
 /// The `model_type`s this decoder implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama",
     "mistral",
+    "ministral3",
     "qwen2",
     "qwen3",
     "gemma",
@@ -205,6 +207,8 @@ pub struct DecoderConfig {
     /// Gemma 3 and OLMo 3: the sliding-window layers' own RoPE (Gemma 3: `rope_local_base_freq`,
     /// unscaled; OLMo 3: the same theta, unscaled).
     pub local_rope: Option<RopeConfig>,
+    /// Ministral 3: queries multiplied after RoPE by a factor that grows with the position.
+    pub query_scale: Option<QueryScale>,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -274,6 +278,7 @@ impl HfConfig {
         let scales = self.scales(path)?;
         let max_pos = self.max_position_embeddings.unwrap_or(4096);
         let (rope, local_rope) = self.rope_configs(path, shape.head_dim, max_pos)?;
+        let query_scale = self.query_scale(path)?;
         let norms = self.norms();
 
         Ok(DecoderConfig {
@@ -310,6 +315,7 @@ impl HfConfig {
             logits_divisor: scales.logits_divisor,
             rope,
             local_rope,
+            query_scale,
             max_position_embeddings: max_pos,
             bos_token_id: first_id(&self.bos_token_id),
             eos_token_ids: all_ids(&self.eos_token_id),

@@ -160,3 +160,59 @@ impl HfConfig {
         Ok(rotary_dim)
     }
 }
+
+/// Ministral 3's query temperature (transformers' `get_llama_4_attn_scale`,
+/// models/ministral3/modeling_ministral3.py:105-107): after RoPE, queries are multiplied by
+/// `1 + beta * ln(1 + floor(position / original_max_position_embeddings))`, exactly 1 below the
+/// original context. It reads the position ids, so packed documents restart it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryScale {
+    /// `rope_parameters.llama_4_scaling_beta`
+    pub beta: f64,
+    /// `rope_parameters.original_max_position_embeddings`
+    pub original_max_position_embeddings: f64,
+}
+
+impl QueryScale {
+    /// The factor at `position`, in f32 as torch computes it (`positions / max` in float32,
+    /// floor, log, then `1 + beta * ...`).
+    pub fn factor(&self, position: usize) -> f32 {
+        let floor = (position as f32 / self.original_max_position_embeddings as f32).floor();
+        1.0 + self.beta as f32 * (1.0 + floor).ln()
+    }
+}
+
+impl HfConfig {
+    /// Ministral 3's [`QueryScale`], from `rope_parameters` (or `rope_scaling`); `None` for
+    /// other families, which do not read the key, and when `llama_4_scaling_beta` is absent.
+    pub(super) fn query_scale(&self, path: &Path) -> Result<Option<QueryScale>> {
+        if self.model_type != "ministral3" {
+            return Ok(None);
+        }
+        let (key, params) = match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(v), _) if v.is_object() => ("rope_parameters", v),
+            (_, Some(v)) if v.is_object() => ("rope_scaling", v),
+            _ => return Ok(None),
+        };
+        let number = |name: &str| -> Result<Option<f64>> {
+            match params.get(name).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| Error::InvalidConfig {
+                    path: path.to_path_buf(),
+                    key: format!("{key}.{name}"),
+                    reason: format!("expected a number, got {}", compact(v)),
+                }),
+            }
+        };
+        let Some(beta) = number("llama_4_scaling_beta")? else { return Ok(None) };
+        let original = number("original_max_position_embeddings")?
+            .or(self.original_max_position_embeddings.map(|x| x as f64))
+            .filter(|&x| x >= 1.0)
+            .ok_or_else(|| Error::InvalidConfig {
+                path: path.to_path_buf(),
+                key: format!("{key}.original_max_position_embeddings"),
+                reason: "llama_4_scaling_beta needs the original context length (a positive number) here".into(),
+            })?;
+        Ok(Some(QueryScale { beta, original_max_position_embeddings: original }))
+    }
+}
