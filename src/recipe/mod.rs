@@ -120,8 +120,15 @@ impl Recipe {
         let mut recipe = parsed.map_err(|e| {
             let inner = e.inner().to_string();
             let mut key = e.path().to_string();
+            // serde_path_to_error's path already ends at the unknown field when it comes from a
+            // YAML document; add the field only where the path stops at its section.
             if let Some(field) = unknown_field(&inner) {
-                key = if key == "." || key.is_empty() { field } else { format!("{key}.{field}") };
+                let named = key == field || key.ends_with(&format!(".{field}"));
+                if key == "." || key.is_empty() {
+                    key = field;
+                } else if !named {
+                    key = format!("{key}.{field}");
+                }
             }
             let line = e.inner().location().map(|l| l.line()).or_else(|| find_key_line(text, &key));
             err(&key, line, strip_location(&inner))

@@ -196,6 +196,18 @@ fn recipe_typo_names_the_key_path_and_line() {
     let err = Recipe::from_yaml(&text, Path::new("recipes/quickstart.yaml"), &[]).unwrap_err().to_string();
     let line = text.lines().position(|l| l.contains("lerning_rate")).unwrap() + 1;
     assert!(err.contains("train.lerning_rate") && err.contains(&format!("quickstart.yaml:{line}")), "{err}");
+    assert_eq!(err.matches("lerning_rate").count(), 2, "the key once, and serde's message naming it once: {err}");
+    // A top-level key, and the same through --set (a YAML value, not the file's text).
+    let text = format!("method: dpo\n{}", std::fs::read_to_string(repo().join("recipes/quickstart.yaml")).unwrap());
+    for overrides in [vec![], vec!["train.max_steps=3".to_string()]] {
+        let err = Recipe::from_yaml(&text, Path::new("r.yaml"), &overrides).unwrap_err();
+        let temper::Error::Recipe { key, .. } = &err else { panic!("{err}") };
+        assert_eq!(key, "method", "{err}");
+    }
+    let base = std::fs::read_to_string(repo().join("recipes/quickstart.yaml")).unwrap();
+    let err = Recipe::from_yaml(&base, Path::new("r.yaml"), &["train.learning_rat=1.0".to_string()]).unwrap_err();
+    let temper::Error::Recipe { key, .. } = &err else { panic!("{err}") };
+    assert_eq!(key, "train.learning_rat", "{err}");
 }
 
 #[test]
