@@ -223,8 +223,23 @@ fn describe(e: &ApiError) -> String {
         ApiError::RequestError(r) => match &**r {
             ureq::Error::Status(401 | 403, _) => "access denied (gated or private: set HF_TOKEN)".into(),
             ureq::Error::Status(404, _) => "not found (check the repository id, file name and revision)".into(),
+            ureq::Error::Transport(t) => unreachable_hub(t),
             other => other.to_string(),
         },
         other => other.to_string(),
     }
+}
+
+/// One line for a Hub that cannot be reached (no network, DNS, a refused connection), naming
+/// what works offline.
+fn unreachable_hub(t: &ureq::Transport) -> String {
+    let cause = match t.kind() {
+        ureq::ErrorKind::Dns => "its name does not resolve".to_string(),
+        ureq::ErrorKind::ConnectionFailed => "the connection failed".to_string(),
+        _ => t.message().map_or_else(|| t.kind().to_string(), str::to_string),
+    };
+    format!(
+        "the Hugging Face Hub is unreachable ({cause}); offline, give a local model folder instead of a Hub id, \
+         or set HF_HUB_OFFLINE=1 to use what the Hugging Face cache already holds (HF_ENDPOINT names a mirror)"
+    )
 }

@@ -176,6 +176,22 @@ fn hub_model_and_dataset_download_then_work_offline_from_the_cache() {
     );
 }
 
+/// No network (here a port nothing listens on): one line that says the Hub is unreachable and
+/// names what works offline.
+#[test]
+fn unreachable_hub_is_one_line_naming_the_offline_alternatives() {
+    let home = tempfile::tempdir().unwrap();
+    let env = [("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", home.path().to_str().unwrap())];
+    let out = temper(&["inspect", "org/tiny"], &env);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    for part in ["org/tiny", "unreachable", "local model folder", "HF_HUB_OFFLINE=1"] {
+        assert!(stderr.contains(part), "names {part}: {stderr}");
+    }
+}
+
 #[test]
 fn missing_hub_repository_is_reported_with_repo_and_file() {
     let home = tempfile::tempdir().unwrap();

@@ -25,16 +25,21 @@ fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
+/// The quickstart as a user runs it on a fresh clone: its base model is the copy of stories260K
+/// shipped in examples/models (no Hub, no ../shared).
 #[test]
 fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let model = shared("models/stories260K");
+    let shipped = repo().join("examples/models/stories260K");
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        let (a, b) =
+            (std::fs::read(shipped.join(f)).unwrap(), std::fs::read(shared("models/stories260K").join(f)).unwrap());
+        assert!(a == b, "examples/models/stories260K/{f} is the real model's file");
+    }
     let o = temper(&[
         "train",
         "recipes/quickstart.yaml",
-        "--set",
-        &format!("base_model={}", model.display()),
         "--set",
         &format!("output.dir={}", out.display()),
         "--set",
@@ -72,7 +77,7 @@ fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
         let mut args = vec![
             "eval".to_string(),
             "--model".into(),
-            model.display().to_string(),
+            shipped.display().to_string(),
             "--data".into(),
             "datasets/stories/eval.jsonl".into(),
             "--json".into(),
