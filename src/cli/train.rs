@@ -77,17 +77,8 @@ impl TrainTask for TrainJob {
                 loaded.model.config.model_type
             );
         }
+        // `prepare` prints the one data summary line.
         let data = prepare(&r.data, &tokenizer, std::path::Path::new("."), r.train.seed)?;
-        let s = &data.stats;
-        eprintln!(
-            "data: {} rows, {} tokens, {} trained, {} truncated to {} tokens; eval: {} rows",
-            s.rows,
-            s.tokens,
-            s.trained_tokens,
-            s.truncated_rows,
-            r.data.seq_len,
-            data.eval.as_ref().map_or(0, Vec::len)
-        );
         let pad_id =
             tokenizer.pad_token.as_deref().and_then(|t| tokenizer.token_to_id(t)).or(tokenizer.eos_id()).unwrap_or(0);
         let run = RunConfig {

@@ -34,6 +34,8 @@ pub struct DataStats {
     pub skipped: BTreeMap<String, usize>,
     /// Evaluation rows (held out by `val_split` or read from `eval`).
     pub eval_rows: usize,
+    /// The length rows are truncated to (`data.seq_len`).
+    pub seq_len: usize,
     /// With packing: sequences of `seq_len` the training rows fill.
     pub packed_sequences: Option<usize>,
     /// With packing: tokens / (packed_sequences × seq_len).
@@ -53,13 +55,14 @@ impl DataStats {
     /// A few human-readable lines for stderr.
     pub fn report(&self) -> String {
         let mut s = format!(
-            "data: {} rows ({} format), {} tokens, {} trained ({:.1}%), {} truncated, {} eval rows",
+            "data: {} rows ({} format), {} tokens, {} trained ({:.1}%), {} truncated to {} tokens, {} eval rows",
             self.rows,
             self.format,
             self.tokens,
             self.trained_tokens,
             100.0 * self.trained_share(),
             self.truncated_rows,
+            self.seq_len,
             self.eval_rows
         );
         if let (Some(n), Some(eff)) = (self.packed_sequences, self.packing_efficiency) {
@@ -83,7 +86,7 @@ pub struct Prepared {
 /// Read, tokenise and split the data a recipe names. Relative paths resolve against `base_dir`.
 /// Prints the detected format and the dataset statistics to stderr.
 pub fn prepare(cfg: &DataConfig, tokenizer: &TextTokenizer, base_dir: &Path, seed: u64) -> Result<Prepared> {
-    let mut stats = DataStats::default();
+    let mut stats = DataStats { seq_len: cfg.seq_len, ..DataStats::default() };
     let mut train_files = Vec::new();
     for spec in std::iter::once(&cfg.train).chain(&cfg.train_files) {
         train_files.extend(resolve(spec, cfg, base_dir)?);

@@ -151,7 +151,7 @@ impl Recipe {
             if p.to_string_lossy().starts_with("hub:") {
                 p.to_path_buf()
             } else {
-                base.join(p)
+                tidy(&base.join(p))
             }
         };
         recipe.data.train = join(base_for("data.train"), &recipe.data.train);
@@ -161,10 +161,10 @@ impl Recipe {
             recipe.data.eval = Some(join(base_for("data.eval"), e));
         }
         if let Some(crate::data::config::TemplateSource::File { file }) = &mut recipe.data.chat_template {
-            *file = base_for("data.chat_template.file").join(&*file);
+            *file = tidy(&base_for("data.chat_template.file").join(&*file));
         }
-        recipe.output.dir = base_for("output.dir").join(&recipe.output.dir);
-        let local = base_for("base_model").join(&recipe.base_model);
+        recipe.output.dir = tidy(&base_for("output.dir").join(&recipe.output.dir));
+        let local = tidy(&base_for("base_model").join(&recipe.base_model));
         if local.is_dir() {
             recipe.base_model = local.to_string_lossy().into_owned();
         }
@@ -174,6 +174,34 @@ impl Recipe {
             serde_norway::to_string(&value).unwrap_or_else(|_| text.to_string())
         };
         Ok(LoadedRecipe { recipe, path: path.to_path_buf(), effective_yaml })
+    }
+}
+
+/// A recipe-relative path as the user would type it from the working folder: `recipes/../runs/x`
+/// becomes `runs/x`, `./a` becomes `a`. A `dir/..` pair is dropped only where `dir` is not a
+/// symbolic link (through a link, `..` leads elsewhere).
+fn tidy(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let last_is_dir = matches!(out.components().next_back(), Some(Component::Normal(_)));
+                let linked = std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink());
+                if last_is_dir && !linked {
+                    out.pop();
+                } else {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
     }
 }
 
@@ -231,4 +259,20 @@ pub fn find_key_line(text: &str, key: &str) -> Option<usize> {
         from = idx;
     }
     found
+}
+
+#[cfg(test)]
+mod tidy_tests {
+    use super::tidy;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn recipe_paths_read_as_typed() {
+        assert_eq!(tidy(Path::new("recipes/../runs/quickstart")), PathBuf::from("runs/quickstart"));
+        assert_eq!(tidy(Path::new("./../shared/models/x")), PathBuf::from("../shared/models/x"));
+        assert_eq!(tidy(Path::new("a/b/../../c")), PathBuf::from("c"));
+        assert_eq!(tidy(Path::new("../../x")), PathBuf::from("../../x"));
+        assert_eq!(tidy(Path::new("/abs/dir/../y")), PathBuf::from("/abs/y"));
+        assert_eq!(tidy(Path::new("recipes/..")), PathBuf::from("."));
+    }
 }

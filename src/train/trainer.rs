@@ -362,6 +362,8 @@ pub fn train<B: TemperAutodiff>(
             .map(|e| evaluate(&model.valid(), e, cfg.micro_batch_size, &run.data, pad_id))
     };
     let initial_eval = if state.step == 0 { eval_now(&model).map(|(l, _)| l) } else { None };
+    // The eval loss the next one is compared with: before training, or the last before a resume.
+    let mut previous_eval = initial_eval.map(|l| (0, l)).or(state.last_eval_loss.map(|l| (state.step, l)));
     let bar = progress_bar(run.show_progress, total, state.step);
     let plain_every = (total / 20).max(1);
     let elapsed_before = state.elapsed_s;
@@ -439,7 +441,16 @@ pub fn train<B: TemperAutodiff>(
                     eval_perplexity: loss.exp(),
                     eval_tokens: tokens,
                 })?;
-                bar.println(format!("step {}: eval loss {loss:.4} (perplexity {:.3})", state.step, loss.exp()));
+                let change =
+                    previous_eval.map_or(String::new(), |(at, p)| format!(", {:+.4} since step {at}", loss - p));
+                let line = format!("step {}: eval loss {loss:.4} (perplexity {:.3}{change})", state.step, loss.exp());
+                previous_eval = Some((state.step, loss));
+                // On a terminal above the progress bar; otherwise (the bar is hidden) a plain line.
+                if !bar.is_hidden() {
+                    bar.println(line);
+                } else if run.show_progress {
+                    eprintln!("{line}");
+                }
             }
         }
         if last || cfg.save_steps.is_some_and(|n| state.step % n == 0) {

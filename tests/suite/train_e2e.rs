@@ -50,6 +50,17 @@ fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
     assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains(&out.join("adapter").display().to_string()), "prints where the adapter went: {stdout}");
+    // The console (not a terminal here: plain lines): one data summary, the model as typed, and
+    // the eval loss at every eval step (10, 20 and the last) with its change.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("data: ") && l.contains(" rows")).count(), 1, "{stderr}");
+    assert!(stderr.contains("training on cpu: examples/models/stories260K -> "), "{stderr}");
+    for (step, since) in [(10, 0), (20, 10), (24, 20)] {
+        let line = stderr.lines().find(|l| l.starts_with(&format!("step {step}: eval loss "))).unwrap_or_else(|| {
+            panic!("no eval line at step {step}: {stderr}");
+        });
+        assert!(line.contains("perplexity") && line.contains(&format!("since step {since})")), "{line}");
+    }
     let summary = read_json(&out.join("summary.json"));
     let (before, after) =
         (summary["initial_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
