@@ -34,6 +34,12 @@ pub struct TrainerState {
     /// checkpoints written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<(f64, usize)>,
+    /// The lowest eval loss so far and its step (early stopping, `load_best_at_end`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_eval: Option<(usize, f64)>,
+    /// Evaluations since the eval loss last improved by more than the threshold.
+    #[serde(default)]
+    pub evals_without_improvement: usize,
 }
 
 /// Optimizer moments by PEFT tensor key.

@@ -52,6 +52,13 @@ pub struct TrainConfig {
     pub output_router_logits: bool,
     /// Its coefficient; default: the model's `router_aux_loss_coef`.
     pub router_aux_loss_coef: Option<f64>,
+    /// Stop after this many evaluations in a row without an improvement of the eval loss by more
+    /// than `early_stopping_threshold` over the best so far (transformers' EarlyStoppingCallback).
+    pub early_stopping_patience: Option<usize>,
+    pub early_stopping_threshold: f64,
+    /// Write the adapter of the lowest eval loss (kept in `best_adapter/` as training goes) as
+    /// the run's `adapter/`, instead of the last step's (transformers' `load_best_model_at_end`).
+    pub load_best_at_end: bool,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +86,9 @@ impl Default for TrainConfig {
             resume: false,
             output_router_logits: false,
             router_aux_loss_coef: None,
+            early_stopping_patience: None,
+            early_stopping_threshold: 0.0,
+            load_best_at_end: false,
         }
     }
 }
@@ -100,6 +110,7 @@ impl TrainConfig {
             ("eval_steps", self.eval_steps),
             ("save_steps", self.save_steps),
             ("save_total_limit", self.save_total_limit),
+            ("early_stopping_patience", self.early_stopping_patience),
         ] {
             if let Some(v) = v {
                 positive(key, v)?;
@@ -112,6 +123,16 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&v) {
                 return Err((key, format!("must be in [0, 1), got {v}")));
             }
+        }
+        if self.early_stopping_threshold.is_nan() || self.early_stopping_threshold < 0.0 {
+            return Err(("early_stopping_threshold", format!("must be >= 0, got {}", self.early_stopping_threshold)));
+        }
+        if self.early_stopping_patience.is_some() && self.eval_steps.is_none() {
+            return Err((
+                "early_stopping_patience",
+                "needs train.eval_steps: patience counts evaluations, and without eval_steps there is only the last"
+                    .into(),
+            ));
         }
         if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
             return Err(("adam_epsilon", format!("must be positive, got {}", self.adam_epsilon)));

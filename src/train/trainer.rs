@@ -56,6 +56,11 @@ pub struct Summary {
     pub wall_time_s: f64,
     pub adapter_dir: Option<PathBuf>,
     pub resumed_from_step: Option<usize>,
+    /// Early stopping ended the run at this step.
+    pub stopped_early_at: Option<usize>,
+    /// The lowest eval loss and its step; with `load_best_at_end`, `adapter/` is that step's.
+    pub best_eval_step: Option<usize>,
+    pub best_eval_loss: Option<f64>,
     pub data: DataStats,
 }
 
@@ -338,6 +343,8 @@ pub fn train<B: TemperAutodiff>(
                 last_loss: None,
                 last_eval_loss: None,
                 loss_scale: None,
+                best_eval: None,
+                evals_without_improvement: 0,
             }
         }
     };
@@ -375,7 +382,21 @@ pub fn train<B: TemperAutodiff>(
         eprintln!("f16 base: dynamic loss scaling from {} (as torch.amp.GradScaler)", scaler.scale);
     }
 
-    while state.step < total {
+    let needs_eval = if cfg.early_stopping_patience.is_some() {
+        Some("train.early_stopping_patience")
+    } else {
+        cfg.load_best_at_end.then_some("train.load_best_at_end")
+    };
+    if let (Some(key), true) = (needs_eval, data.eval.as_ref().is_none_or(Vec::is_empty)) {
+        return Err(Error::InvalidArgument(format!("{key} needs evaluation rows: set data.eval or data.val_split")));
+    }
+    let best_dir = run.output_dir.join("best_adapter");
+    // A resumed run whose last checkpoint had already run out of patience is finished.
+    let mut stopped_early_at = cfg
+        .early_stopping_patience
+        .filter(|&p| state.step > 0 && state.evals_without_improvement >= p)
+        .map(|_| state.step);
+    while state.step < total && stopped_early_at.is_none() {
         if run.stop_after_steps.is_some_and(|s| state.step >= s) {
             break;
         }
@@ -431,10 +452,24 @@ pub fn train<B: TemperAutodiff>(
                 state.step, stats.loss, stats.grad_norm
             );
         }
-        let last = state.step == total;
+        let mut last = state.step == total;
         if last || cfg.eval_steps.is_some_and(|n| state.step % n == 0) {
             if let Some((loss, tokens)) = eval_now(&model) {
                 state.last_eval_loss = Some(loss);
+                // Early stopping as transformers' EarlyStoppingCallback: an evaluation improves
+                // when it beats the best so far by more than the threshold.
+                let improved = state.best_eval.is_none_or(|(_, b)| loss < b - cfg.early_stopping_threshold);
+                state.evals_without_improvement = if improved { 0 } else { state.evals_without_improvement + 1 };
+                if state.best_eval.is_none_or(|(_, b)| loss < b) {
+                    state.best_eval = Some((state.step, loss));
+                    if cfg.load_best_at_end {
+                        extract_adapter(&mut model, &run.lora, &run.base_model)?.write(
+                            &best_dir,
+                            WriteMode::Replace,
+                            &[],
+                        )?;
+                    }
+                }
                 log.push(MetricLine::Eval {
                     step: state.step,
                     eval_loss: loss,
@@ -451,19 +486,40 @@ pub fn train<B: TemperAutodiff>(
                 } else if run.show_progress {
                     eprintln!("{line}");
                 }
+                if !last && cfg.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                    let (at, best) = state.best_eval.unwrap_or((state.step, loss));
+                    let line = format!(
+                        "early stopping at step {}: {} evaluations without an improvement of more than {} (best eval loss {best:.4} at step {at})",
+                        state.step, state.evals_without_improvement, cfg.early_stopping_threshold
+                    );
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
+                    stopped_early_at = Some(state.step);
+                    last = true;
+                }
             }
         }
         if last || cfg.save_steps.is_some_and(|n| state.step % n == 0) {
             let adapter = extract_adapter(&mut model, &run.lora, &run.base_model)?;
             checkpoint::save(&run.output_dir, &state, &adapter, &opt.moments(&keys)?, cfg.save_total_limit)?;
         }
+        if stopped_early_at.is_some() {
+            break;
+        }
     }
     bar.finish_and_clear();
     crate::export::write_file_atomically(&run.output_dir.join("loss_curve.svg"), log.svg().as_bytes())?;
 
-    let finished = state.step == total;
+    let finished = state.step == total || stopped_early_at.is_some();
     let adapter_dir = if finished {
-        let adapter = extract_adapter(&mut model, &run.lora, &run.base_model)?;
+        let adapter = match (cfg.load_best_at_end, state.best_eval) {
+            // The best step's adapter, written when it was evaluated (it survives a resume).
+            (true, Some(_)) => Adapter::read(&best_dir)?,
+            _ => extract_adapter(&mut model, &run.lora, &run.base_model)?,
+        };
         let dir = run.output_dir.join("adapter");
         let card = model_card(run, &state, &adapter);
         adapter.write(&dir, WriteMode::Replace, &[("README.md", card.into_bytes())])?;
@@ -485,6 +541,9 @@ pub fn train<B: TemperAutodiff>(
         wall_time_s: wall,
         adapter_dir,
         resumed_from_step: resumed_from,
+        stopped_early_at,
+        best_eval_step: state.best_eval.map(|(s, _)| s),
+        best_eval_loss: state.best_eval.map(|(_, l)| l),
         data: data.stats.clone(),
     };
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::InvalidArgument(e.to_string()))?;

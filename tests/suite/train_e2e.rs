@@ -282,3 +282,72 @@ fn every_recipe_parses() {
     }
     assert!(!found.is_empty(), "recipes/ has no recipe");
 }
+
+/// Early stopping (transformers' EarlyStoppingCallback): with a threshold no evaluation can beat,
+/// patience 2 and evaluations every 2 steps, the run stops at step 6 (best at 2, then two evals
+/// without improvement), writes its adapter, checkpoint and summary, and says so; with
+/// `load_best_at_end` the adapter is the lowest eval loss's, kept in `best_adapter/`.
+#[test]
+fn early_stopping_stops_on_patience_and_keeps_the_best_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = temper(&[
+        "train",
+        "recipes/quickstart.yaml",
+        "--set",
+        &format!("output.dir={}", out.display()),
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "train.eval_steps=2",
+        "--set",
+        "train.save_steps=100",
+        "--set",
+        "train.early_stopping_patience=2",
+        "--set",
+        "train.early_stopping_threshold=10.0",
+        "--set",
+        "train.load_best_at_end=true",
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "train failed: {stderr}");
+    assert!(stderr.contains("early stopping at step 6: 2 evaluations without an improvement"), "{stderr}");
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["steps"], 6);
+    assert_eq!(summary["stopped_early_at"], 6);
+    let evals: Vec<(usize, f64)> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| match serde_json::from_str::<MetricLine>(l).unwrap() {
+            MetricLine::Eval { step, eval_loss, .. } => Some((step, eval_loss)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 4, 6]);
+    let best = evals.iter().copied().fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    assert_eq!(summary["best_eval_step"], best.0);
+    assert_eq!(summary["best_eval_loss"].as_f64().unwrap(), best.1);
+    let ckpts = temper::train::checkpoint::list(&out).unwrap();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![6], "a checkpoint where it stopped");
+    // adapter/ is best_adapter/ (the lowest eval loss's), not necessarily the last step's.
+    let a = temper::export::Adapter::read(&out.join("adapter")).unwrap();
+    let b = temper::export::Adapter::read(&out.join("best_adapter")).unwrap();
+    assert_eq!(a.modules.len(), b.modules.len());
+    for (m, p) in &a.modules {
+        assert_eq!(p.a.data, b.modules[m].a.data, "{m}");
+        assert_eq!(p.b.data, b.modules[m].b.data, "{m}");
+    }
+    // Patience without evaluations is refused, naming the key.
+    let bad = temper(&[
+        "train",
+        "recipes/quickstart.yaml",
+        "--set",
+        "train.eval_steps=null",
+        "--set",
+        "train.early_stopping_patience=2",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("train.early_stopping_patience"), "{err}");
+}
