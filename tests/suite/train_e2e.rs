@@ -107,6 +107,15 @@ fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
 }
 
 fn small_run(out: &Path, resume: bool, stop: Option<usize>) -> Vec<(usize, f64)> {
+    small_run_with(out, resume, stop, |t| t)
+}
+
+fn small_run_with(
+    out: &Path,
+    resume: bool,
+    stop: Option<usize>,
+    tweak: impl Fn(TrainConfig) -> TrainConfig,
+) -> Vec<(usize, f64)> {
     let model_dir = shared("models/stories260K");
     let tok = TextTokenizer::from_dir(&model_dir).unwrap();
     let data_cfg = DataConfig {
@@ -122,7 +131,7 @@ fn small_run(out: &Path, resume: bool, stop: Option<usize>) -> Vec<(usize, f64)>
         base_model: "stories260K".into(),
         lora: LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, ..LoraConfig::default() },
         data: data_cfg,
-        train: TrainConfig {
+        train: tweak(TrainConfig {
             max_steps: Some(8),
             micro_batch_size: 2,
             gradient_accumulation_steps: 2,
@@ -132,7 +141,7 @@ fn small_run(out: &Path, resume: bool, stop: Option<usize>) -> Vec<(usize, f64)>
             eval_steps: Some(4),
             resume,
             ..TrainConfig::default()
-        },
+        }),
         output_dir: out.to_path_buf(),
         recipe_text: None,
         show_progress: false,
@@ -350,4 +359,29 @@ fn early_stopping_stops_on_patience_and_keeps_the_best_adapter() {
     ]);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("train.early_stopping_patience"), "{err}");
+}
+
+/// Early stopping survives a resume: killed after step 5 (checkpoint at 4, one evaluation
+/// without improvement so far), the resumed run stops where the uninterrupted one did.
+#[test]
+fn early_stopping_counters_survive_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tweak = |t: TrainConfig| TrainConfig {
+        eval_steps: Some(2),
+        early_stopping_patience: Some(2),
+        early_stopping_threshold: 10.0,
+        ..t
+    };
+    let full = small_run_with(&tmp.path().join("full"), false, None, tweak);
+    assert_eq!(full.len(), 6, "stops at step 6");
+    let part = tmp.path().join("part");
+    small_run_with(&part, false, Some(5), tweak);
+    let resumed = small_run_with(&part, true, None, tweak);
+    assert_eq!(resumed.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    let (a, b) = (read_json(&tmp.path().join("full/summary.json")), read_json(&part.join("summary.json")));
+    assert_eq!(b["stopped_early_at"], 6);
+    assert_eq!((&a["best_eval_step"], &a["best_eval_loss"]), (&b["best_eval_step"], &b["best_eval_loss"]));
+    for ((s, x), (_, y)) in full.iter().zip(&resumed) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: uninterrupted {x} vs resumed {y}");
+    }
 }
