@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let prepared = prepare(&data, &tokenizer, Path::new("."), 42)?;
     let run = RunConfig {
+        base_license: Some(temper::model::license::ModelLicense::read(&model_dir)),
         base_model: model_dir.display().to_string(),
         lora: LoraConfig {
             r: 8,

@@ -16,7 +16,7 @@ use crate::{Error, Result};
 
 /// A model folder: `spec` itself when it is an existing folder, else the snapshot folder of the
 /// Hub model `owner/name` at `revision` (default `main`), with config.json, tokenizer.json,
-/// tokenizer_config.json, generation_config.json (if the repository has them) and the weights
+/// tokenizer_config.json, generation_config.json, README.md, LICENSE (if the repository has them) and the weights
 /// (model.safetensors, or the index and every shard it names).
 pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     let local = Path::new(spec);
@@ -28,7 +28,8 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     let repo = repo(spec, RepoType::Model, revision);
     let config = hub.file(&repo, "config.json", true)?.ok_or_else(|| hub.err(&repo, "config.json", "not found"))?;
     hub.file(&repo, "tokenizer.json", true)?;
-    for optional in ["tokenizer_config.json", "generation_config.json"] {
+    // The model card and LICENSE: the license shown by inspect and train, and carried into cards.
+    for optional in ["tokenizer_config.json", "generation_config.json", "README.md", "LICENSE"] {
         hub.file(&repo, optional, false)?;
     }
     match hub.file(&repo, "model.safetensors.index.json", false)? {

@@ -58,6 +58,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
     info["delta_net"] = serde_json::to_value(&hybrid.dims)?;
     info["vision_tower_tensors"] = json!(hybrid.vision_tensors);
     info["mtp_tensors"] = json!(hybrid.mtp_tensors);
+    let license = temper::model::license::ModelLicense::read(&args.model);
+    info["license"] = serde_json::to_value(&license)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
@@ -96,6 +98,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         );
     }
     println!("tied head    {}", cfg.tie_word_embeddings);
+    println!("license      {}", license.describe());
     if let Some(notice) = cfg.composite_notice() {
         println!("vision       {notice}");
     }

@@ -53,6 +53,8 @@ impl TrainTask for TrainJob {
     fn run<B: TemperAutodiff>(self, device: B::Device, kind: Resolved) -> Result<()> {
         let r = &self.loaded.recipe;
         let dir = resolve_model(&r.base_model, r.revision.as_deref())?;
+        let license = temper::model::license::ModelLicense::read(&dir);
+        eprintln!("license: {}", license.describe());
         let tokenizer = TextTokenizer::from_dir(&dir)?;
         let four_bit = r
             .quantization
@@ -90,6 +92,7 @@ impl TrainTask for TrainJob {
             recipe_text: Some(self.loaded.effective_yaml.clone()),
             show_progress: true,
             stop_after_steps: None,
+            base_license: Some(license),
         };
         eprintln!("training on {kind}: {} -> {}", dir.display(), r.output.dir.display());
         let summary = train(loaded.model, &data, pad_id, &run)?;

@@ -3,6 +3,34 @@
 use std::path::Path;
 
 use crate::export::merge::{MergeDtype, MergeInput, MergeOptions, MergeSummary};
+use crate::model::license::ModelLicense;
+
+/// The Hub's license keys for a card's front matter (each line ends with a newline; empty when
+/// the base model declares none): a derivative carries its base model's license.
+pub fn license_front_matter(l: &ModelLicense) -> String {
+    let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let mut out = String::new();
+    match &l.id {
+        Some(id) => out.push_str(&format!("license: {}\n", quote(id))),
+        None if l.is_known() => out.push_str("license: other\n"),
+        None => return out,
+    }
+    if let Some(name) = &l.name {
+        out.push_str(&format!("license_name: {}\n", quote(name)));
+    }
+    if let Some(link) = l.link.as_deref().filter(|k| k.starts_with("http")) {
+        out.push_str(&format!("license_link: {}\n", quote(link)));
+    }
+    out
+}
+
+/// A `## License` section naming the base model's license (or saying it is unknown).
+pub fn license_section(l: &ModelLicense) -> String {
+    format!(
+        "## License\n\nThe base model's license applies to this model and anything derived from it: {}.\n\n",
+        l.describe()
+    )
+}
 
 /// A model card for a merged model (YAML front matter the Hub reads, then plain Markdown).
 pub fn merged_model_card(base: &Path, inputs: &[MergeInput], opts: MergeOptions, summary: &MergeSummary) -> String {
@@ -19,8 +47,10 @@ pub fn merged_model_card(base: &Path, inputs: &[MergeInput], opts: MergeOptions,
         MergeDtype::F16 => "float16",
         MergeDtype::F32 => "float32",
     };
+    let license = ModelLicense::read(base);
     let mut card = format!(
-        "---\nbase_model: {hub_base}\nlibrary_name: transformers\ntags:\n- temper\n- lora\n- merged\n---\n\n# {base_name} with merged LoRA adapter{}\n\n",
+        "---\nbase_model: {hub_base}\nlibrary_name: transformers\n{}tags:\n- temper\n- lora\n- merged\n---\n\n# {base_name} with merged LoRA adapter{}\n\n",
+        license_front_matter(&license),
         if inputs.len() > 1 { "s" } else { "" }
     );
     card.push_str(&format!(
@@ -57,5 +87,6 @@ pub fn merged_model_card(base: &Path, inputs: &[MergeInput], opts: MergeOptions,
             ""
         }
     ));
+    card.push_str(&format!("\n{}", license_section(&license)));
     card
 }

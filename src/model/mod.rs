@@ -5,6 +5,7 @@ pub mod config;
 pub mod decoder;
 pub mod delta_net;
 pub mod generate;
+pub mod license;
 pub mod mlp;
 pub mod moe;
 pub mod names;

@@ -39,6 +39,8 @@ pub struct RunConfig {
     pub show_progress: bool,
     /// Stop after this many steps, as if killed (for resume tests).
     pub stop_after_steps: Option<usize>,
+    /// The base model's license, carried into the adapter's model card.
+    pub base_license: Option<crate::model::license::ModelLicense>,
 }
 
 /// `summary.json` of a finished run.
@@ -565,11 +567,15 @@ fn progress_bar(show: bool, total: usize, at: usize) -> ProgressBar {
 
 fn model_card(run: &RunConfig, state: &TrainerState, adapter: &Adapter) -> String {
     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let (front, license) = match &run.base_license {
+        Some(l) => (crate::export::model_card::license_front_matter(l), crate::export::model_card::license_section(l)),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- lora\n- temper\n---\n\n# LoRA adapter for {base}\n\n\
+        "---\nbase_model: {base}\nlibrary_name: peft\n{front}tags:\n- lora\n- temper\n---\n\n# LoRA adapter for {base}\n\n\
          Trained with [Temper](https://crates.io/crates/temper-lm).\n\n\
          - dataset: `{data}`\n- LoRA: r={r}, lora_alpha={alpha}, modules: {mods}\n- steps: {steps}, trained tokens: {tokens}\n\
-         - final train loss: {tl}\n- final eval loss: {el}\n\n## Recipe\n\n```yaml\n{recipe}\n```\n",
+         - final train loss: {tl}\n- final eval loss: {el}\n\n{license}## Recipe\n\n```yaml\n{recipe}\n```\n",
         base = run.base_model,
         data = run.data.train.display(),
         r = run.lora.r,

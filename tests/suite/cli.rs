@@ -101,6 +101,14 @@ fn inspect_reports_architecture() {
     assert_eq!(v["kv_heads"], 4);
     assert_eq!(v["vocab_size"], 512);
     assert_eq!(v["chat_template"], false);
+    // ../shared's copy has no model card or LICENSE; the one shipped for the quickstart has both.
+    assert_eq!(v["license"]["source"], serde_json::Value::Null);
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/stories260K");
+    let out = temper(&["inspect", path(&shipped)]);
+    let text = stdout_ok(&out);
+    assert!(text.lines().any(|l| l.starts_with("license") && l.ends_with(" mit")), "{text}");
+    let out = temper(&["inspect", path(&shared("models/stories260K"))]);
+    assert!(stdout_ok(&out).contains("license      unknown"), "an unknown license is said so");
 }
 
 /// A writable copy of the llama fixture for corrupting.

@@ -55,6 +55,9 @@ fn quickstart_recipe_trains_stories260k_and_the_adapter_reloads() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(stderr.lines().filter(|l| l.starts_with("data: ") && l.contains(" rows")).count(), 1, "{stderr}");
     assert!(stderr.contains("training on cpu: examples/models/stories260K -> "), "{stderr}");
+    assert!(stderr.lines().any(|l| l == "license: mit"), "the base model's license up front: {stderr}");
+    let card = std::fs::read_to_string(out.join("adapter/README.md")).unwrap();
+    assert!(card.contains("\nlicense: \"mit\"\n") && card.contains("## License"), "{card}");
     for (step, since) in [(10, 0), (20, 10), (24, 20)] {
         let line = stderr.lines().find(|l| l.starts_with(&format!("step {step}: eval loss "))).unwrap_or_else(|| {
             panic!("no eval line at step {step}: {stderr}");
@@ -146,6 +149,7 @@ fn small_run_with(
         recipe_text: None,
         show_progress: false,
         stop_after_steps: stop,
+        base_license: None,
     };
     train(model, &data, 2, &run).unwrap();
     std::fs::read_to_string(out.join("metrics.jsonl"))
