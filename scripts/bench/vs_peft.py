@@ -2,7 +2,7 @@
 """Side-by-side LoRA step benchmark: PyTorch + transformers + peft against `temper bench`.
 
 Run by hand, never in CI. Tested with (scripts/bench/requirements.txt):
-    torch 2.15.0 (+cu132 wheel from plain PyPI, run on CPU), transformers 5.24.0, peft 0.21.2,
+    torch 2.15.0 (+cu132 wheel from plain PyPI, run on CPU), transformers 5.25.0, peft 0.22.0,
     safetensors 0.8.0, numpy 2.4.6, psutil 7.2.2, Python 3.11.7
 
     python3 -m venv /work/venv-bench
