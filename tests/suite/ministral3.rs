@@ -266,3 +266,62 @@ fn ministral3_config_defaults_and_wrapper_tying() {
     assert!(!wrap(None, Some(false)), "without a top-level flag, the text config's");
     assert!(wrap(None, Some(true)));
 }
+
+/// Every tensor of a one-file checkpoint: name -> (shape, raw bytes).
+fn raw_tensors(file: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// `temper merge` against PEFT's `merge_and_unload` (tests/fixtures/mistral3/peft/ministral3/
+/// merged.safetensors, the text model's 28 adapted tensors): into the text checkpoint, and into
+/// the `mistral3` wrapper in the layout save_pretrained writes (`language_model.model.*`), where
+/// the same tensors change under their own names and every other tensor (vision tower,
+/// projector, norms, embeddings, head) is copied byte for byte. f32: within 1e-5 of max(1, |x|).
+#[test]
+fn ministral3_merge_matches_peft_merge_and_unload() {
+    use temper::export::{merge_model, MergeDtype, MergeInput, MergeOptions, WriteMode};
+    let m = manifest();
+    let want: std::collections::BTreeMap<String, Vec<f32>> =
+        raw_tensors(&dir().join(m["peft"]["ministral3"]["merged"]["path"].as_str().unwrap()))
+            .into_iter()
+            .map(|(k, (_, b))| (k, f32s(&b)))
+            .collect();
+    assert_eq!(want.len(), 28);
+    let tmp = tempfile::tempdir().unwrap();
+    for (model, adapter, prefix) in [
+        ("models/ministral3", "peft/ministral3/adapter", "model.layers."),
+        ("models/mistral3", "peft/mistral3/adapter", "language_model.model.layers."),
+    ] {
+        let adapter_dir = dir().join(adapter);
+        let input = MergeInput { adapter: Adapter::read(&adapter_dir).unwrap(), dir: adapter_dir, weight: 1.0 };
+        let out = tmp.path().join(model.replace('/', "_"));
+        let opts = MergeOptions { dtype: MergeDtype::Auto, untie: false };
+        merge_model(&dir().join(model), &[input], opts, &out, WriteMode::Refuse, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+        let base = raw_tensors(&dir().join(model).join("model.safetensors"));
+        let got = raw_tensors(&out.join("model.safetensors"));
+        assert_eq!(got.keys().collect::<Vec<_>>(), base.keys().collect::<Vec<_>>(), "{model}: the base's tensors");
+        let mut changed = 0;
+        for (name, (shape, bytes)) in &base {
+            let (got_shape, got_bytes) = &got[name];
+            assert_eq!(got_shape, shape, "{model}: {name}");
+            let peft_name = name.strip_prefix(prefix).map(|rest| format!("model.layers.{rest}"));
+            match peft_name.as_ref().and_then(|n| want.get(n)) {
+                Some(w) => {
+                    let g = f32s(got_bytes);
+                    let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max);
+                    assert!(worst <= 1e-5, "{model}: {name} differs from merge_and_unload by {worst:e}");
+                    changed += 1;
+                }
+                None => assert!(got_bytes == bytes, "{model}: {name} is not adapted and must be copied byte for byte"),
+            }
+        }
+        assert_eq!(changed, 28, "{model}: every adapted tensor merged");
+    }
+}
