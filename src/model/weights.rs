@@ -35,6 +35,8 @@ pub struct Checkpoint {
     /// Quantize the decoder projections to this 4-bit format as they are read (QLoRA on an
     /// f32 / f16 / bf16 checkpoint), as bitsandbytes' `quantize_4bit` does.
     quantize_on_load: Option<LoadIn4Bit>,
+    /// An FP8 checkpoint's `quantization_config.weight_block_size` (`[rows, cols]` of a block).
+    fp8_block: Option<[usize; 2]>,
 }
 
 #[derive(Deserialize)]
@@ -93,7 +95,8 @@ impl Checkpoint {
             shards.push(shard);
         }
         let layout = TextLayout::detect(index.keys());
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, index, layout, quantize_on_load: None })
+        let fp8_block = fp8_block_size(dir);
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, index, layout, quantize_on_load: None, fp8_block })
     }
 
     /// Quantize every decoder projection to `kind` (blocks of 64, double quantization if asked)
@@ -180,6 +183,7 @@ impl Checkpoint {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
+            Dtype::F8_E4M3 => return self.read_fp8(name, shape, bytes, dtype),
             other => {
                 return Err(Error::TensorDtype {
                     path: shard.path.clone(),
@@ -189,6 +193,55 @@ impl Checkpoint {
             }
         };
         Ok(convert(bytes, shape, src, dtype))
+    }
+}
+
+impl Checkpoint {
+    /// An FP8 (e4m3) weight and its `<name>_scale_inv`, dequantized ([`crate::quant::fp8`]).
+    fn read_fp8(&self, name: &str, shape: &[usize], bytes: &[u8], dtype: DType) -> Result<TensorData> {
+        let scale_name = format!("{name}_scale_inv");
+        let path = self.index.get(name).map_or_else(|| self.dir.clone(), |&i| self.shards[i].path.clone());
+        let bad = |reason: String| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {reason}") };
+        let Some((scale_dtype, scale_shape, scale_bytes)) = self.raw(&scale_name) else {
+            return Err(bad(format!(
+                "stored as float8 e4m3 without its scale `{scale_name}` (an FP8 checkpoint keeps one beside every FP8 weight)"
+            )));
+        };
+        let scales: Vec<f32> = match scale_dtype {
+            Dtype::F32 => scale_bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => {
+                scale_bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            Dtype::F16 => {
+                scale_bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            other => return Err(bad(format!("its scale `{scale_name}` is {other:?}; expected F32, BF16 or F16"))),
+        };
+        if scales.len() != scale_shape.iter().product::<usize>() {
+            return Err(bad(format!(
+                "its scale `{scale_name}` is truncated ({} values for {scale_shape:?})",
+                scales.len()
+            )));
+        }
+        let layout = crate::quant::fp8::Fp8Scales::resolve(shape, &scale_shape, self.fp8_block).map_err(bad)?;
+        if bytes.len() != shape.iter().product::<usize>() {
+            return Err(bad(format!("{} bytes for a {shape:?} float8 tensor", bytes.len())));
+        }
+        let values = crate::quant::fp8::dequantize_e4m3(bytes, shape, &scales, layout);
+        let data = TensorData::new(values, shape.to_vec());
+        Ok(if dtype == DType::F32 { data } else { data.convert_dtype(dtype) })
+    }
+}
+
+/// `quantization_config.weight_block_size` of an FP8 checkpoint's config.json, if any.
+fn fp8_block_size(dir: &Path) -> Option<[usize; 2]> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let q = v.get("quantization_config").or_else(|| v.get("text_config")?.get("quantization_config"))?;
+    let b = q.get("weight_block_size")?.as_array()?;
+    match b.as_slice() {
+        [r, c] => Some([r.as_u64()? as usize, c.as_u64()? as usize]),
+        _ => None,
     }
 }
 

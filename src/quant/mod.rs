@@ -5,6 +5,7 @@
 pub mod bnb;
 pub mod device;
 pub mod double;
+pub mod fp8;
 pub mod mxfp4;
 pub mod nf4;
 

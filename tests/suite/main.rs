@@ -11,6 +11,7 @@ mod data_preview;
 mod delta_net_op;
 mod export_gguf;
 mod export_serving;
+mod fp8;
 mod hub;
 mod lora_parity;
 mod merge;

@@ -327,10 +327,23 @@ impl HfConfig {
         })
     }
 
-    /// bitsandbytes 4-bit (nf4 / fp4) is read as it is stored; any other quantization is refused.
+    /// bitsandbytes 4-bit (nf4 / fp4) is read as it is stored, FP8 (e4m3 with block or
+    /// per-tensor scales) is dequantized on load; any other quantization is refused, named.
     fn check_quantization(&self, path: &Path) -> Result<()> {
         let Some(q) = &self.quantization_config else { return Ok(()) };
         let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+        if method == "fp8" {
+            let fmt = q.get("fmt").and_then(Value::as_str).unwrap_or("e4m3");
+            if fmt != "e4m3" {
+                return Err(unsupported(
+                    path,
+                    "quantization_config.fmt",
+                    compact(&Value::from(fmt)),
+                    "FP8 checkpoints are read in e4m3 (float8_e4m3fn) only",
+                ));
+            }
+            return Ok(());
+        }
         let four_bit = method == "bitsandbytes" && q.get("load_in_4bit").and_then(Value::as_bool) == Some(true);
         let kind = q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4");
         if !four_bit || crate::quant::FourBit::from_name(kind).is_none() {
