@@ -102,8 +102,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
     // The dtype the merged weights were written in.
     let written = temper::model::Checkpoint::open(&args.out).ok().and_then(|c| c.dominant_dtype());
     if summary.dequantized > 0 {
+        let fp8 = std::fs::read_to_string(args.model.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["quantization_config"]["quant_method"] == "fp8");
+        let (what, again) = if fp8 { ("FP8", "in FP8") } else { ("bitsandbytes 4-bit", "in 4 bits") };
         eprintln!(
-            "the base is bitsandbytes 4-bit: {} weights were dequantized, merged in f32 and written as {} (quantize the merged model again to serve it in 4 bits)",
+            "the base is {what}: {} weights were dequantized, merged in f32 and written as {} (quantize the merged model again to serve it {again})",
             summary.dequantized,
             written.map_or("?".to_string(), |d| format!("{d:?}"))
         );

@@ -343,6 +343,14 @@ fn merge_shard(
         let terms = plan.terms.get(name);
         let src_dtype = reader.tensors[*i].1.dtype;
         let bytes = match (plan.four_bit.get(name), &plan.quant_source) {
+            // An FP8 weight: dequantized with its scales, then merged and cast like any other.
+            (Some(_), Some(ckpt)) if src_dtype == Dtype::F8_E4M3 => {
+                summary.dequantized += 1;
+                let w: Vec<f32> = ckpt.read(name, shape, burn::tensor::DType::F32)?.to_vec().map_err(|e| {
+                    Error::InvalidArgument(format!("`{name}`: dequantized FP8 weight unreadable: {e:?}"))
+                })?;
+                with_terms(w, terms, shape, *out_dtype, summary)?
+            }
             // A 4-bit weight: dequantized, then merged and cast like any other.
             (Some(_), Some(ckpt)) => {
                 summary.dequantized += 1;
@@ -494,6 +502,24 @@ fn four_bit_weights(ckpt: &Checkpoint, dtype: MergeDtype) -> Result<FourBitWeigh
         };
         weights.insert(entry.name, (entry.shape, dtype.resolve(stored)));
         aux.extend(entry.parts);
+    }
+    // FP8 (e4m3) weights: dequantized with their scales and written in bf16 (or `--dtype`), the
+    // scales (and static activation scales) dropped.
+    let fp8: Vec<(String, Vec<usize>)> = ckpt
+        .tensor_names()
+        .filter_map(|n| match ckpt.info(n) {
+            Some((Dtype::F8_E4M3, shape)) => Some((n.clone(), shape)),
+            _ => None,
+        })
+        .collect();
+    for (name, shape) in fp8 {
+        weights.insert(name.clone(), (shape, dtype.resolve(Dtype::BF16)));
+        let stem = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+        for extra in [format!("{name}_scale_inv"), format!("{stem}.input_scale"), format!("{stem}.activation_scale")] {
+            if ckpt.contains(&extra) {
+                aux.insert(extra);
+            }
+        }
     }
     Ok((weights, aux))
 }
