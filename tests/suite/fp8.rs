@@ -210,3 +210,25 @@ fn merge_onto_an_fp8_base_writes_bf16() {
     // Measured 2.4e-2 against an adapter effect of 2.3: the bf16 rounding of every weight.
     assert!(d <= 5e-2, "merged vs unmerged logits differ by {d:e} (bf16 weights)");
 }
+
+/// Quantization schemes Temper does not read are refused with the scheme named: compressed-tensors'
+/// INT4 (Kimi K2 Thinking's experts), GPTQ, 8-bit bitsandbytes.
+#[test]
+fn other_quantization_schemes_are_refused_by_name() {
+    let path = std::path::Path::new("config.json");
+    let with = |q: serde_json::Value| {
+        let v = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 128, "quantization_config": q});
+        temper::model::config::HfConfig::from_value(path, v)
+            .and_then(|h| h.to_decoder_config(path))
+            .unwrap_err()
+            .to_string()
+    };
+    let int4 = with(serde_json::json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "group_size": 32}}}}));
+    assert!(int4.contains("compressed-tensors (pack-quantized, int4 weights in groups of 32)"), "{int4}");
+    let gptq = with(serde_json::json!({"quant_method": "gptq", "bits": 4}));
+    assert!(gptq.contains("gptq checkpoints are not supported"), "{gptq}");
+    let bnb8 = with(serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}));
+    assert!(bnb8.contains("bitsandbytes 8-bit"), "{bnb8}");
+}

@@ -347,16 +347,19 @@ impl HfConfig {
         let four_bit = method == "bitsandbytes" && q.get("load_in_4bit").and_then(Value::as_bool) == Some(true);
         let kind = q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4");
         if !four_bit || crate::quant::FourBit::from_name(kind).is_none() {
-            let what = if method == "bitsandbytes" {
-                format!("bitsandbytes {}", if four_bit { kind } else { "8-bit" })
-            } else {
-                method.to_string()
+            let what = match method {
+                "bitsandbytes" => format!("bitsandbytes {}", if four_bit { kind } else { "8-bit" }),
+                // Kimi K2 Thinking's INT4 experts and the like: name the scheme, not just the tool.
+                "compressed-tensors" => compressed_tensors_scheme(q),
+                _ => method.to_string(),
             };
             return Err(unsupported(
                 path,
                 "quantization_config",
                 compact(q),
-                &format!("{what} checkpoints are not supported (bitsandbytes 4-bit nf4 / fp4 are); use the unquantized weights"),
+                &format!(
+                    "{what} checkpoints are not supported (bitsandbytes 4-bit nf4 / fp4 and FP8 e4m3 are); use the unquantized weights"
+                ),
             ));
         }
         Ok(())
@@ -371,6 +374,25 @@ impl DecoderConfig {
         let cfg = hf.to_decoder_config(&path)?;
         Ok((hf, cfg))
     }
+}
+
+/// `compressed-tensors (pack-quantized, int4 weights in groups of 32)` from its config groups.
+fn compressed_tensors_scheme(q: &Value) -> String {
+    let format = q.get("format").and_then(Value::as_str).unwrap_or("?");
+    let weights = q
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .and_then(|g| g.values().next())
+        .and_then(|g| g.get("weights"));
+    let detail = weights.map(|w| {
+        let bits = w.get("num_bits").and_then(Value::as_u64).map_or("?".to_string(), |b| b.to_string());
+        let kind = w.get("type").and_then(Value::as_str).unwrap_or("?");
+        match w.get("group_size").and_then(Value::as_u64) {
+            Some(g) => format!(", {kind}{bits} weights in groups of {g}"),
+            None => format!(", {kind}{bits} weights"),
+        }
+    });
+    format!("compressed-tensors ({format}{})", detail.unwrap_or_default())
 }
 
 /// A value this decoder does not implement (`key` = `value`), and why.
