@@ -93,3 +93,21 @@ pub fn lora_grads<B: burn::tensor::backend::AutodiffBackend>(
     }
     host
 }
+
+/// Every tensor of a one-file checkpoint: name -> (shape, raw bytes).
+pub fn raw_tensors(file: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
+}
+
+/// Little-endian f32 bytes as values.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// max |got - want| / max(1, |want|).
+pub fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
+}

@@ -15,7 +15,7 @@ use temper::model::{load_model, CausalLm, WeightPrecision};
 use temper::ops::loss::{nll_sum, shift_labels};
 use temper::ops::{TemperAutodiff, TemperBackend};
 
-use crate::common::{fixtures, max_abs_diff, Cpu, CpuAutodiff, Reference};
+use crate::common::{f32s, fixtures, max_abs_diff, raw_tensors, worst_relative, Cpu, CpuAutodiff, Reference};
 
 /// Logits and LoRA gradients: within 1e-4 of max(1, the largest reference value).
 const TOL: f32 = 1e-4;
@@ -267,17 +267,6 @@ fn ministral3_config_defaults_and_wrapper_tying() {
     assert!(wrap(None, Some(true)));
 }
 
-/// Every tensor of a one-file checkpoint: name -> (shape, raw bytes).
-fn raw_tensors(file: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
 /// `temper merge` against PEFT's `merge_and_unload` (tests/fixtures/mistral3/peft/ministral3/
 /// merged.safetensors, the text model's 28 adapted tensors): into the text checkpoint, and into
 /// the `mistral3` wrapper in the layout save_pretrained writes (`language_model.model.*`), where
@@ -314,8 +303,7 @@ fn ministral3_merge_matches_peft_merge_and_unload() {
             let peft_name = name.strip_prefix(prefix).map(|rest| format!("model.layers.{rest}"));
             match peft_name.as_ref().and_then(|n| want.get(n)) {
                 Some(w) => {
-                    let g = f32s(got_bytes);
-                    let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max);
+                    let worst = worst_relative(&f32s(got_bytes), w);
                     assert!(worst <= 1e-5, "{model}: {name} differs from merge_and_unload by {worst:e}");
                     changed += 1;
                 }

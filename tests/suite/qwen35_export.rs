@@ -7,11 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use safetensors::SafeTensors;
 use serde_json::Value;
 use temper::export::{merge_model, Adapter, MergeDtype, MergeInput, MergeOptions, WriteMode};
 
-use crate::common::{fixtures, max_abs_diff, Reference};
+use crate::common::{f32s, fixtures, max_abs_diff, raw_tensors, worst_relative, Reference};
 
 /// f32 merge vs PEFT: |ours - peft| <= MERGE_TOL * max(1, |peft|).
 const MERGE_TOL: f32 = 1e-5;
@@ -35,22 +34,6 @@ fn merge(model: &str, adapter: &Path, out: &Path) {
         &mut |_| {},
     )
     .unwrap();
-}
-
-/// Every tensor of a one-file checkpoint: name -> (shape, raw bytes).
-fn raw_tensors(file: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
-fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
 }
 
 /// Merge `adapter` into `model` and compare with `merged` (disk key -> PEFT's merged values):
