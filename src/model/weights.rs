@@ -207,14 +207,9 @@ impl Checkpoint {
                 "stored as float8 e4m3 without its scale `{scale_name}` (an FP8 checkpoint keeps one beside every FP8 weight)"
             )));
         };
-        let scales: Vec<f32> = match scale_dtype {
-            Dtype::F32 => scale_bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => {
-                scale_bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            Dtype::F16 => {
-                scale_bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
+        let scales = match scale_dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => crate::export::shard::bytes_to_f32(scale_dtype, scale_bytes)
+                .ok_or_else(|| bad(format!("its scale `{scale_name}` could not be read as {scale_dtype:?}")))?,
             other => return Err(bad(format!("its scale `{scale_name}` is {other:?}; expected F32, BF16 or F16"))),
         };
         if scales.len() != scale_shape.iter().product::<usize>() {
