@@ -123,7 +123,7 @@ fn add_bias<B: Backend>(scores: Tensor<B, 5>, bias: Tensor<B, 5>) -> Tensor<B, 5
     (scores.reshape([b, kv * g, bq * bk]) + bias.reshape([rows, 1, bq * bk])).reshape(dims)
 }
 
-/// Slices of one row block: `q` as `[b, kv, g * bq, hd]`, `k` / `v` spans `[b, kv, bk, hd]`.
+/// Slices of one row block: `q` as `[b, kv, g * bq, hd]`, `k` / `v` spans `[b, kv, bk, hd | vd]`.
 fn block_inputs<B: Backend>(
     q: &Tensor<B, 5>,
     k: &Tensor<B, 4>,
@@ -133,12 +133,13 @@ fn block_inputs<B: Backend>(
     let [b, kv, g, _, hd] = q.dims();
     let qb = q.clone().slice([0..b, 0..kv, 0..g, q0..q1, 0..hd]).reshape([b, kv, g * (q1 - q0), hd]);
     let kb = k.clone().slice([0..b, 0..kv, k0..k1, 0..hd]);
-    let vb = v.clone().slice([0..b, 0..kv, k0..k1, 0..hd]);
+    let vb = v.clone().slice([0..b, 0..kv, k0..k1, 0..v.dims()[3]]);
     (qb, kb, vb)
 }
 
-/// `q` `[b, h, t, hd]`, `k`, `v` `[b, kv, s, hd]` -> the output `[b, h, t, hd]` (in `v`'s dtype)
-/// and the f32 log-sum-exp of every query row `[b, h, t]`.
+/// `q` `[b, h, t, hd]`, `k` `[b, kv, s, hd]`, `v` `[b, kv, s, vd]` -> the output `[b, h, t, vd]`
+/// (in `v`'s dtype) and the f32 log-sum-exp of every query row `[b, h, t]`. The value head dim
+/// may differ from the query/key one (multi-head latent attention).
 pub fn forward<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -147,6 +148,7 @@ pub fn forward<B: Backend>(
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let [b, h, t, hd] = q.dims();
     let [_, kv, s, _] = k.dims();
+    let vd = v.dims()[3];
     let g = h / kv;
     let device = q.device();
     let q = q.reshape([b, kv, g, t, hd]);
@@ -173,15 +175,15 @@ pub fn forward<B: Backend>(
             sum = sum + (s - max.clone()).exp();
         }
         let p = (e / sum.clone()).cast(vb.dtype()).reshape([b, kv, g * bq, bk]);
-        outs.push(p.matmul(vb).reshape([b, kv, g, bq, hd]));
+        outs.push(p.matmul(vb).reshape([b, kv, g, bq, vd]));
         lses.push((max + sum.log()).reshape([b, kv, g, bq]));
     }
-    let out = Tensor::cat(outs, 3).reshape([b, h, t, hd]);
+    let out = Tensor::cat(outs, 3).reshape([b, h, t, vd]);
     let lse = Tensor::cat(lses, 3).reshape([b, h, t]);
     (out, lse)
 }
 
-/// Gradients of q, k and v from the upstream gradient `dout` `[b, h, t, hd]`, recomputing each
+/// Gradients of q, k and v from the upstream gradient `dout` `[b, h, t, vd]`, recomputing each
 /// block's probabilities from the saved `lse`. Accumulates in f32; returns the inputs' dtypes.
 pub fn backward<B: Backend>(
     q: Tensor<B, 4>,
@@ -194,16 +196,17 @@ pub fn backward<B: Backend>(
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
     let [_, kv, s, _] = k.dims();
+    let vd = v.dims()[3];
     let g = h / kv;
     let device = q.device();
     let (qdt, kdt, vdt) = (q.dtype(), k.dtype(), v.dtype());
     let q = q.reshape([b, kv, g, t, hd]);
-    let dout = dout.cast(vdt).reshape([b, kv, g, t, hd]);
+    let dout = dout.cast(vdt).reshape([b, kv, g, t, vd]);
     // rowsum(dO * O), f32: `[b, kv, g, t, 1]`.
-    let delta = (dout.clone().cast(DType::F32) * out.cast(DType::F32).reshape([b, kv, g, t, hd])).sum_dim(4);
+    let delta = (dout.clone().cast(DType::F32) * out.cast(DType::F32).reshape([b, kv, g, t, vd])).sum_dim(4);
     let lse = lse.reshape([b, kv, g, t, 1]);
     let mut dk = Tensor::<B, 4>::zeros([b, kv, s, hd], (&device, DType::F32));
-    let mut dv = Tensor::<B, 4>::zeros([b, kv, s, hd], (&device, DType::F32));
+    let mut dv = Tensor::<B, 4>::zeros([b, kv, s, vd], (&device, DType::F32));
     let mut dqs = Vec::new();
     for blk in spec.blocks(b, h, t, s) {
         let (q0, q1, k0, k1) = blk;
@@ -216,7 +219,7 @@ pub fn backward<B: Backend>(
         };
         let (sc, tanh) = scores(qb.clone(), kb.clone(), [b, kv, g, bq, bk], spec);
         let p = (add_bias(sc, spec.bias::<B>(blk, &device)) - rows(&lse, 1)).exp();
-        let dob = rows(&dout, hd).reshape([b, kv, g * bq, hd]);
+        let dob = rows(&dout, vd).reshape([b, kv, g * bq, vd]);
         // dV += P^T dO
         let pm = p.clone().reshape([b, kv, g * bq, bk]);
         let dv_blk = pm.cast(vdt).swap_dims(2, 3).matmul(dob.clone()).cast(DType::F32);
@@ -229,9 +232,9 @@ pub fn backward<B: Backend>(
         let ds = ds.mul_scalar(spec.scale).reshape([b, kv, g * bq, bk]);
         dqs.push(ds.clone().cast(kdt).matmul(kb).cast(DType::F32).reshape([b, kv, g, bq, hd]));
         let dk_blk = ds.cast(qdt).swap_dims(2, 3).matmul(qb).cast(DType::F32);
-        let span = [0..b, 0..kv, k0..k1, 0..hd];
-        dk = dk.clone().slice_assign(span.clone(), dk.slice(span.clone()) + dk_blk);
-        dv = dv.clone().slice_assign(span.clone(), dv.slice(span) + dv_blk);
+        let (kspan, vspan) = ([0..b, 0..kv, k0..k1, 0..hd], [0..b, 0..kv, k0..k1, 0..vd]);
+        dk = dk.clone().slice_assign(kspan.clone(), dk.slice(kspan) + dk_blk);
+        dv = dv.clone().slice_assign(vspan.clone(), dv.slice(vspan) + dv_blk);
     }
     let dq = Tensor::cat(dqs, 3).reshape([b, h, t, hd]).cast(qdt);
     (dq, dk.cast(kdt), dv.cast(vdt))
@@ -240,11 +243,14 @@ pub fn backward<B: Backend>(
 /// The plain formula, for tests: full `[b, h, t, s]` scores with K/V repeated per group and a
 /// boolean mask built on the host. Differentiable by Burn's autodiff.
 pub fn reference<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, spec: &AttentionSpec) -> Tensor<B, 4> {
-    let [b, h, t, hd] = q.dims();
+    let [b, h, t, _] = q.dims();
     let [_, kv, s, _] = k.dims();
     let g = h / kv;
     let device = q.device();
-    let repeat = |x: Tensor<B, 4>| x.reshape([b, kv, 1, s, hd]).repeat_dim(2, g).reshape([b, h, s, hd]);
+    let repeat = |x: Tensor<B, 4>| {
+        let d = x.dims()[3];
+        x.reshape([b, kv, 1, s, d]).repeat_dim(2, g).reshape([b, h, s, d])
+    };
     let (k, v) = (repeat(k), repeat(v));
     let mut sc = q.matmul(k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(spec.scale);
     if let Some(cap) = spec.softcap {

@@ -34,8 +34,9 @@ use crate::quant::device::Packed4Bit;
 
 /// A backend Temper can run on: Burn's `Backend` plus the custom operations.
 pub trait TemperBackend: Backend {
-    /// Attention of `q` `[batch, heads, q_len, head_dim]` over `k`, `v`
-    /// `[batch, kv_heads, k_len, head_dim]` -> `[batch, heads, q_len, head_dim]`.
+    /// Attention of `q` `[batch, heads, q_len, head_dim]` over `k` `[batch, kv_heads, k_len,
+    /// head_dim]` and `v` `[batch, kv_heads, k_len, v_dim]` -> `[batch, heads, q_len, v_dim]`
+    /// (`v_dim` may differ from `head_dim`: multi-head latent attention).
     fn temper_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

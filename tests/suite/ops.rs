@@ -29,6 +29,8 @@ struct Case {
     name: &'static str,
     heads: usize,
     kv_heads: usize,
+    /// The value head dim (the query/key one is 6).
+    v_dim: usize,
     spec: AttentionSpec,
 }
 
@@ -37,18 +39,20 @@ fn cases(t: usize) -> Vec<Case> {
     let mut out = Vec::new();
     for block in [None, Some(1), Some(4), Some(5)] {
         let base = AttentionSpec { block_rows: block, ..AttentionSpec::causal(scale) };
-        out.push(Case { name: "causal, 4 heads, 2 kv heads", heads: 4, kv_heads: 2, spec: base.clone() });
-        out.push(Case { name: "causal, 3 heads, 1 kv head", heads: 3, kv_heads: 1, spec: base.clone() });
+        out.push(Case { name: "causal, 4 heads, 2 kv heads", heads: 4, kv_heads: 2, v_dim: 6, spec: base.clone() });
+        out.push(Case { name: "causal, 3 heads, 1 kv head", heads: 3, kv_heads: 1, v_dim: 6, spec: base.clone() });
         out.push(Case {
             name: "window 3",
             heads: 4,
             kv_heads: 4,
+            v_dim: 6,
             spec: AttentionSpec { window: Some(3), ..base.clone() },
         });
         out.push(Case {
             name: "soft-capped 2.0",
             heads: 2,
             kv_heads: 1,
+            v_dim: 6,
             spec: AttentionSpec { softcap: Some(2.0), ..base.clone() },
         });
         let segs =
@@ -57,13 +61,23 @@ fn cases(t: usize) -> Vec<Case> {
             name: "packed segments and window 5",
             heads: 4,
             kv_heads: 2,
-            spec: AttentionSpec { segments: Some(Arc::new(segs)), window: Some(5), ..base.clone() },
+            v_dim: 6,
+            spec: AttentionSpec { segments: Some(Arc::new(segs.clone())), window: Some(5), ..base.clone() },
+        });
+        // Multi-head latent attention: values 9 wide, queries and keys 6, packed rows.
+        out.push(Case {
+            name: "value head dim 9, packed segments",
+            heads: 4,
+            kv_heads: 4,
+            v_dim: 9,
+            spec: AttentionSpec { segments: Some(Arc::new(segs)), ..base.clone() },
         });
         // gpt-oss: a per-head sink logit in every row's denominator, with a sliding window.
         out.push(Case {
             name: "attention sinks and window 4",
             heads: 4,
             kv_heads: 2,
+            v_dim: 6,
             spec: AttentionSpec { sinks: Some(Arc::new(vec![0.5, -1.0, 2.0, 0.0])), window: Some(4), ..base.clone() },
         });
     }
@@ -77,8 +91,8 @@ fn blockwise_attention_forward_and_gradients_equal_the_plain_formula() {
         let seed = 10 * i as u64;
         let q = random([b, case.heads, t, hd], seed);
         let k = random([b, case.kv_heads, t, hd], seed + 1);
-        let v = random([b, case.kv_heads, t, hd], seed + 2);
-        let up = random([b, case.heads, t, hd], seed + 3);
+        let v = random([b, case.kv_heads, t, case.v_dim], seed + 2);
+        let up = random([b, case.heads, t, case.v_dim], seed + 3);
         let run = |blockwise: bool| {
             let qa = Tensor::<CpuAutodiff, 4>::from_inner(q.clone()).require_grad();
             let ka = Tensor::<CpuAutodiff, 4>::from_inner(k.clone()).require_grad();
