@@ -47,6 +47,11 @@ impl Task for EvalArgs {
         let mut long_rows = 0usize;
         for (line, text) in &rows {
             let ids = tokenizer.encode(text)?;
+            loaded
+                .model
+                .config
+                .check_length(ids.len(), "this row")
+                .with_context(|| format!("{}:{line}", self.data.display()))?;
             if ids.len() > max_len {
                 long_rows += 1;
             }

@@ -43,6 +43,20 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
             }
         }
     }
+    if let Some(a) = layer.latent_attn.as_mut() {
+        for (name, p) in [
+            ("q_proj", a.q_proj.as_mut()),
+            ("q_a_proj", a.q_a_proj.as_mut()),
+            ("q_b_proj", a.q_b_proj.as_mut()),
+            ("kv_a_proj_with_mqa", Some(&mut a.kv_a_proj_with_mqa)),
+            ("kv_b_proj", Some(&mut a.kv_b_proj)),
+            ("o_proj", Some(&mut a.o_proj)),
+        ] {
+            if let Some(p) = p {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), p));
+            }
+        }
+    }
     if let Some(d) = layer.linear_attn.as_mut() {
         for (name, p) in [
             ("in_proj_qkv", d.in_proj_qkv.as_mut()),
@@ -69,7 +83,7 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
             out.push((format!("{p}.experts.{e}.down_proj"), &mut expert.down_proj));
         }
         if let Some(shared) = moe.shared_expert.as_mut() {
-            out.extend(mlp_projections_mut(shared, &format!("{p}.shared_expert")));
+            out.extend(mlp_projections_mut(shared, &format!("{p}.{}", moe.shared_name)));
         }
         if let Some(g) = moe.shared_expert_gate.as_mut() {
             out.push((format!("{p}.shared_expert_gate"), g));
@@ -104,8 +118,13 @@ pub fn projection_names<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
 pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
     let mut names = Vec::new();
     for i in 0..cfg.num_layers {
-        match (cfg.layer_mixers.get(i), &cfg.delta_net) {
-            (Some(Mixer::GatedDeltaNet), Some(dn)) => {
+        match (cfg.layer_mixers.get(i), &cfg.delta_net, &cfg.mla) {
+            (Some(Mixer::LatentAttention), _, Some(m)) => {
+                let q: &[&str] = if m.q_lora_rank.is_some() { &["q_a_proj", "q_b_proj"] } else { &["q_proj"] };
+                let rest = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"];
+                names.extend(q.iter().chain(&rest).map(|n| format!("model.layers.{i}.self_attn.{n}")));
+            }
+            (Some(Mixer::GatedDeltaNet), Some(dn), _) => {
                 let linear: &[&str] = if dn.grouped {
                     &["in_proj_qkvz", "in_proj_ba", "out_proj"]
                 } else {
@@ -136,8 +155,10 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
                     names.push(format!("{p}.experts.{e}.down_proj"));
                 }
                 if m.shared_expert_intermediate.is_some() {
-                    names.extend(mlp.iter().map(|n| format!("{p}.shared_expert.{n}")));
-                    names.push(format!("{p}.shared_expert_gate"));
+                    names.extend(mlp.iter().map(|n| format!("{p}.{}.{n}", m.shared_expert_name)));
+                    if m.shared_expert_gated {
+                        names.push(format!("{p}.shared_expert_gate"));
+                    }
                 }
             }
             _ => names.extend(mlp.iter().map(|n| format!("model.layers.{i}.mlp.{n}"))),

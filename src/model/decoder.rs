@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::model::attention::{Attention, AttentionMask, LayerCache};
 use crate::model::config::{DecoderConfig, Mixer};
 use crate::model::delta_net::{DeltaNetCache, GatedDeltaNet};
+use crate::model::mla::LatentAttention;
 use crate::model::mlp::Mlp;
 use crate::model::moe::{Expert, MoeBlock};
 use crate::model::norm::RmsNorm;
@@ -34,6 +35,8 @@ pub struct DecoderLayer<B: Backend> {
     /// layers, a gated delta net (`linear_attn`); the loader builds exactly one.
     pub self_attn: Option<Attention<B>>,
     pub linear_attn: Option<GatedDeltaNet<B>>,
+    /// DeepSeek's multi-head latent attention (`self_attn.*` in its checkpoints).
+    pub latent_attn: Option<LatentAttention<B>>,
     /// Llama-style: the norm before the MLP. Gemma 2 and OLMo 2: the norm after attention.
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
@@ -72,6 +75,20 @@ impl<B: TemperBackend> DecoderLayer<B> {
         ctx: &ForwardContext<B>,
         cache: Option<&mut Option<LayerState<B>>>,
     ) -> Tensor<B, 3> {
+        if let Some(mla) = &self.latent_attn {
+            return match cache {
+                None => mla.forward(x, &ctx.rope, &ctx.mask, None),
+                Some(slot) => {
+                    let mut kv = match slot.take() {
+                        Some(LayerState::Attention(c)) => Some(c),
+                        _ => None,
+                    };
+                    let y = mla.forward(x, &ctx.rope, &ctx.mask, Some(&mut kv));
+                    *slot = kv.map(LayerState::Attention);
+                    y
+                }
+            };
+        }
         match (&self.self_attn, &self.linear_attn) {
             (Some(attn), _) => {
                 let rope = match (&ctx.local_rope, attn.local_rope) {
@@ -106,7 +123,7 @@ impl<B: TemperBackend> DecoderLayer<B> {
                     }
                 }
             }
-            // The loader always builds one of the two.
+            // The loader always builds one of the three.
             (None, None) => x,
         }
     }
@@ -188,7 +205,8 @@ impl<B: Backend> ForwardContext<B> {
         dtype: DType,
         device: &B::Device,
     ) -> Self {
-        let heads = [cfg.num_heads, cfg.num_kv_heads];
+        // MLA rotates each head's query and the one key all heads share.
+        let heads = if cfg.mla.is_some() { [cfg.num_heads, 1] } else { [cfg.num_heads, cfg.num_kv_heads] };
         let query_scale = cfg.query_scale.map(|qs| {
             let b = positions.len();
             let t = positions.first().map_or(0, Vec::len);
@@ -411,16 +429,17 @@ pub fn load_layer<B: Backend>(
     let (mlp, moe) = match &cfg.moe {
         Some(m) if m.is_sparse(i) => {
             let shared_expert = match m.shared_expert_intermediate {
-                Some(si) => Some(load_mlp(cfg, w, &format!("{p}.mlp.shared_expert"), si, dtype, device)?),
+                Some(si) => Some(load_mlp(cfg, w, &format!("{p}.mlp.{}", m.shared_expert_name), si, dtype, device)?),
                 None => None,
             };
             (None, Some(load_moe(cfg, m, w, &p, shared_expert, dtype, device)?))
         }
         _ => (Some(load_mlp(cfg, w, &format!("{p}.mlp"), cfg.intermediate_size, dtype, device)?), None),
     };
-    let (self_attn, linear_attn) = match cfg.layer_mixers.get(i).copied().unwrap_or(Mixer::Attention) {
-        Mixer::Attention => (Some(load_attention(cfg, w, &p, i, dtype, device)?), None),
-        Mixer::GatedDeltaNet => (None, Some(load_delta_net(cfg, w, &p, dtype, device)?)),
+    let (self_attn, linear_attn, latent_attn) = match cfg.layer_mixers.get(i).copied().unwrap_or(Mixer::Attention) {
+        Mixer::Attention => (Some(load_attention(cfg, w, &p, i, dtype, device)?), None, None),
+        Mixer::GatedDeltaNet => (None, Some(load_delta_net(cfg, w, &p, dtype, device)?), None),
+        Mixer::LatentAttention => (None, None, Some(load_latent_attention(cfg, w, &p, dtype, device)?)),
     };
     let (eps, off) = (cfg.rms_norm_eps, cfg.norm_offset);
     let mut norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
@@ -437,6 +456,7 @@ pub fn load_layer<B: Backend>(
         input_layernorm: if cfg.post_norms { None } else { Some(norm("input_layernorm", h)?) },
         self_attn,
         linear_attn,
+        latent_attn,
         post_attention_layernorm: norm("post_attention_layernorm", h)?,
         pre_feedforward_layernorm: pre_ff,
         post_feedforward_layernorm: post_ff,
@@ -554,6 +574,58 @@ fn load_attention<B: Backend>(
     })
 }
 
+/// Layer `p`'s multi-head latent attention (`{p}.self_attn.*`, DeepSeek's tensor names).
+fn load_latent_attention<B: Backend>(
+    cfg: &DecoderConfig,
+    w: &mut WeightSource,
+    p: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<LatentAttention<B>> {
+    let m = cfg.mla.clone().ok_or_else(|| {
+        crate::Error::InvalidArgument(format!("{p} is a latent-attention layer, but the config has no MLA dimensions"))
+    })?;
+    let (h, heads) = (cfg.hidden_size, cfg.num_heads);
+    let a = format!("{p}.self_attn");
+    let q_rows = heads * m.qk_dim();
+    let proj = |w: &mut WeightSource, name: &str, out: usize, inp: usize, bias: bool| {
+        load_proj::<B>(w, &format!("{a}.{name}"), out, inp, bias, dtype, device)
+    };
+    let latent_norm = |w: &mut WeightSource, name: &str, dim: usize| -> Result<RmsNorm<B>> {
+        Ok(RmsNorm::new(w.norm(&format!("{a}.{name}.weight"), dim, device)?, m.latent_norm_eps, 0.0))
+    };
+    let (q_proj, q_a_proj, q_a_layernorm, q_b_proj) = match m.q_lora_rank {
+        None => (Some(proj(w, "q_proj", q_rows, h, false)?), None, None, None),
+        Some(r) => (
+            None,
+            Some(proj(w, "q_a_proj", r, h, m.bias)?),
+            Some(latent_norm(w, "q_a_layernorm", r)?),
+            Some(proj(w, "q_b_proj", q_rows, r, false)?),
+        ),
+    };
+    let kv_a_proj_with_mqa = proj(w, "kv_a_proj_with_mqa", m.kv_lora_rank + m.rope_dim, h, m.bias)?;
+    let kv_a_layernorm = latent_norm(w, "kv_a_layernorm", m.kv_lora_rank)?;
+    let kv_b_proj = proj(w, "kv_b_proj", heads * (m.nope_dim + m.v_dim), m.kv_lora_rank, false)?;
+    let o_proj = proj(w, "o_proj", h, heads * m.v_dim, cfg.o_bias)?;
+    Ok(LatentAttention {
+        q_proj,
+        q_a_proj,
+        q_a_layernorm,
+        q_b_proj,
+        kv_a_proj_with_mqa,
+        kv_a_layernorm,
+        kv_b_proj,
+        o_proj,
+        num_heads: heads,
+        kv_lora_rank: m.kv_lora_rank,
+        nope_dim: m.nope_dim,
+        rope_dim: m.rope_dim,
+        v_dim: m.v_dim,
+        scale: cfg.attn_scale,
+        interleaved: m.interleaved,
+    })
+}
+
 /// Layer `p`'s gated delta net (`{p}.linear_attn.*`), in Qwen 3.5's separate-projection layout
 /// or Qwen3-Next's grouped one.
 fn load_delta_net<B: Backend>(
@@ -637,7 +709,9 @@ fn load_moe<B: Backend>(
         ExpertNaming::Mixtral if !w.contains(&fused_gu) => ("block_sparse_moe", ["w1", "w3", "w2"]),
         _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
     };
-    let router = w.tensor::<B, 2>(&format!("{p}.{block}.gate.weight"), [e_count, h], dtype, device)?;
+    // DeepSeek keeps its router in f32 (transformers' `_keep_in_fp32_modules_strict`).
+    let router_dtype = if m.router_f32 { DType::F32 } else { dtype };
+    let router = w.tensor::<B, 2>(&format!("{p}.{block}.gate.weight"), [e_count, h], router_dtype, device)?;
     let mut experts = Vec::with_capacity(e_count);
     if w.contains(&fused_gu) {
         let gu = w.tensor::<B, 3>(&fused_gu, [e_count, 2 * inter, h], dtype, device)?;
@@ -660,7 +734,7 @@ fn load_moe<B: Backend>(
             });
         }
     }
-    let shared_expert_gate = if shared_expert.is_some() {
+    let shared_expert_gate = if shared_expert.is_some() && m.shared_expert_gated {
         Some(LoraLinear::frozen(
             w.tensor::<B, 2>(&format!("{p}.mlp.shared_expert_gate.weight"), [1, h], dtype, device)?,
             None,
@@ -668,7 +742,28 @@ fn load_moe<B: Backend>(
     } else {
         None
     };
-    Ok(MoeBlock::new(m, LoraLinear::frozen(router, None), "gate", experts, shared_expert, shared_expert_gate))
+    let mut block =
+        MoeBlock::new(m, LoraLinear::frozen(router, None), "gate", experts, shared_expert, shared_expert_gate);
+    if matches!(m.routing, crate::model::config::Routing::SigmoidGrouped { .. }) {
+        block.score_bias = Some(Arc::new(score_correction_bias::<B>(w, &format!("{p}.mlp.gate"), e_count, device)?));
+    }
+    Ok(block)
+}
+
+/// DeepSeek-V3's `{gate}.e_score_correction_bias` `[E]` (f32, on the host); zeros when the
+/// checkpoint has none, as transformers initialises the buffer.
+fn score_correction_bias<B: Backend>(
+    w: &mut WeightSource,
+    gate: &str,
+    e_count: usize,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let name = format!("{gate}.e_score_correction_bias");
+    if matches!(w, WeightSource::Random { .. }) || !w.contains(&name) {
+        return Ok(vec![0.0; e_count]);
+    }
+    let t = w.tensor::<B, 1>(&name, [e_count], DType::F32, device)?;
+    t.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {name}: {e:?}")))
 }
 
 /// gpt-oss's experts: fused `[E, H, 2I]` / `[E, I, H]` tensors used as `x @ W` (stored here

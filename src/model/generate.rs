@@ -53,6 +53,7 @@ pub fn generate<B: TemperBackend>(
     if prompt.is_empty() {
         return Err(Error::InvalidArgument("the prompt encodes to no tokens".into()));
     }
+    model.config.check_length(prompt.len() + cfg.max_new_tokens, "the prompt plus max_new_tokens")?;
     let device = model.device();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut cache = KvCache::new(model.config.num_layers);

@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod delta_net;
 pub mod generate;
 pub mod license;
+pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod names;

@@ -1,5 +1,7 @@
-//! The sparse mixture-of-experts MLP (qwen3_moe, qwen2_moe, mixtral, olmoe): one more kind of
-//! MLP inside the decoder layer. A router picks `top_k` experts per token; only those run.
+//! The sparse mixture-of-experts MLP (qwen3_moe, qwen2_moe, mixtral, olmoe, gpt-oss, Qwen 3.5 /
+//! Qwen3-Next, DeepSeek-V2 / V3): one more kind of MLP inside the decoder layer. A router picks
+//! `top_k` experts per token ([`choose_experts`]: softmax, gpt-oss's top-k softmax, DeepSeek's
+//! biased and group-limited sigmoid or group-limited softmax); only those run.
 //!
 //! Compute follows shared/docs/MOE-NOTES.md §7.2 (dropless, sort-based, split LoRA):
 //! 1. router logits `[T, E]` -> softmax in f32; the top-k experts are chosen on the host (one
@@ -48,6 +50,17 @@ pub struct MoeBlock<B: Backend> {
     pub router_name: &'static str,
     #[module(skip)]
     pub activation: ExpertActivation,
+    /// DeepSeek: the routed sum's scale (`routed_scaling_factor`; 1 elsewhere).
+    pub routed_scaling: f64,
+    /// DeepSeek-V3: `mlp.gate.e_score_correction_bias`, added to the scores for the choice only
+    /// (a frozen buffer, kept on the host where the choice is made).
+    #[module(skip)]
+    pub score_bias: Option<std::sync::Arc<Vec<f32>>>,
+    /// DeepSeek: the router computes its logits in f32 (its weight is loaded in f32).
+    pub router_f32: bool,
+    /// The shared expert's module name under `mlp.` (`shared_expert` or DeepSeek's `shared_experts`).
+    #[module(skip)]
+    pub shared_name: &'static str,
 }
 
 /// The routing of one call, for the load-balancing loss and for tests.
@@ -79,6 +92,10 @@ impl<B: Backend> MoeBlock<B> {
             routing: m.routing,
             router_name,
             activation: m.activation,
+            routed_scaling: m.routed_scaling,
+            score_bias: None,
+            router_f32: m.router_f32,
+            shared_name: m.shared_expert_name,
         }
     }
 }
@@ -97,21 +114,21 @@ impl<B: TemperBackend> MoeBlock<B> {
         let e_count = self.experts.len();
         let device = x.device();
         let dtype = x.dtype();
-        let logits = self.gate.forward(x.clone()).reshape([n, e_count]).cast(DType::F32);
+        let router_in = if self.router_f32 { x.clone().cast(DType::F32) } else { x.clone() };
+        let logits = self.gate.forward(router_in).reshape([n, e_count]).cast(DType::F32);
         // Softmax-then-top-k ranks by probability, top-k-then-softmax by logit: the same order.
         let probs = match self.routing {
-            Routing::SoftmaxTopK => activation::softmax(logits.clone(), 1),
+            Routing::SoftmaxTopK | Routing::SoftmaxGrouped { .. } => activation::softmax(logits.clone(), 1),
             Routing::TopKSoftmax => logits.clone(),
+            Routing::SigmoidGrouped { .. } => activation::sigmoid(logits.clone()),
         };
         // Top-k on the host: one read of [T, E] per layer. Ties keep the lower expert id.
         let host: Vec<f32> = probs.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
-        let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(n);
-        for row in host.chunks(e_count.max(1)).take(n) {
-            let mut order: Vec<usize> = (0..e_count).collect();
-            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
-            order.truncate(k);
-            chosen.push(order);
-        }
+        let chosen: Vec<Vec<usize>> = host
+            .chunks(e_count.max(1))
+            .take(n)
+            .map(|row| choose_experts(row, self.routing, self.score_bias.as_deref().map(Vec::as_slice), k))
+            .collect();
         let flat: Vec<i64> = chosen.iter().flatten().map(|&e| e as i64).collect();
         let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, k]), &device);
         let mut weights = probs.gather(1, idx);
@@ -120,7 +137,14 @@ impl<B: TemperBackend> MoeBlock<B> {
         }
         if self.norm_topk_prob {
             let sum = weights.clone().sum_dim(1);
-            weights = weights / sum;
+            weights = match self.routing {
+                // DeepseekV3TopkRouter: `/ (sum + 1e-20)`.
+                Routing::SigmoidGrouped { .. } => weights / sum.add_scalar(1e-20),
+                _ => weights / sum,
+            };
+        }
+        if self.routed_scaling != 1.0 {
+            weights = weights.mul_scalar(self.routed_scaling);
         }
         let weights = weights.cast(dtype);
 
@@ -173,12 +197,56 @@ impl<B: TemperBackend> MoeBlock<B> {
             .sum_dim(1)
             .reshape([b, t, h]);
         let y = match (&self.shared_expert, &self.shared_expert_gate) {
+            // DeepSeek's shared experts are added as they are; a gated family always loads its gate.
             (Some(shared), Some(gate)) => y + activation::sigmoid(gate.forward(x.clone())) * shared.forward(x),
             (Some(shared), None) => y + shared.forward(x),
             _ => y,
         };
         (y, RouterOutput { logits, experts: chosen })
     }
+}
+
+/// The `k` experts one token's router row chooses, in transformers' order where it is defined
+/// (descending score; ties keep the lower id). `row` holds the scores (softmax probabilities,
+/// DeepSeek-V3's sigmoids, or gpt-oss's logits). DeepSeek-V3 ranks `row + bias` within the
+/// best `topk_group` groups (a group's score: the sum of its two best, masked experts at -inf);
+/// DeepSeek-V2's group-limited greedy ranks by the group's best and scores the others 0.
+pub fn choose_experts(row: &[f32], routing: Routing, bias: Option<&[f32]>, k: usize) -> Vec<usize> {
+    let e_count = row.len();
+    let mut scores: Vec<f32> = match bias {
+        Some(b) if matches!(routing, Routing::SigmoidGrouped { .. }) => row.iter().zip(b).map(|(s, b)| s + b).collect(),
+        _ => row.to_vec(),
+    };
+    let by_score = |v: &[f32], i: usize, j: usize| v[j].total_cmp(&v[i]).then(i.cmp(&j));
+    if let Routing::SigmoidGrouped { groups, topk_group } | Routing::SoftmaxGrouped { groups, topk_group } = routing {
+        if groups > 1 && topk_group < groups {
+            let per = e_count / groups;
+            let group_score: Vec<f32> = scores
+                .chunks(per)
+                .map(|g| {
+                    let mut sorted = g.to_vec();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    match routing {
+                        Routing::SigmoidGrouped { .. } => sorted.iter().take(2).sum(),
+                        _ => sorted[0],
+                    }
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..groups).collect();
+            order.sort_by(|&i, &j| by_score(&group_score, i, j));
+            let kept = &order[..topk_group];
+            let masked = if matches!(routing, Routing::SigmoidGrouped { .. }) { f32::NEG_INFINITY } else { 0.0 };
+            for (e, s) in scores.iter_mut().enumerate() {
+                if !kept.contains(&(e / per)) {
+                    *s = masked;
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..e_count).collect();
+    order.sort_by(|&i, &j| by_score(&scores, i, j));
+    order.truncate(k);
+    order
 }
 
 impl<B: TemperBackend> Expert<B> {

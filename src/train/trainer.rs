@@ -301,6 +301,7 @@ pub fn train<B: TemperAutodiff>(
 ) -> Result<Summary> {
     let cfg = &run.train;
     cfg.validate().map_err(|(key, reason)| Error::InvalidArgument(format!("train.{key}: {reason}")))?;
+    model.config.check_length(run.data.seq_len, "data.seq_len")?;
     let started = Instant::now();
     let device = model.device();
     std::fs::create_dir_all(&run.output_dir).map_err(|e| Error::io(&run.output_dir, e))?;

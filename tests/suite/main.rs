@@ -8,6 +8,7 @@ mod data_chat;
 mod data_formats;
 mod data_packing;
 mod data_preview;
+mod deepseek;
 mod delta_net_op;
 mod export_gguf;
 mod export_serving;

@@ -115,3 +115,13 @@ fn wgpu_ministral3_logits_and_peft_gradients_match() {
     crate::ministral3::check_logits_on::<Gpu>(&WgpuDevice::default());
     crate::ministral3::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
 }
+
+/// DeepSeek-V2 / V3 / V3.2 and Kimi K2 on wgpu: multi-head latent attention (a value head dim
+/// unlike the query's through the attention op) and DeepSeek's routers; logits, and PEFT
+/// adapters' logits and LoRA gradients (routed experts included).
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_deepseek_logits_and_peft_gradients_match() {
+    crate::deepseek::check_logits_on::<Gpu>(&WgpuDevice::default());
+    crate::deepseek::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
+}

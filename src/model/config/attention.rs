@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::mixers::is_delta_net_family;
+use super::mla::is_mla_family;
 use super::{invalid, unsupported, HfConfig};
 use crate::{Error, Result};
 
@@ -37,6 +38,15 @@ pub(super) struct Scales {
 impl HfConfig {
     pub(super) fn attention_shape(&self, path: &Path) -> Result<AttentionShape> {
         let heads = self.num_attention_heads;
+        if is_mla_family(&self.model_type) {
+            // MLA: `kv_b_proj` expands the latent to one key and value per query head, whatever
+            // `num_key_value_heads` says, and the rotary tables span the rope dims only
+            // (`head_dim = qk_rope_head_dim`, as the config classes set it).
+            if heads == 0 {
+                return Err(invalid(path, "num_attention_heads", "must be positive".into()));
+            }
+            return Ok(AttentionShape { heads, kv_heads: heads, head_dim: self.qk_rope_head_dim.unwrap_or(64) });
+        }
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(invalid(
@@ -73,7 +83,8 @@ impl HfConfig {
             }
             // Qwen 3.5 / Qwen3-Next: `attention_bias` on q, k, v and o (modeling_qwen3_5.py:836-847).
             "llama" | "qwen3" | "qwen3_moe" | "olmoe" | "gemma" | "gemma2" | "gemma3_text" | "granite" | "smollm3"
-            | "olmo2" | "olmo3" | "qwen3_5_text" | "qwen3_5_moe_text" | "qwen3_next" => {
+            | "olmo2" | "olmo3" | "qwen3_5_text" | "qwen3_5_moe_text" | "qwen3_next" | "deepseek_v3"
+            | "deepseek_v2" | "deepseek_v32" => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
@@ -165,14 +176,17 @@ impl HfConfig {
                 });
             }
             // The hybrid families' `linear_attention` layers are delta nets (no window); they have
-            // no sliding layers.
+            // no sliding layers. DeepSeek-V3.2's `indexed_attention` layers are dense MLA up to
+            // its `index_topk` (no window either).
             let hybrid = is_delta_net_family(&self.model_type);
+            let indexed = self.model_type == "deepseek_v32";
             return types
                 .iter()
                 .map(|t| match t.as_str() {
                     "full_attention" => Ok(None),
                     "sliding_attention" if !hybrid => Ok(window),
                     "linear_attention" if hybrid => Ok(None),
+                    "indexed_attention" if indexed => Ok(None),
                     other => Err(Error::Unsupported {
                         path: path.to_path_buf(),
                         key: "layer_types".into(),

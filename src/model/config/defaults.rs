@@ -14,7 +14,16 @@ pub(super) fn default_tie(model_type: &str) -> bool {
 /// Ministral3Config as in transformers 5.25 (where a hand-written or older file may leave them
 /// out too).
 pub(super) fn fill_class_defaults(obj: &mut serde_json::Map<String, Value>) {
+    // Kimi K2's text checkpoints name a DeepSeek-V3 decoder `kimi_k2` (their auto_map points at
+    // DeepseekV3Config; transformers 5.25 renames it so inside kimi_k25).
+    if obj.get("model_type").and_then(Value::as_str) == Some("kimi_k2") {
+        obj.insert("model_type".into(), Value::from("deepseek_v3"));
+    }
     let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
+    if matches!(model_type.as_str(), "deepseek_v3" | "deepseek_v2" | "deepseek_v32") {
+        // Absent means the class default; `null` (kept) means a plain q_proj.
+        obj.entry("q_lora_rank").or_insert(Value::from(1536));
+    }
     let hybrid = hybrid_defaults(&model_type);
     let defaults: &[(&str, Value)] = match model_type.as_str() {
         "gemma3_text" => &[

@@ -19,6 +19,8 @@ pub(super) fn is_delta_net_family(model_type: &str) -> bool {
 pub enum Mixer {
     Attention,
     GatedDeltaNet,
+    /// DeepSeek's multi-head latent attention ([`super::MlaConfig`]), on every layer of its families.
+    LatentAttention,
 }
 
 /// Qwen 3.5 / Qwen3-Next linear-attention (Gated DeltaNet) layers (`model.layers.L.linear_attn.*`).
@@ -67,6 +69,9 @@ impl HfConfig {
     /// default) attends and the others are delta nets (`Qwen3_5TextConfig.__post_init__`).
     pub(super) fn layer_mixers(&self, path: &Path) -> Result<Vec<Mixer>> {
         let n = self.num_hidden_layers;
+        if super::mla::is_mla_family(&self.model_type) {
+            return Ok(vec![Mixer::LatentAttention; n]);
+        }
         if !is_delta_net_family(&self.model_type) {
             return Ok(vec![Mixer::Attention; n]);
         }

@@ -11,6 +11,7 @@ mod attention;
 mod composite;
 mod defaults;
 mod mixers;
+mod mla;
 mod mlp;
 mod moe;
 mod norms;
@@ -28,6 +29,7 @@ use crate::model::rope::RopeConfig;
 use crate::{Error, Result};
 
 pub use mixers::{DeltaNetConfig, Mixer};
+pub use mla::MlaConfig;
 pub use mlp::Activation;
 pub use moe::{ExpertActivation, ExpertNaming, MoeConfig, Routing};
 pub use rope::QueryScale;
@@ -55,11 +57,24 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3_5_text",
     "qwen3_5_moe_text",
     "qwen3_next",
+    "deepseek_v3",
+    "deepseek_v2",
+    "deepseek_v32",
 ];
 
 /// The sparse mixture-of-experts families among them.
-pub const MOE_MODEL_TYPES: &[&str] =
-    &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next"];
+pub const MOE_MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "gpt_oss",
+    "qwen3_5_moe_text",
+    "qwen3_next",
+    "deepseek_v3",
+    "deepseek_v2",
+    "deepseek_v32",
+];
 
 /// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
 /// its own; the vision tower is left out of the model and copied unchanged by merge.
@@ -146,6 +161,27 @@ pub struct HfConfig {
     pub linear_conv_kernel_dim: Option<usize>,
     /// Qwen 3.5 / Qwen3-Next: every `full_attention_interval`-th layer attends (when `layer_types` is absent).
     pub full_attention_interval: Option<usize>,
+    /// DeepSeek-V2 / V3 / V3.2 multi-head latent attention (`null` q_lora_rank: a plain q_proj).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: Option<usize>,
+    pub qk_nope_head_dim: Option<usize>,
+    pub qk_rope_head_dim: Option<usize>,
+    pub v_head_dim: Option<usize>,
+    pub rope_interleave: Option<bool>,
+    /// DeepSeek-V3.2: keys the indexer keeps per query.
+    pub index_topk: Option<usize>,
+    /// DeepSeek routing: routed and shared experts, the scale of the routed sum, group-limited top-k.
+    pub n_routed_experts: Option<usize>,
+    pub n_shared_experts: Option<usize>,
+    pub routed_scaling_factor: Option<f64>,
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    /// DeepSeek-V2: `greedy` or `group_limited_greedy`.
+    pub topk_method: Option<String>,
+    /// DeepSeek: the first `first_k_dense_replace` layers have a dense MLP.
+    pub first_k_dense_replace: Option<usize>,
+    /// DeepSeek-V3.2: per layer `dense` or `sparse` (derived from first_k_dense_replace when absent).
+    pub mlp_layer_types: Option<Vec<String>>,
     /// Set when this is the `text_config` of a vision-language checkpoint: its `model_type`.
     #[serde(skip)]
     pub composite: Option<String>,
@@ -222,6 +258,9 @@ pub struct DecoderConfig {
     pub clip_qkv: Option<f64>,
     /// gpt-oss: a learned per-head logit in every softmax denominator (`self_attn.sinks`).
     pub attention_sinks: bool,
+    /// DeepSeek-V2 / V3 / V3.2, Kimi K2: multi-head latent attention on every layer (the rotary
+    /// tables then span `head_dim` = its `qk_rope_head_dim`).
+    pub mla: Option<MlaConfig>,
 }
 
 impl HfConfig {
@@ -273,7 +312,11 @@ impl HfConfig {
         let intermediate_size = self.dense_intermediate_size(path, moe.as_ref())?;
         let layer_mixers = self.layer_mixers(path)?;
         let delta_net = self.delta_net(path)?;
-        let attn = self.attention_switches(path, shape.head_dim)?;
+        let mla = self.mla(path)?;
+        let mut attn = self.attention_switches(path, shape.head_dim)?;
+        if let Some(m) = &mla {
+            attn.scale = self.mla_scale(m);
+        }
         let mlp_bias = self.mlp_bias(path)?;
         let scales = self.scales(path)?;
         let max_pos = self.max_position_embeddings.unwrap_or(4096);
@@ -324,6 +367,7 @@ impl HfConfig {
             moe,
             clip_qkv: if mt == "olmoe" { self.clip_qkv } else { None },
             attention_sinks: mt == "gpt_oss",
+            mla,
         })
     }
 
@@ -367,6 +411,20 @@ impl HfConfig {
 }
 
 impl DecoderConfig {
+    /// Refuse a sequence (`what`: what it is, for the message) this model cannot compute exactly:
+    /// DeepSeek-V3.2 past its `index_topk`, where its indexer would start dropping keys.
+    pub fn check_length(&self, len: usize, what: &str) -> Result<()> {
+        match self.mla.as_ref().and_then(|m| m.dense_limit) {
+            Some(limit) if len > limit => Err(Error::InvalidArgument(format!(
+                "{what} is {len} tokens, but {} keeps only index_topk = {limit} keys per query past that length (its sparse \
+                 attention); Temper computes its attention densely, which is exact up to {limit} tokens: use sequences of at \
+                 most {limit} tokens",
+                self.model_type
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Read `config.json` from a model folder and derive the decoder switches.
     pub fn from_model_dir(dir: &Path) -> Result<(HfConfig, DecoderConfig)> {
         let path: PathBuf = dir.join("config.json");

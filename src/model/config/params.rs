@@ -10,8 +10,9 @@ impl DecoderConfig {
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         let per_layer = |l: usize| {
-            let mixer = match (self.layer_mixers.get(l), &self.delta_net) {
-                (Some(Mixer::GatedDeltaNet), Some(d)) => d.num_parameters(h),
+            let mixer = match (self.layer_mixers.get(l), &self.delta_net, &self.mla) {
+                (Some(Mixer::GatedDeltaNet), Some(d), _) => d.num_parameters(h),
+                (Some(Mixer::LatentAttention), _, Some(m)) => m.num_parameters(h, self.num_heads),
                 _ => self.attention_parameters(),
             };
             mixer + self.mlp_parameters(l) + h * if self.sandwich_norms { 4 } else { 2 }
@@ -44,7 +45,8 @@ impl DecoderConfig {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         match &self.moe {
             Some(m) if m.is_sparse(l) => {
-                let shared = m.shared_expert_intermediate.map_or(0, |si| 3 * h * si + h);
+                let gate = if m.shared_expert_gated { h } else { 0 };
+                let shared = m.shared_expert_intermediate.map_or(0, |si| 3 * h * si + gate);
                 m.num_experts * (3 * h * m.expert_intermediate + h) + shared
             }
             _ => 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 },
