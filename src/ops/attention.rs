@@ -28,6 +28,10 @@ pub struct AttentionSpec {
     pub softcap: Option<f64>,
     /// A query at position `q` sees keys `k` with `q - k < window`.
     pub window: Option<usize>,
+    /// Llama 4's chunked attention: a query sees only keys of its own chunk of `chunk`
+    /// positions, counted from the start of its segment (of the row without segments; cached
+    /// positions included), as transformers counts them from a row's first unpadded token.
+    pub chunk: Option<usize>,
     /// Keys already cached before this call's queries (generation).
     pub past_len: usize,
     /// Per row, a segment id per key position (past + new); a query sees only keys of its own
@@ -42,7 +46,16 @@ pub struct AttentionSpec {
 
 impl AttentionSpec {
     pub fn causal(scale: f64) -> Self {
-        Self { scale, softcap: None, window: None, past_len: 0, segments: None, block_rows: None, sinks: None }
+        Self {
+            scale,
+            softcap: None,
+            window: None,
+            chunk: None,
+            past_len: 0,
+            segments: None,
+            block_rows: None,
+            sinks: None,
+        }
     }
 
     fn block_rows(&self, batch: usize, heads: usize, q_len: usize, k_len: usize) -> usize {
@@ -58,7 +71,11 @@ impl AttentionSpec {
             .map(|q0| {
                 let q1 = (q0 + rows).min(q_len);
                 let k1 = (self.past_len + q1).min(k_len);
-                let k0 = self.window.map_or(0, |w| (self.past_len + q0 + 1).saturating_sub(w));
+                let mut k0 = self.window.map_or(0, |w| (self.past_len + q0 + 1).saturating_sub(w));
+                // With segments, a chunk starts at its segment's start: no narrowing here.
+                if let (Some(c), None) = (self.chunk.filter(|&c| c > 0), &self.segments) {
+                    k0 = k0.max((self.past_len + q0) / c * c);
+                }
                 (q0, q1, k0.min(k1), k1)
             })
             .collect()
@@ -75,7 +92,15 @@ impl AttentionSpec {
         let mut blocked = ahead.clone().clamp(0.0, 1.0);
         if let Some(w) = self.window {
             // q - k >= w, i.e. (q - k) - (w - 1) >= 1.
-            blocked = blocked + ahead.neg().sub_scalar(w as f64 - 1.0).clamp(0.0, 1.0);
+            blocked = blocked + ahead.clone().neg().sub_scalar(w as f64 - 1.0).clamp(0.0, 1.0);
+        }
+        let chunk = self.chunk.filter(|&c| c > 0);
+        if let (Some(c), None) = (chunk, &self.segments) {
+            // Another chunk: floor(q / c) - floor(k / c) >= 1 (keys ahead are blocked already).
+            let qc = Tensor::<B, 1, Int>::arange(q as i64..(q + bq) as i64, device).div_scalar(c as i64);
+            let kc = Tensor::<B, 1, Int>::arange(k0 as i64..k1 as i64, device).div_scalar(c as i64);
+            let apart = qc.float().reshape([bq, 1]) - kc.float().reshape([1, bk]);
+            blocked = blocked + apart.clamp(0.0, 1.0);
         }
         let blocked: Tensor<B, 5> = match &self.segments {
             None => blocked.reshape([1, 1, 1, bq, bk]),
@@ -88,12 +113,34 @@ impl AttentionSpec {
                 let ids = Tensor::<B, 2>::from_data(TensorData::new(flat, [rows, k1]), (device, DType::F32));
                 let sq = ids.clone().slice([0..rows, q..q + bq]).reshape([rows, bq, 1]);
                 let sk = ids.slice([0..rows, k0..k1]).reshape([rows, 1, bk]);
-                let other = (sk - sq).abs().clamp_max(1.0);
+                let mut other = (sk - sq).abs().clamp_max(1.0);
+                if let Some(c) = chunk {
+                    // Per row, each position's chunk within its segment (a run of equal ids).
+                    let ids: Vec<f32> = seg.iter().flat_map(|r| chunk_ids(r, k1, c)).collect();
+                    let ids = Tensor::<B, 2>::from_data(TensorData::new(ids, [rows, k1]), (device, DType::F32));
+                    let cq = ids.clone().slice([0..rows, q..q + bq]).reshape([rows, bq, 1]);
+                    let ck = ids.slice([0..rows, k0..k1]).reshape([rows, 1, bk]);
+                    other = other + (ck - cq).abs().clamp_max(1.0);
+                }
                 (other + blocked.unsqueeze::<3>()).reshape([rows, 1, 1, bq, bk])
             }
         };
         blocked.clamp_max(1.0).mul_scalar(BLOCKED as f64)
     }
+}
+
+/// The chunk of each of a row's first `len` positions, counted from the start of its segment
+/// (a run of equal segment ids; positions past the row's ids form one more run).
+fn chunk_ids(row: &[u32], len: usize, chunk: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    let mut start = 0;
+    for i in 0..len {
+        if i > 0 && row.get(i) != row.get(i - 1) {
+            start = i;
+        }
+        out.push(((i - start) / chunk) as f32);
+    }
+    out
 }
 
 /// Scores of one block in f32 before masking: `[b, kv, g, bq, bk]`, plus `tanh(s / cap)` when
@@ -262,6 +309,13 @@ pub fn reference<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
             let qp = spec.past_len + qi;
             for kp in 0..s {
                 let mut no = kp > qp || spec.window.is_some_and(|w| qp - kp.min(qp) >= w);
+                if let Some(c) = spec.chunk.filter(|&c| c > 0) {
+                    let ids = spec.segments.as_ref().map(|seg| chunk_ids(&seg[r], s.max(qp + 1), c));
+                    no |= match ids {
+                        Some(ids) => ids[kp] != ids[qp],
+                        None => kp / c != qp / c,
+                    };
+                }
                 if let Some(seg) = &spec.segments {
                     no |= seg[r].get(kp) != seg[r].get(qp);
                 }

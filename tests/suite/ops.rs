@@ -70,7 +70,22 @@ fn cases(t: usize) -> Vec<Case> {
             heads: 4,
             kv_heads: 4,
             v_dim: 9,
-            spec: AttentionSpec { segments: Some(Arc::new(segs)), ..base.clone() },
+            spec: AttentionSpec { segments: Some(Arc::new(segs.clone())), ..base.clone() },
+        });
+        // Llama 4: chunks of 4 positions (the queries of a block straddle chunk boundaries).
+        out.push(Case {
+            name: "chunks of 4",
+            heads: 4,
+            kv_heads: 2,
+            v_dim: 6,
+            spec: AttentionSpec { chunk: Some(4), ..base.clone() },
+        });
+        out.push(Case {
+            name: "chunks of 3 within packed segments",
+            heads: 4,
+            kv_heads: 2,
+            v_dim: 6,
+            spec: AttentionSpec { chunk: Some(3), segments: Some(Arc::new(segs)), ..base.clone() },
         });
         // gpt-oss: a per-head sink logit in every row's denominator, with a sliding window.
         out.push(Case {
@@ -127,12 +142,12 @@ fn blockwise_attention_with_a_kv_cache_equals_the_plain_formula() {
     let q = random([b, h, t, hd], 1);
     let k = random([b, kv, past + t, hd], 2);
     let v = random([b, kv, past + t, hd], 3);
-    for window in [None, Some(4)] {
-        let spec = AttentionSpec { past_len: past, window, block_rows: Some(2), ..AttentionSpec::causal(0.4) };
+    for (window, chunk) in [(None, None), (Some(4), None), (None, Some(3)), (None, Some(5))] {
+        let spec = AttentionSpec { past_len: past, window, chunk, block_rows: Some(2), ..AttentionSpec::causal(0.4) };
         let got = values(tops::attention(q.clone(), k.clone(), v.clone(), &spec));
         let want = values(attention::reference(q.clone(), k.clone(), v.clone(), &spec));
         let diff = max_abs_diff(&got, &want);
-        assert!(diff <= ATTN_TOL, "window {window:?}: cached attention differs by {diff:e}");
+        assert!(diff <= ATTN_TOL, "window {window:?}, chunk {chunk:?}: cached attention differs by {diff:e}");
     }
 }
 
