@@ -138,6 +138,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         base_model: "random-llama-1.1b".into(),
         modules,
         nested: false,
+        legacy_names: false,
         expert_format: Default::default(),
     }
     .write(&out.join("adapter"), WriteMode::Replace, &[])?;

@@ -31,9 +31,13 @@ pub enum ExpertFormat {
 const GATE_UP: &str = "gate_up_proj";
 const DOWN: &str = "down_proj";
 
-/// `model.layers.3.mlp.experts.5.down_proj` -> (`model.layers.3.mlp.experts`, 5, `down_proj`).
+/// The feed-forward blocks whose experts Temper reads: `mlp` and Llama 4's `feed_forward`.
+const EXPERT_BLOCKS: [&str; 2] = [".mlp.experts", ".feed_forward.experts"];
+
+/// `model.layers.3.mlp.experts.5.down_proj` -> (`model.layers.3.mlp.experts`, 5, `down_proj`)
+/// (Llama 4: `...feed_forward.experts...`).
 pub fn split_expert_name(module: &str) -> Option<(&str, usize, &str)> {
-    let at = module.find(".mlp.experts.")? + ".mlp.experts".len();
+    let at = EXPERT_BLOCKS.iter().find_map(|b| module.find(&format!("{b}.")).map(|i| i + b.len()))?;
     let (prefix, rest) = module.split_at(at);
     let (e, proj) = rest.strip_prefix('.')?.split_once('.')?;
     Some((prefix, e.parse().ok()?, proj))
@@ -76,13 +80,18 @@ pub fn split_experts(
     // 3-D: `...mlp.experts` and `...mlp.experts.base_layer`.
     let fused: Vec<String> = modules
         .keys()
-        .filter(|k| k.ends_with(".mlp.experts") || k.ends_with(".mlp.experts.base_layer"))
+        .filter(|k| EXPERT_BLOCKS.iter().any(|b| k.ends_with(b) || k.ends_with(&format!("{b}.base_layer"))))
         .cloned()
         .collect();
     let mut by_layer: BTreeMap<String, Vec<(String, LoraPair)>> = BTreeMap::new();
     for key in fused {
         let prefix = key.trim_end_matches(".base_layer").to_string();
-        if let Some(pair) = modules.remove(&key) {
+        if let Some(mut pair) = modules.remove(&key) {
+            if is_llama4_experts(&prefix) {
+                let r = rank_of(&format!("{prefix}.{GATE_UP}")).max(rank_of(&format!("{prefix}.{DOWN}")));
+                pair = swap_orientation(&pair, r)
+                    .ok_or_else(|| bad(&format!("base_model.model.{key}.lora_A.weight"), format!("has {:?} (lora_B {:?}): expected experts x r ({r}) rows, as PEFT's target_parameters writes", pair.a.shape, pair.b.shape)))?;
+            }
             by_layer.entry(prefix).or_default().push((key, pair));
         }
     }
@@ -133,6 +142,40 @@ pub fn split_experts(
         }
     }
     Ok(format)
+}
+
+/// Llama 4's experts (`feed_forward.experts`), whose 3-D LoRA PEFT orients by the parameter's
+/// own `[E, in, out]` layout read as `[E, out, in]` (`Llama4TextExperts` has no `is_transposed`,
+/// so PEFT swaps in and out: MOE-NOTES §4.4): expert e's delta is `W_e += s · B_e A_e` on the
+/// stored `[in, out]` matrix, i.e. `s · A_eᵀ B_eᵀ` on Temper's `[out, in]`.
+fn is_llama4_experts(prefix: &str) -> bool {
+    prefix.ends_with(".feed_forward.experts")
+}
+
+/// A fused 3-D pair with each expert's A and B exchanged and transposed (`A'_e = B_eᵀ`,
+/// `B'_e = A_eᵀ`), in the same fused layout (A expert-major rows, B expert-minor columns): turns
+/// PEFT's Llama 4 expert LoRA into the `[out, in]` orientation every other family's has, and
+/// back (it is its own inverse). `None` when the shapes do not hold `r`-row experts.
+pub fn swap_orientation(pair: &LoraPair, r: usize) -> Option<LoraPair> {
+    let (rows, x) = (*pair.a.shape.first()?, *pair.a.shape.get(1)?);
+    let (y, cols) = (*pair.b.shape.first()?, *pair.b.shape.get(1)?);
+    if r == 0 || rows % r != 0 || cols != rows || pair.a.data.len() != rows * x || pair.b.data.len() != y * cols {
+        return None;
+    }
+    let e_count = rows / r;
+    let mut a = vec![0.0f32; rows * y];
+    let mut b = vec![0.0f32; x * rows];
+    for e in 0..e_count {
+        for j in 0..r {
+            for yy in 0..y {
+                a[(e * r + j) * y + yy] = pair.b.data[yy * cols + j * e_count + e];
+            }
+            for xx in 0..x {
+                b[xx * rows + j * e_count + e] = pair.a.data[(e * r + j) * x + xx];
+            }
+        }
+    }
+    Some(LoraPair { a: HostTensor { shape: vec![rows, y], data: a }, b: HostTensor { shape: vec![x, rows], data: b } })
 }
 
 /// A lone 3-D pair: gate_up unless the adapter only targets down_proj (its rank lookup says
@@ -231,14 +274,17 @@ pub fn fuse_experts(modules: &BTreeMap<String, LoraPair>) -> Result<(BTreeMap<St
         } else {
             prefix.clone()
         };
-        out.insert(
-            key,
-            LoraPair {
-                a: HostTensor { shape: vec![rows, d_in], data: a },
-                b: HostTensor { shape: vec![d_out, rows], data: b },
-            },
-        );
-        params.insert(format!("mlp.experts.{proj}"));
+        let mut pair = LoraPair {
+            a: HostTensor { shape: vec![rows, d_in], data: a },
+            b: HostTensor { shape: vec![d_out, rows], data: b },
+        };
+        if is_llama4_experts(prefix) {
+            pair = swap_orientation(&pair, r)
+                .ok_or_else(|| Error::InvalidArgument(format!("{prefix}: expert LoRA of an unexpected shape")))?;
+        }
+        out.insert(key, pair);
+        let block = if is_llama4_experts(prefix) { "feed_forward" } else { "mlp" };
+        params.insert(format!("{block}.experts.{proj}"));
     }
     Ok((out, params.into_iter().collect()))
 }

@@ -618,8 +618,9 @@ fn moe_terms<'a>(
         });
     }
     if let Some((_, shape)) = ckpt.info(&fused) {
-        // gpt-oss keeps its experts as x @ W: `[E, in, out]` (its biases mark the layout).
-        let transposed = ckpt.contains(&format!("{fused}_bias"));
+        // gpt-oss and Llama 4 keep their experts as x @ W: `[E, in, out]` (gpt-oss's biases mark
+        // the layout; Llama 4's `feed_forward.experts` always are).
+        let transposed = ckpt.contains(&format!("{fused}_bias")) || prefix.ends_with(".feed_forward.experts");
         let want = if transposed { [in_f, out_f] } else { [out_f, in_f] };
         if shape.len() != 3 || shape[1] != want[0] || shape[2] != want[1] || e >= shape[0] {
             return Err(mismatch(&fused, &shape, want));

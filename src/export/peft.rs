@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::export::atomic::{write_dir_atomically, WriteMode};
 use crate::lora::{LoraConfig, LoraInit, TargetModules};
-use crate::model::names::{internal_module, peft_module};
+use crate::model::names::{internal_module, is_legacy_name, peft_module_in};
 use crate::{Error, Result};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -49,6 +49,8 @@ pub struct Adapter {
     /// Trained on the text decoder of a vision-language model: PEFT names its modules
     /// `model.language_model.*` ([`peft_module`]); `modules` keeps Temper's names either way.
     pub nested: bool,
+    /// With `nested`: PEFT names the decoder `language_model.model.*` (Llama 4's wrapper class).
+    pub legacy_names: bool,
     /// How mixture-of-experts deltas are written: PEFT's 3-D form (default) or per expert.
     pub expert_format: crate::export::experts::ExpertFormat,
 }
@@ -113,7 +115,7 @@ impl Adapter {
             serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
         let config = file.to_lora_config(&cfg_path)?;
         let base_model = file.base_model_name_or_path.clone().unwrap_or_default();
-        let (mut modules, nested) = read_tensors(&dir.join(WEIGHTS_FILE))?;
+        let (mut modules, nested, legacy_names) = read_tensors(&dir.join(WEIGHTS_FILE))?;
         let targets = |fused: &str| {
             let hit =
                 config.target_parameters.iter().flatten().any(|t| fused == t || fused.ends_with(&format!(".{t}")));
@@ -124,7 +126,7 @@ impl Adapter {
             }
         };
         let expert_format = crate::export::experts::split_experts(&mut modules, targets, &dir.join(WEIGHTS_FILE))?;
-        Ok(Adapter { config, base_model, modules, nested, expert_format })
+        Ok(Adapter { config, base_model, modules, nested, legacy_names, expert_format })
     }
 
     /// Write `adapter_config.json` (2-space indent, sorted keys) and
@@ -171,15 +173,20 @@ impl Adapter {
             .iter()
             .filter(|m| per.is_none() || m.ends_with(".mlp.gate") || m.ends_with(".mlp.router"))
             .filter_map(|m| moe_parameter(m))
-            .map(|p| match p.rsplit('.').nth(1) {
-                Some(router @ ("gate" | "router")) => format!("mlp.{router}.weight"),
-                _ => format!("mlp.experts.{}", p.rsplit('.').next().unwrap_or_default()),
+            .map(|p| {
+                // `mlp.gate.weight`, `mlp.experts.down_proj` (Llama 4: `feed_forward.*`).
+                let block = if p.contains(".feed_forward.") { "feed_forward" } else { "mlp" };
+                match p.rsplit('.').nth(1) {
+                    Some(router @ ("gate" | "router")) => format!("{block}.{router}.weight"),
+                    _ => format!("{block}.experts.{}", p.rsplit('.').next().unwrap_or_default()),
+                }
             })
             .collect();
         // A list of names would also match the vision tower's q_proj / k_proj / v_proj in PEFT.
         let targets = if self.nested {
             let names: Vec<String> = targets.iter().map(|t| regex::escape(t)).collect();
-            json!(format!(r"^model\.language_model\..*\.({})$", names.join("|")))
+            let prefix = if self.legacy_names { r"language_model\.model" } else { r"model\.language_model" };
+            json!(format!(r"^{prefix}\..*\.({})$", names.join("|")))
         } else {
             json!(targets)
         };
@@ -221,7 +228,7 @@ impl Adapter {
             crate::export::experts::ExpertFormat::Fused => crate::export::experts::fuse_experts(&self.modules)?,
         };
         for (module, pair) in &fused {
-            let module = peft_module(module, self.nested);
+            let module = peft_module_in(module, self.nested, self.legacy_names);
             entries.push((format!("{KEY_PREFIX}{module}.lora_A.weight"), &pair.a));
             entries.push((format!("{KEY_PREFIX}{module}.lora_B.weight"), &pair.b));
         }
@@ -348,13 +355,16 @@ impl PeftConfigFile {
 }
 
 /// `adapter_model.safetensors` -> A/B pairs by module name (f32, bf16 and f16 accepted).
-fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
+/// The pairs by Temper's module names, whether the names were a composite model's, and whether
+/// in the `language_model.model.*` layout.
+fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool, bool)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
     let mut a_parts: BTreeMap<String, HostTensor> = BTreeMap::new();
     let mut b_parts: BTreeMap<String, HostTensor> = BTreeMap::new();
     let mut nested = false;
+    let mut legacy = false;
     for (key, view) in st.tensors() {
         let Some((module, which)) = parse_key(&key) else {
             return Err(Error::Unsupported {
@@ -378,6 +388,7 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
                 actual: t.shape,
             });
         }
+        legacy |= is_legacy_name(&module);
         let (module, composite) = internal_module(&module);
         nested |= composite;
         if which == 'A' {
@@ -390,13 +401,13 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
     for (module, a) in a_parts {
         let b = b_parts.remove(&module).ok_or_else(|| Error::MissingTensor {
             path: path.to_path_buf(),
-            tensor: format!("{KEY_PREFIX}{}.lora_B.weight", peft_module(&module, nested)),
+            tensor: format!("{KEY_PREFIX}{}.lora_B.weight", peft_module_in(&module, nested, legacy)),
             hint: " (lora_A without its lora_B)".into(),
         })?;
         if a.shape[0] != b.shape[1] {
             return Err(Error::TensorShape {
                 path: path.to_path_buf(),
-                tensor: format!("{KEY_PREFIX}{}.lora_B.weight", peft_module(&module, nested)),
+                tensor: format!("{KEY_PREFIX}{}.lora_B.weight", peft_module_in(&module, nested, legacy)),
                 expected: vec![b.shape[0], a.shape[0]],
                 actual: b.shape.clone(),
             });
@@ -406,7 +417,7 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
     if let Some(module) = b_parts.keys().next() {
         return Err(Error::MissingTensor {
             path: path.to_path_buf(),
-            tensor: format!("{KEY_PREFIX}{}.lora_A.weight", peft_module(module, nested)),
+            tensor: format!("{KEY_PREFIX}{}.lora_A.weight", peft_module_in(module, nested, legacy)),
             hint: " (lora_B without its lora_A)".into(),
         });
     }
@@ -417,7 +428,7 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, LoraPair>, bool)> {
             hint: " (the adapter has no LoRA tensors)".into(),
         });
     }
-    Ok((out, nested))
+    Ok((out, nested, legacy))
 }
 
 /// `base_model.model.X.lora_A.weight` (also `.lora_A.default.weight`) -> (X, 'A')

@@ -47,7 +47,7 @@ use crate::export::gguf;
 use crate::export::peft::{LoraPair, CONFIG_FILE, WEIGHTS_FILE};
 use crate::export::serving_delta_net as delta_net;
 use crate::lora::module_names;
-use crate::model::names::{internal_module, peft_module};
+use crate::model::names::{internal_module, peft_module_in};
 use crate::model::DecoderConfig;
 use crate::{Error, Result};
 
@@ -74,7 +74,9 @@ impl ServingBase {
         let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
         let (_, cfg) = DecoderConfig::from_model_dir(dir)?;
         let composite = cfg.composite.is_some();
-        let mut modules: Vec<String> = module_names(&cfg).iter().map(|m| peft_module(m, composite)).collect();
+        let legacy = crate::model::names::legacy_live_names(cfg.composite.as_deref());
+        let mut modules: Vec<String> =
+            module_names(&cfg).iter().map(|m| peft_module_in(m, composite, legacy)).collect();
         // The 2-D per-expert names of every expert (what `--format peft-per-expert` writes).
         let mixtral = cfg.model_type == "mixtral";
         let experts: BTreeMap<String, LoraPair> = modules
@@ -145,9 +147,11 @@ pub fn check_adapter(dir: &Path, base: Option<&ServingBase>) -> Result<Vec<Verdi
         meta.tensors().into_iter().map(|(name, info)| TensorInfo { name, shape: info.shape.clone() }).collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     // PEFT's 3-D expert LoRA (`target_parameters`) is one verdict per server, not one per tensor.
-    let (experts, tensors): (Vec<TensorInfo>, Vec<TensorInfo>) = tensors
-        .into_iter()
-        .partition(|t| t.name.contains(".mlp.experts.lora_") || t.name.contains(".mlp.experts.base_layer.lora_"));
+    let (experts, tensors): (Vec<TensorInfo>, Vec<TensorInfo>) = tensors.into_iter().partition(|t| {
+        [".mlp.experts.", ".feed_forward.experts."]
+            .iter()
+            .any(|b| t.name.contains(&format!("{b}lora_")) || t.name.contains(&format!("{b}base_layer.lora_")))
+    });
     let mut verdicts =
         vec![vllm(&cfg, &tensors, base), llama_cpp(&cfg, &tensors, base), mistral_rs(&cfg, &tensors, base)];
     let model_type = base.map(|b| b.model_type.as_str());

@@ -144,6 +144,7 @@ pub fn combine(inputs: &[MergeInput]) -> Result<Adapter> {
         base_model: first.adapter.base_model.clone(),
         modules,
         nested: first.adapter.nested,
+        legacy_names: first.adapter.legacy_names,
         expert_format: first.adapter.expert_format,
     })
 }

@@ -9,7 +9,7 @@ use crate::lora::linear::{LoraDelta, LoraLinear};
 use crate::model::config::Mixer;
 use crate::model::decoder::DecoderLayer;
 use crate::model::mlp::Mlp;
-use crate::model::names::peft_module;
+use crate::model::names::{legacy_live_names, peft_module_in};
 use crate::model::{CausalLm, DecoderConfig};
 use crate::ops::dropout::module_id;
 use crate::{Error, Result};
@@ -72,11 +72,12 @@ pub fn layer_projections_mut<B: Backend>(layer: &mut DecoderLayer<B>, i: usize) 
             }
         }
     }
+    let ffn = layer.ffn_name;
     if let Some(m) = layer.mlp.as_mut() {
-        out.extend(mlp_projections_mut(m, &format!("model.layers.{i}.mlp")));
+        out.extend(mlp_projections_mut(m, &format!("model.layers.{i}.{ffn}")));
     }
     if let Some(moe) = layer.moe.as_mut() {
-        let p = format!("model.layers.{i}.mlp");
+        let p = format!("model.layers.{i}.{ffn}");
         out.push((format!("{p}.{}", moe.router_name), &mut moe.gate));
         for (e, expert) in moe.experts.iter_mut().enumerate() {
             out.push((format!("{p}.experts.{e}.gate_up_proj"), &mut expert.gate_up_proj));
@@ -145,10 +146,11 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
             if cfg.fused_projections { &["gate_up_proj", "down_proj"] } else { &["gate_proj", "up_proj", "down_proj"] };
         match &cfg.moe {
             Some(m) if m.is_sparse(i) => {
-                let p = format!("model.layers.{i}.mlp");
+                use crate::model::config::ExpertNaming;
+                let p = format!("model.layers.{i}.{}", cfg.ffn_name);
                 names.push(format!(
                     "{p}.{}",
-                    if m.naming == crate::model::config::ExpertNaming::GptOss { "router" } else { "gate" }
+                    if matches!(m.naming, ExpertNaming::GptOss | ExpertNaming::Llama4) { "router" } else { "gate" }
                 ));
                 for e in 0..m.num_experts {
                     names.push(format!("{p}.experts.{e}.gate_up_proj"));
@@ -161,7 +163,7 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
                     }
                 }
             }
-            _ => names.extend(mlp.iter().map(|n| format!("model.layers.{i}.mlp.{n}"))),
+            _ => names.extend(mlp.iter().map(|n| format!("model.layers.{i}.{}.{n}", cfg.ffn_name))),
         }
     }
     if !cfg.tie_word_embeddings {
@@ -175,11 +177,14 @@ pub fn module_names(cfg: &DecoderConfig) -> Vec<String> {
 /// `model.layers.3.mlp.experts.down_proj`; the router `model.layers.3.mlp.gate` is
 /// `model.layers.3.mlp.gate.weight`. `None` for every other module.
 pub fn moe_parameter(module: &str) -> Option<String> {
-    if let Some((head, tail)) = module.split_once(".mlp.experts.") {
-        let (_, proj) = tail.split_once('.')?;
-        return Some(format!("{head}.mlp.experts.{proj}"));
+    for ffn in [".mlp.", ".feed_forward."] {
+        if let Some((head, tail)) = module.split_once(&format!("{ffn}experts.")) {
+            let (_, proj) = tail.split_once('.')?;
+            return Some(format!("{head}{ffn}experts.{proj}"));
+        }
     }
-    (module.ends_with(".mlp.gate") || module.ends_with(".mlp.router")).then(|| format!("{module}.weight"))
+    let router = [".mlp.gate", ".mlp.router", ".feed_forward.router"].iter().any(|r| module.ends_with(r));
+    router.then(|| format!("{module}.weight"))
 }
 
 /// PEFT's `check_target_module_exists` for one module name. Experts and routers are parameters
@@ -245,10 +250,11 @@ pub fn inject<B: Backend>(model: &mut CausalLm<B>, cfg: &LoraConfig, seed: u64) 
     }
     let mut targeted = Vec::new();
     let composite = model.config.composite.is_some();
+    let legacy = legacy_live_names(model.config.composite.as_deref());
     for (name, proj) in projections_mut(model) {
         // Matched as PEFT sees the module: a vision-language model's decoder modules are
         // `model.language_model.*` there, so a PEFT regex for it works here too.
-        if !is_target(cfg, &peft_module(&name, composite)) {
+        if !is_target(cfg, &peft_module_in(&name, composite, legacy)) {
             continue;
         }
         let [d_out, d_in] = proj.dims();

@@ -88,6 +88,7 @@ pub fn extract_adapter<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig,
         base_model: base_model.to_string(),
         modules,
         nested: model.config.composite.is_some(),
+        legacy_names: crate::model::names::legacy_live_names(model.config.composite.as_deref()),
         expert_format: Default::default(),
     })
 }

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::lora::LoraLinear;
+use crate::model::config::AttnTemperature;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::RopeTables;
 use crate::ops::{self, AttentionSpec, TemperBackend};
@@ -63,6 +64,17 @@ pub struct Attention<B: Backend> {
     /// Qwen 3.5 / Qwen3-Next: `q_proj` gives `[q_h | gate_h]` per head, and the attention output
     /// is multiplied by `sigmoid(gate)` before `o_proj`.
     pub output_gate: bool,
+    /// Llama 4: the rotary dims pair up adjacently (`2i`, `2i + 1`); they are de-interleaved
+    /// (evens, then odds) before the rotate-half rotation, for q and k alike, which keeps their
+    /// dot products.
+    pub rope_pairs: bool,
+    /// Llama 4 (RoPE layers): a weightless RMS norm of q and k after RoPE, with this eps.
+    pub weightless_qk_norm: Option<f64>,
+    /// Llama 4 (NoPE layers): the queries' temperature by position.
+    #[module(skip)]
+    pub temperature: Option<AttnTemperature>,
+    /// Llama 4 (RoPE layers): attention within chunks of this many positions.
+    pub chunk: Option<usize>,
 }
 
 impl<B: TemperBackend> Attention<B> {
@@ -99,7 +111,20 @@ impl<B: TemperBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let (q, k) = if self.rope { (rope.apply_query(q), rope.apply(k)) } else { (q, k) };
+        if self.rope_pairs && self.rope {
+            (q, k) = (pairs_first(q), pairs_first(k));
+        }
+        let (mut q, mut k) = if self.rope { (rope.apply_query(q), rope.apply(k)) } else { (q, k) };
+        if let Some(eps) = self.weightless_qk_norm {
+            (q, k) = (weightless_rms_norm(q, eps), weightless_rms_norm(k, eps));
+        }
+        if let Some(temp) = &self.temperature {
+            // Positions from the row's start (cached ones included), as transformers counts them.
+            let factors: Vec<f32> = (0..t).map(|i| temp.factor(mask.past_len + i)).collect();
+            let f = Tensor::<B, 4>::from_data(TensorData::new(factors, [1, t, 1, 1]), (&q.device(), DType::F32));
+            let dtype = q.dtype();
+            q = q * f.cast(dtype);
+        }
         let q = q.swap_dims(1, 2);
         let mut k = k.swap_dims(1, 2);
         let mut v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
@@ -114,6 +139,7 @@ impl<B: TemperBackend> Attention<B> {
             scale: self.scale,
             softcap: self.softcap,
             window: self.window,
+            chunk: self.chunk,
             past_len: mask.past_len,
             segments: mask.segments.clone(),
             block_rows: None,
@@ -144,4 +170,19 @@ impl<B: TemperBackend> Attention<B> {
             _ => unreachable!("attention built without projections"),
         }
     }
+}
+
+/// Rotary dims laid out in adjacent pairs `[x0, x1, x2, x3, ...]` as `[x0, x2, ..., x1, x3, ...]`,
+/// the rotate-half layout (Llama 4's complex rotation; DeepSeek's interleaved rope).
+pub fn pairs_first<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, t, h, d] = x.dims();
+    x.reshape([b, t, h, d / 2, 2]).swap_dims(3, 4).reshape([b, t, h, d])
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last dim, in f32 (Llama 4's `Llama4TextWeightlessRMSNorm`).
+fn weightless_rms_norm<B: Backend>(x: Tensor<B, 4>, eps: f64) -> Tensor<B, 4> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let mean_sq = x.clone().powi_scalar(2).mean_dim(3);
+    (x * mean_sq.add_scalar(eps).sqrt().recip()).cast(dtype)
 }

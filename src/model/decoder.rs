@@ -47,6 +47,9 @@ pub struct DecoderLayer<B: Backend> {
     pub moe: Option<MoeBlock<B>>,
     /// Granite: each branch's output is multiplied by this before the residual add.
     pub residual_scale: Option<f64>,
+    /// The feed-forward block's module name in the checkpoint: `mlp`, or Llama 4's `feed_forward`.
+    #[module(skip)]
+    pub ffn_name: &'static str,
 }
 
 impl<B: TemperBackend> DecoderLayer<B> {
@@ -429,12 +432,19 @@ pub fn load_layer<B: Backend>(
     let (mlp, moe) = match &cfg.moe {
         Some(m) if m.is_sparse(i) => {
             let shared_expert = match m.shared_expert_intermediate {
-                Some(si) => Some(load_mlp(cfg, w, &format!("{p}.mlp.{}", m.shared_expert_name), si, dtype, device)?),
+                Some(si) => Some(load_mlp(
+                    cfg,
+                    w,
+                    &format!("{p}.{}.{}", cfg.ffn_name, m.shared_expert_name),
+                    si,
+                    dtype,
+                    device,
+                )?),
                 None => None,
             };
             (None, Some(load_moe(cfg, m, w, &p, shared_expert, dtype, device)?))
         }
-        _ => (Some(load_mlp(cfg, w, &format!("{p}.mlp"), cfg.intermediate_size, dtype, device)?), None),
+        _ => (Some(load_mlp(cfg, w, &format!("{p}.{}", cfg.ffn_name), cfg.intermediate_size, dtype, device)?), None),
     };
     let (self_attn, linear_attn, latent_attn) = match cfg.layer_mixers.get(i).copied().unwrap_or(Mixer::Attention) {
         Mixer::Attention => (Some(load_attention(cfg, w, &p, i, dtype, device)?), None, None),
@@ -463,6 +473,7 @@ pub fn load_layer<B: Backend>(
         mlp,
         moe,
         residual_scale: cfg.residual_scale,
+        ffn_name: cfg.ffn_name,
     })
 }
 
@@ -551,6 +562,7 @@ fn load_attention<B: Backend>(
         _ => (None, None),
     };
     let window = cfg.layer_windows.get(i).copied().flatten();
+    let rope = cfg.layer_rope.get(i).copied().unwrap_or(true);
     Ok(Attention {
         q_proj,
         k_proj,
@@ -565,12 +577,16 @@ fn load_attention<B: Backend>(
         scale: cfg.attn_scale,
         softcap: cfg.attn_softcap,
         window,
-        rope: cfg.layer_rope.get(i).copied().unwrap_or(true),
+        rope,
         local_rope: cfg.local_rope.is_some() && window.is_some(),
         qk_norm_whole: cfg.qk_norm_whole,
         clip_qkv: cfg.clip_qkv,
         sinks,
         output_gate: cfg.attn_output_gate,
+        rope_pairs: cfg.rope_pairs,
+        weightless_qk_norm: (cfg.qk_weightless_norm && rope).then_some(cfg.rms_norm_eps),
+        temperature: cfg.attn_temperature.filter(|_| !rope),
+        chunk: cfg.layer_chunks.get(i).copied().flatten(),
     })
 }
 
@@ -701,8 +717,10 @@ fn load_moe<B: Backend>(
 ) -> Result<MoeBlock<B>> {
     use crate::model::config::ExpertNaming;
     let (h, inter, e_count) = (cfg.hidden_size, m.expert_intermediate, m.num_experts);
-    if m.naming == ExpertNaming::GptOss {
-        return load_gpt_oss_moe(m, w, p, h, dtype, device);
+    match m.naming {
+        ExpertNaming::GptOss => return load_gpt_oss_moe(m, w, p, h, dtype, device),
+        ExpertNaming::Llama4 => return load_llama4_moe(m, w, p, h, shared_expert, dtype, device),
+        _ => {}
     }
     let fused_gu = format!("{p}.mlp.experts.gate_up_proj");
     let (block, names) = match m.naming {
@@ -764,6 +782,32 @@ fn score_correction_bias<B: Backend>(
     }
     let t = w.tensor::<B, 1>(&name, [e_count], DType::F32, device)?;
     t.into_data().to_vec().map_err(|e| crate::Error::InvalidArgument(format!("reading {name}: {e:?}")))
+}
+
+/// Llama 4's experts: fused `feed_forward.experts.gate_up_proj` `[E, H, 2I]` and `down_proj`
+/// `[E, I, H]` used as `x @ W` (stored here transposed, per expert: `[2I, H]` with the gate rows
+/// first, and `[H, I]`), the router `feed_forward.router`, and the always-on shared expert.
+fn load_llama4_moe<B: Backend>(
+    m: &crate::model::config::MoeConfig,
+    w: &mut WeightSource,
+    p: &str,
+    h: usize,
+    shared_expert: Option<Mlp<B>>,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<MoeBlock<B>> {
+    let (inter, e_count) = (m.expert_intermediate, m.num_experts);
+    let q = format!("{p}.feed_forward.experts");
+    let router = w.tensor::<B, 2>(&format!("{p}.feed_forward.router.weight"), [e_count, h], dtype, device)?;
+    let gu = w.tensor::<B, 3>(&format!("{q}.gate_up_proj"), [e_count, h, 2 * inter], dtype, device)?;
+    let down = w.tensor::<B, 3>(&format!("{q}.down_proj"), [e_count, inter, h], dtype, device)?;
+    let experts = (0..e_count)
+        .map(|e| Expert {
+            gate_up_proj: LoraLinear::frozen(gu.clone().slice(e..e + 1).reshape([h, 2 * inter]).transpose(), None),
+            down_proj: LoraLinear::frozen(down.clone().slice(e..e + 1).reshape([inter, h]).transpose(), None),
+        })
+        .collect();
+    Ok(MoeBlock::new(m, LoraLinear::frozen(router, None), "router", experts, shared_expert, None))
 }
 
 /// gpt-oss's experts: fused `[E, H, 2I]` / `[E, I, H]` tensors used as `x @ W` (stored here

@@ -101,10 +101,10 @@ impl<B: TemperBackend> LatentAttention<B> {
     /// DeepSeek's interleaved rotary dims `[x0, x1, x2, x3, ...]` as `[x0, x2, ..., x1, x3, ...]`
     /// (unchanged when the layout is already rotate-half).
     fn pairs_first(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        if !self.interleaved {
-            return x;
+        if self.interleaved {
+            crate::model::attention::pairs_first(x)
+        } else {
+            x
         }
-        let [b, t, h, d] = x.dims();
-        x.reshape([b, t, h, d / 2, 2]).swap_dims(3, 4).reshape([b, t, h, d])
     }
 }

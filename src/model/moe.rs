@@ -61,6 +61,8 @@ pub struct MoeBlock<B: Backend> {
     /// The shared expert's module name under `mlp.` (`shared_expert` or DeepSeek's `shared_experts`).
     #[module(skip)]
     pub shared_name: &'static str,
+    /// Llama 4: the experts see `w·x` and their outputs are summed unweighted.
+    pub scale_input: bool,
 }
 
 /// The routing of one call, for the load-balancing loss and for tests.
@@ -96,6 +98,7 @@ impl<B: Backend> MoeBlock<B> {
             score_bias: None,
             router_f32: m.router_f32,
             shared_name: m.shared_expert_name,
+            scale_input: m.scale_input,
         }
     }
 }
@@ -119,7 +122,7 @@ impl<B: TemperBackend> MoeBlock<B> {
         // Softmax-then-top-k ranks by probability, top-k-then-softmax by logit: the same order.
         let probs = match self.routing {
             Routing::SoftmaxTopK | Routing::SoftmaxGrouped { .. } => activation::softmax(logits.clone(), 1),
-            Routing::TopKSoftmax => logits.clone(),
+            Routing::TopKSoftmax | Routing::SigmoidTopK => logits.clone(),
             Routing::SigmoidGrouped { .. } => activation::sigmoid(logits.clone()),
         };
         // Top-k on the host: one read of [T, E] per layer. Ties keep the lower expert id.
@@ -132,8 +135,10 @@ impl<B: TemperBackend> MoeBlock<B> {
         let flat: Vec<i64> = chosen.iter().flatten().map(|&e| e as i64).collect();
         let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, k]), &device);
         let mut weights = probs.gather(1, idx);
-        if self.routing == Routing::TopKSoftmax {
-            weights = activation::softmax(weights, 1);
+        match self.routing {
+            Routing::TopKSoftmax => weights = activation::softmax(weights, 1),
+            Routing::SigmoidTopK => weights = activation::sigmoid(weights),
+            _ => {}
         }
         if self.norm_topk_prob {
             let sum = weights.clone().sum_dim(1);
@@ -163,7 +168,11 @@ impl<B: TemperBackend> MoeBlock<B> {
         let ints = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [s]), &device);
         let tokens_sorted = ints(perm.iter().map(|&a| (a / k) as i64).collect());
         let x2 = x.clone().reshape([n, h]);
-        let x_sorted = x2.select(0, tokens_sorted);
+        let w_sorted = weights.reshape([s]).select(0, ints(perm.iter().map(|&a| a as i64).collect()));
+        let mut x_sorted = x2.select(0, tokens_sorted);
+        if self.scale_input {
+            x_sorted = x_sorted * w_sorted.clone().unsqueeze_dim(1);
+        }
         let mut outputs = Vec::new();
         let mut offset = 0;
         // An expert no token chose still gets a (zero) gradient for its LoRA delta, as in PEFT,
@@ -190,12 +199,10 @@ impl<B: TemperBackend> MoeBlock<B> {
         if let Some(z) = idle {
             y_sorted = y_sorted + z.cast(dtype).unsqueeze::<2>();
         }
-        let w_sorted = weights.reshape([s]).select(0, ints(perm.iter().map(|&a| a as i64).collect()));
-        let y = (y_sorted * w_sorted.unsqueeze_dim(1))
-            .select(0, ints(inv))
-            .reshape([n, k, h])
-            .sum_dim(1)
-            .reshape([b, t, h]);
+        if !self.scale_input {
+            y_sorted = y_sorted * w_sorted.unsqueeze_dim(1);
+        }
+        let y = y_sorted.select(0, ints(inv)).reshape([n, k, h]).sum_dim(1).reshape([b, t, h]);
         let y = match (&self.shared_expert, &self.shared_expert_gate) {
             // DeepSeek's shared experts are added as they are; a gated family always loads its gate.
             (Some(shared), Some(gate)) => y + activation::sigmoid(gate.forward(x.clone())) * shared.forward(x),

@@ -52,10 +52,30 @@ impl TextLayout {
 /// The module name PEFT uses (after `base_model.model.`): a composite model's decoder modules are
 /// `model.language_model.*`, its head `lm_head`.
 pub fn peft_module(name: &str, composite: bool) -> String {
+    peft_module_in(name, composite, false)
+}
+
+/// [`peft_module`] for a composite model whose live transformers class keeps its decoder at
+/// `language_model.model.*` and its head at `language_model.lm_head` (`legacy`: Llama 4's
+/// `Llama4ForConditionalGeneration`).
+pub fn peft_module_in(name: &str, composite: bool, legacy: bool) -> String {
     match name.strip_prefix("model.") {
+        Some(rest) if composite && legacy => format!("{LEGACY}{rest}"),
         Some(rest) if composite => format!("{NESTED}{rest}"),
+        None if composite && legacy => format!("language_model.{name}"),
         _ => name.to_string(),
     }
+}
+
+/// Whether transformers 5.25 names this vision-language family's decoder `language_model.model.*`
+/// in the live model (and so in PEFT's keys): Llama 4. The others are `model.language_model.*`.
+pub fn legacy_live_names(composite: Option<&str>) -> bool {
+    composite == Some("llama4")
+}
+
+/// Whether a PEFT module name is in the `language_model.model.*` layout.
+pub fn is_legacy_name(name: &str) -> bool {
+    name.starts_with(LEGACY) || name.starts_with(LEGACY_HEAD)
 }
 
 /// Temper's module name for a name found in an adapter or a checkpoint, either layout; and

@@ -14,6 +14,7 @@ mod export_gguf;
 mod export_serving;
 mod fp8;
 mod hub;
+mod llama4;
 mod lora_parity;
 mod merge;
 mod ministral3;

@@ -125,3 +125,13 @@ fn wgpu_deepseek_logits_and_peft_gradients_match() {
     crate::deepseek::check_logits_on::<Gpu>(&WgpuDevice::default());
     crate::deepseek::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
 }
+
+/// Llama 4 on wgpu: chunked attention (the op's chunk mask), complex-pair RoPE, the weightless
+/// q/k norm, the NoPE temperature and the score-before-expert router; logits, and PEFT adapters'
+/// logits and LoRA gradients (routed experts in PEFT's Llama 4 orientation).
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_llama4_logits_and_peft_gradients_match() {
+    crate::llama4::check_logits_on::<Gpu>(&WgpuDevice::default());
+    crate::llama4::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
+}

@@ -135,10 +135,11 @@ impl HfConfig {
     /// every `no_rope_layer_interval`-th layer, 4 by default, as transformers derives it).
     pub(super) fn layer_rope(&self, path: &Path) -> Result<Vec<bool>> {
         let n = self.num_hidden_layers;
-        if self.model_type != "smollm3" {
+        if !matches!(self.model_type.as_str(), "smollm3" | "llama4_text") {
             return Ok(vec![true; n]);
         }
-        if let Some(flags) = &self.no_rope_layers {
+        // Llama 4 reads an empty list as absent (`__post_init__`).
+        if let Some(flags) = self.no_rope_layers.as_ref().filter(|f| !f.is_empty()) {
             if flags.len() != n {
                 return Err(Error::InvalidConfig {
                     path: path.to_path_buf(),
@@ -163,6 +164,10 @@ impl HfConfig {
     pub(super) fn layer_windows(&self, path: &Path) -> Result<Vec<Option<usize>>> {
         let n = self.num_hidden_layers;
         let window = self.sliding_window;
+        // Llama 4's `layer_types` (chunked / full attention) are read by `llama4_attention`.
+        if self.model_type == "llama4_text" {
+            return Ok(vec![None; n]);
+        }
         // SmolLM3 writes `layer_types` but slides only with `use_sliding_window`.
         if self.model_type == "smollm3" && self.use_sliding_window != Some(true) {
             return Ok(vec![None; n]);

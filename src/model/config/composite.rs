@@ -36,6 +36,7 @@ pub(super) fn text_decoder_object(path: &Path, value: Value) -> Result<(Map<Stri
         "gemma3" => "gemma3_text",
         "qwen3_5" => "qwen3_5_text",
         "qwen3_5_moe" => "qwen3_5_moe_text",
+        "llama4" => "llama4_text",
         _ => "mistral",
     };
     text_config.entry("model_type").or_insert_with(|| Value::from(default_text));

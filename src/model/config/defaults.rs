@@ -62,6 +62,28 @@ pub(super) fn fill_class_defaults(obj: &mut serde_json::Map<String, Value>) {
             ("rope_theta", Value::from(10_000.0)),
             ("sliding_window", Value::from(4096)),
         ],
+        // Llama4TextConfig (transformers 5.25, models/llama4/configuration_llama4.py): Scout's shape.
+        "llama4_text" => &[
+            ("vocab_size", Value::from(202_048)),
+            ("hidden_size", Value::from(5120)),
+            ("intermediate_size", Value::from(8192)),
+            ("intermediate_size_mlp", Value::from(16_384)),
+            ("num_hidden_layers", Value::from(48)),
+            ("num_attention_heads", Value::from(40)),
+            ("num_key_value_heads", Value::from(8)),
+            ("head_dim", Value::from(128)),
+            ("hidden_act", Value::from("silu")),
+            ("max_position_embeddings", Value::from(131_072)),
+            ("rms_norm_eps", Value::from(1e-5)),
+            ("bos_token_id", Value::from(1)),
+            ("eos_token_id", Value::from(2)),
+            ("tie_word_embeddings", Value::from(false)),
+            ("num_experts_per_tok", Value::from(1)),
+            ("num_local_experts", Value::from(16)),
+            ("interleave_moe_layer_step", Value::from(1)),
+            // Absent: the class default; `null` (kept) turns chunking off.
+            ("attention_chunk_size", Value::from(8192)),
+        ],
         // Ministral3Config (transformers 5.25, models/ministral3/configuration_ministral3.py:73-106).
         "ministral3" => &[
             ("vocab_size", Value::from(131_072)),

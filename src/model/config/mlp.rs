@@ -49,6 +49,10 @@ impl HfConfig {
     /// and its config class no such key: 0 then).
     pub(super) fn dense_intermediate_size(&self, path: &Path, moe: Option<&MoeConfig>) -> Result<usize> {
         let all_sparse = moe.is_some_and(|m| (0..self.num_hidden_layers).all(|l| m.is_sparse(l)));
+        // Llama 4: `intermediate_size` is each expert's; the dense layers use `intermediate_size_mlp`.
+        if self.model_type == "llama4_text" {
+            return Ok(self.intermediate_size_mlp.unwrap_or(16_384));
+        }
         match self.intermediate_size {
             Some(i) => Ok(i),
             None if all_sparse => Ok(0),

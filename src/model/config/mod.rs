@@ -10,6 +10,7 @@
 mod attention;
 mod composite;
 mod defaults;
+mod llama4;
 mod mixers;
 mod mla;
 mod mlp;
@@ -28,6 +29,7 @@ use serde_json::Value;
 use crate::model::rope::RopeConfig;
 use crate::{Error, Result};
 
+pub use llama4::AttnTemperature;
 pub use mixers::{DeltaNetConfig, Mixer};
 pub use mla::MlaConfig;
 pub use mlp::Activation;
@@ -60,6 +62,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "deepseek_v3",
     "deepseek_v2",
     "deepseek_v32",
+    "llama4_text",
 ];
 
 /// The sparse mixture-of-experts families among them.
@@ -74,11 +77,12 @@ pub const MOE_MODEL_TYPES: &[&str] = &[
     "deepseek_v3",
     "deepseek_v2",
     "deepseek_v32",
+    "llama4_text",
 ];
 
 /// Vision-language checkpoints whose text decoder (`text_config`) is trained and evaluated on
 /// its own; the vision tower is left out of the model and copied unchanged by merge.
-pub const COMPOSITE_MODEL_TYPES: &[&str] = &["gemma3", "mistral3", "qwen3_5", "qwen3_5_moe"];
+pub const COMPOSITE_MODEL_TYPES: &[&str] = &["gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "llama4"];
 
 /// `config.json` as Hugging Face writes it (only the keys this project reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +186,16 @@ pub struct HfConfig {
     pub first_k_dense_replace: Option<usize>,
     /// DeepSeek-V3.2: per layer `dense` or `sparse` (derived from first_k_dense_replace when absent).
     pub mlp_layer_types: Option<Vec<String>>,
+    /// Llama 4: the dense layers' MLP size (`intermediate_size` is each expert's), the sparse
+    /// layers, the weightless q/k norm, chunked attention and the NoPE layers' query temperature.
+    pub intermediate_size_mlp: Option<usize>,
+    pub interleave_moe_layer_step: Option<usize>,
+    pub moe_layers: Option<Vec<usize>>,
+    pub use_qk_norm: Option<bool>,
+    pub attention_chunk_size: Option<usize>,
+    pub attn_temperature_tuning: Option<bool>,
+    pub floor_scale: Option<f64>,
+    pub attn_scale: Option<f64>,
     /// Set when this is the `text_config` of a vision-language checkpoint: its `model_type`.
     #[serde(skip)]
     pub composite: Option<String>,
@@ -261,6 +275,18 @@ pub struct DecoderConfig {
     /// DeepSeek-V2 / V3 / V3.2, Kimi K2: multi-head latent attention on every layer (the rotary
     /// tables then span `head_dim` = its `qk_rope_head_dim`).
     pub mla: Option<MlaConfig>,
+    /// The feed-forward block's module name: `mlp`, or Llama 4's `feed_forward`.
+    pub ffn_name: &'static str,
+    /// Llama 4: the rotary dims pair up adjacently (`view_as_complex`), not first half with
+    /// second half.
+    pub rope_pairs: bool,
+    /// Llama 4 (`use_qk_norm`): q and k of the RoPE layers go through a weightless RMS norm
+    /// (eps `rms_norm_eps`) after RoPE.
+    pub qk_weightless_norm: bool,
+    /// Llama 4: the NoPE layers' query temperature.
+    pub attn_temperature: Option<AttnTemperature>,
+    /// Per layer: `Some(c)` when it attends within chunks of `c` positions (Llama 4's RoPE layers).
+    pub layer_chunks: Vec<Option<usize>>,
 }
 
 impl HfConfig {
@@ -323,6 +349,8 @@ impl HfConfig {
         let (rope, local_rope) = self.rope_configs(path, shape.head_dim, max_pos)?;
         let query_scale = self.query_scale(path)?;
         let norms = self.norms();
+        let layer_rope = self.layer_rope(path)?;
+        let llama4 = self.llama4_attention(path, &layer_rope)?;
 
         Ok(DecoderConfig {
             model_type: mt.to_string(),
@@ -350,7 +378,7 @@ impl HfConfig {
             attn_softcap: attn.softcap,
             final_softcap: scales.final_softcap,
             layer_windows: self.layer_windows(path)?,
-            layer_rope: self.layer_rope(path)?,
+            layer_rope,
             layer_mixers,
             delta_net,
             attn_output_gate: attn.output_gate,
@@ -368,6 +396,11 @@ impl HfConfig {
             clip_qkv: if mt == "olmoe" { self.clip_qkv } else { None },
             attention_sinks: mt == "gpt_oss",
             mla,
+            ffn_name: if mt == "llama4_text" { "feed_forward" } else { "mlp" },
+            rope_pairs: mt == "llama4_text",
+            qk_weightless_norm: llama4.qk_norm,
+            attn_temperature: llama4.temperature,
+            layer_chunks: llama4.chunks,
         })
     }
 

@@ -17,6 +17,10 @@ pub enum ExpertNaming {
     /// gate and up interleaved in its columns) with `gate_up_proj_bias` `[E, 2I]`, `down_proj`
     /// `[E, I, H]` with `down_proj_bias` `[E, H]`; or the MXFP4 `*_blocks` / `*_scales` of both.
     GptOss,
+    /// Llama 4: `feed_forward.router.weight`, fused `feed_forward.experts.gate_up_proj`
+    /// `[E, H, 2I]` (x @ W, gate columns then up columns) and `down_proj` `[E, I, H]`, no biases;
+    /// `feed_forward.shared_expert.*`.
+    Llama4,
 }
 
 /// How the router turns logits into top-k weights.
@@ -31,6 +35,9 @@ pub enum Routing {
     /// `groups` equal groups (a group's score: the sum of its two best); the weights are the
     /// unbiased scores of the chosen experts.
     SigmoidGrouped { groups: usize, topk_group: usize },
+    /// Llama 4 (`Llama4Router`): top-k of the logits, each chosen expert weighted by the sigmoid
+    /// of its logit (the token is scaled by it before the expert: [`MoeConfig::scale_input`]).
+    SigmoidTopK,
     /// DeepSeek-V2 (`DeepseekV2TopkRouter`): softmax scores, top-k (`greedy`), or top-k among
     /// the `topk_group` best groups by their best score (`group_limited_greedy`, other groups'
     /// scores set to 0); never renormalised.
@@ -78,6 +85,9 @@ pub struct MoeConfig {
     /// DeepSeek: the router runs in f32 (its weight kept in f32, as transformers'
     /// `_keep_in_fp32_modules_strict`), and `mlp.gate.e_score_correction_bias` is read (V3).
     pub router_f32: bool,
+    /// Llama 4: each expert gets the token times its routing weight, `E(w·x)`, and its output is
+    /// summed unweighted (elsewhere `w·E(x)`).
+    pub scale_input: bool,
 }
 
 impl MoeConfig {
@@ -107,12 +117,13 @@ impl HfConfig {
             "gpt_oss" => ("num_local_experts", 128, 4, 0),
             // DeepseekV3Config / DeepseekV32Config: 256 routed experts, top 8, 2048 wide.
             "deepseek_v3" | "deepseek_v32" => ("n_routed_experts", 256, 8, 2048),
+            "llama4_text" => ("num_local_experts", 16, 1, 0),
             // DeepseekV2Config: 64 routed experts, 1407 wide; its num_experts_per_tok has no default.
             "deepseek_v2" => ("n_routed_experts", 64, 0, 1407),
             _ => ("num_local_experts", 8, 2, 0),
         };
         // transformers 5 writes `num_local_experts` for every family (an attribute alias).
-        let local = matches!(mt, "mixtral" | "gpt_oss");
+        let local = matches!(mt, "mixtral" | "gpt_oss" | "llama4_text");
         let deepseek = mt.starts_with("deepseek");
         let num_experts = if deepseek {
             self.n_routed_experts.or(self.num_local_experts).or(self.num_experts)
@@ -151,7 +162,11 @@ impl HfConfig {
             _ => None,
         };
         // DeepSeek: `n_shared_experts` experts of the routed size, run as one MLP.
-        let shared_expert_intermediate = if deepseek {
+        let llama4 = mt == "llama4_text";
+        let shared_expert_intermediate = if llama4 {
+            // Llama 4's shared expert has the experts' size and is always on.
+            Some(expert_intermediate)
+        } else if deepseek {
             let n = self.n_shared_experts.unwrap_or(if mt == "deepseek_v2" { 2 } else { 1 });
             (n > 0).then_some(n * expert_intermediate)
         } else {
@@ -170,7 +185,7 @@ impl HfConfig {
                 // modeling_qwen3_5_moe.py:988); Qwen3-Next defaults to it (configuration_qwen3_next.py:114).
                 "mixtral" | "qwen3_5_moe_text" => true,
                 "qwen3_next" => self.norm_topk_prob.unwrap_or(true),
-                "gpt_oss" => false,
+                "gpt_oss" | "llama4_text" => false,
                 _ => self.norm_topk_prob.unwrap_or(false),
             },
             sparse_layers: self.sparse_layers(path)?,
@@ -179,6 +194,7 @@ impl HfConfig {
             naming: match mt {
                 "mixtral" => ExpertNaming::Mixtral,
                 "gpt_oss" => ExpertNaming::GptOss,
+                "llama4_text" => ExpertNaming::Llama4,
                 _ => ExpertNaming::Qwen,
             },
             routing,
@@ -196,9 +212,10 @@ impl HfConfig {
             } else {
                 1.0
             },
-            shared_expert_gated: !deepseek,
+            shared_expert_gated: !deepseek && !llama4,
             shared_expert_name: if deepseek { "shared_experts" } else { "shared_expert" },
             router_f32: deepseek,
+            scale_input: llama4,
         }))
     }
 
@@ -232,6 +249,7 @@ impl HfConfig {
         };
         Ok(match mt {
             "gpt_oss" => Routing::TopKSoftmax,
+            "llama4_text" => Routing::SigmoidTopK,
             "deepseek_v3" | "deepseek_v32" => {
                 let (groups, topk_group) = grouped(self.n_group.unwrap_or(8), self.topk_group.unwrap_or(4))?;
                 Routing::SigmoidGrouped { groups, topk_group }
@@ -262,6 +280,9 @@ impl HfConfig {
         let n = self.num_hidden_layers;
         if self.model_type.starts_with("deepseek") {
             return self.deepseek_sparse_layers(path);
+        }
+        if self.model_type == "llama4_text" {
+            return self.llama4_sparse_layers(path);
         }
         let (step, only) = match self.model_type.as_str() {
             "qwen3_moe" | "qwen2_moe" | "qwen3_next" => {
@@ -314,5 +335,26 @@ impl HfConfig {
         }
         let dense = self.first_k_dense_replace.unwrap_or(if self.model_type == "deepseek_v2" { 0 } else { 3 });
         Ok((0..n).map(|i| i >= dense).collect())
+    }
+
+    /// Llama 4: `moe_layers`, or every `interleave_moe_layer_step`-th layer (the last of each step).
+    fn llama4_sparse_layers(&self, path: &Path) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        let bad =
+            |key: &str, reason: String| Error::InvalidConfig { path: path.to_path_buf(), key: key.into(), reason };
+        let layers: Vec<usize> = match &self.moe_layers {
+            Some(l) => l.clone(),
+            None => {
+                let step = self.interleave_moe_layer_step.unwrap_or(1);
+                if step == 0 {
+                    return Err(bad("interleave_moe_layer_step", "must be positive".into()));
+                }
+                (step - 1..n).step_by(step).collect()
+            }
+        };
+        if let Some(&l) = layers.iter().find(|&&l| l >= n) {
+            return Err(bad("moe_layers", format!("names layer {l}, but the model has {n} layers")));
+        }
+        Ok((0..n).map(|i| layers.contains(&i)).collect())
     }
 }

@@ -1,0 +1,400 @@
+//! Llama 4 (issue 22, item 4): `llama4_text` and the text decoder of the `llama4` wrapper
+//! against transformers 5.25 + PEFT 0.22 (tests/fixtures/llama4, made by
+//! scripts/reference/make_llama4_fixtures.py): chunked attention on the RoPE layers (chunks of
+//! 32 on 40- and 100-token rows), RoPE on complex pairs, the weightless q/k norm, the NoPE
+//! layer's query temperature (from position 7), the top-1 sigmoid router that scales the token
+//! before its expert, the shared expert, dense and sparse layers interleaved; logits, router
+//! choices, a left-padded batch, loss, generation with the KV cache, PEFT adapters (experts in
+//! PEFT's Llama 4 orientation), merge and a 10-step curve.
+
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use serde_json::Value;
+use temper::export::experts::fuse_experts;
+use temper::export::Adapter;
+use temper::lora::apply_adapter;
+use temper::model::config::{HfConfig, Routing};
+use temper::model::generate::{generate, SamplingConfig};
+use temper::model::{load_model, CausalLm, WeightPrecision};
+use temper::ops::loss::{nll_sum, shift_labels};
+use temper::ops::{TemperAutodiff, TemperBackend};
+
+use crate::common::{f32s, fixtures, max_abs_diff, raw_tensors, worst_relative, Cpu, CpuAutodiff, Reference};
+
+/// Logits and LoRA gradients: within 1e-4 of max(1, the largest reference value).
+const TOL: f32 = 1e-4;
+
+/// The models, each with the reference it is compared with (the wrapper holds llama4_text's
+/// text weights).
+const MODELS: &[&str] = &["llama4_text", "llama4_text_dense_moe", "llama4"];
+
+fn dir() -> std::path::PathBuf {
+    fixtures().join("llama4")
+}
+
+fn manifest() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+}
+
+fn scale_of(x: &[f32]) -> f32 {
+    x.iter().fold(1f32, |m, v| m.max(v.abs()))
+}
+
+fn model_at<B: TemperBackend>(path: &std::path::Path, device: &B::Device) -> CausalLm<B> {
+    load_model::<B>(path, WeightPrecision::F32, device).unwrap_or_else(|e| panic!("{}: {e}", path.display())).model
+}
+
+fn model_on<B: TemperBackend>(name: &str, device: &B::Device) -> CausalLm<B> {
+    model_at(&dir().join(manifest()["models"][name]["path"].as_str().unwrap()), device)
+}
+
+fn reference(name: &str) -> Reference {
+    Reference::open(&dir().join(manifest()["models"][name]["reference"].as_str().unwrap()))
+}
+
+fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::Device) -> Tensor<B, 2, Int> {
+    let (ids, shape) = r.i64(key);
+    Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
+}
+
+fn logits_at<B: TemperBackend>(
+    model: &CausalLm<B>,
+    input: Tensor<B, 2, Int>,
+    positions: Vec<Vec<usize>>,
+    segments: Option<Vec<Vec<u32>>>,
+) -> Vec<f32> {
+    let ctx = model.context(&positions, 0, segments);
+    model.logits(model.hidden_states(input, &ctx, None)).into_data().to_vec().unwrap()
+}
+
+fn arange(b: usize, t: usize) -> Vec<Vec<usize>> {
+    vec![(0..t).collect(); b]
+}
+
+/// Every model's logits (a 2x40 batch and a 100-token row, both longer than a chunk) within
+/// 1e-4 of transformers; the wrapper's text decoder gives llama4_text's.
+#[test]
+fn llama4_logits_match_transformers() {
+    check_logits_on::<Cpu>(&Default::default());
+}
+
+/// [`llama4_logits_match_transformers`] on backend `B` (the wgpu group runs it too).
+pub fn check_logits_on<B: TemperBackend>(device: &B::Device) {
+    for name in MODELS {
+        let model = model_on::<B>(name, device);
+        let r = reference(name);
+        for key in ["batch.", "long."] {
+            let input = ids::<B>(&r, &format!("{key}input_ids"), device);
+            let [b, t] = input.dims();
+            let got = logits_at(&model, input, arange(b, t), None);
+            let want = r.f32(&format!("{key}logits")).0;
+            let d = max_abs_diff(&got, &want);
+            assert!(d <= TOL * scale_of(&want), "{name}: {key}logits differ from transformers by {d:e}");
+        }
+    }
+    // Each Llama 4 delta moves these logits by far more than the tolerance.
+    let m = manifest();
+    let checks = &m["models"]["llama4_text"]["delta_checks"];
+    for key in [
+        "long_max_abs_logit_diff_full_causal_instead_of_chunked",
+        "long_max_abs_logit_diff_temperature_tuning_off",
+        "long_max_abs_logit_diff_qk_norm_off",
+        "long_max_abs_logit_diff_rotate_half_rope",
+        "long_max_abs_logit_diff_router_score_applied_after_expert",
+    ] {
+        assert!(checks[key].as_f64().unwrap() > 0.1, "{key}: {}", checks[key]);
+    }
+}
+
+/// Per token and MoE layer, the router picks transformers' expert.
+#[test]
+fn llama4_router_choices_match_transformers() {
+    let device = Default::default();
+    for name in ["llama4_text", "llama4_text_dense_moe"] {
+        let model = model_on::<Cpu>(name, &device);
+        let r = reference(name);
+        let input = ids::<Cpu>(&r, "batch.input_ids", &device);
+        let [b, t] = input.dims();
+        let ctx = model.causal_context(b, t, 0).recording_router();
+        model.hidden_states(input, &ctx, None);
+        let layers = ctx.router.as_ref().unwrap().borrow();
+        let sparse: Vec<usize> =
+            model.model.layers.iter().enumerate().filter(|(_, l)| l.moe.is_some()).map(|(i, _)| i).collect();
+        let want_sparse: Vec<usize> = manifest()["models"][name]["moe_layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(sparse, want_sparse, "{name}: MoE layers");
+        for (routing, &layer) in layers.iter().zip(&sparse) {
+            let (want, shape) = r.i64(&format!("router.layer{layer}"));
+            let got: Vec<i64> = routing.experts.iter().flatten().map(|&e| e as i64).collect();
+            assert_eq!(got, want, "{name}: layer {layer} experts ({shape:?})");
+        }
+    }
+}
+
+/// A left-padded batch: pads in their own segment, the real tokens at positions 0..; the chunks
+/// of the padded row start at its first real token (its segment), as transformers counts them,
+/// and the NoPE layer's temperature counts from the row's start, as transformers does too.
+#[test]
+fn llama4_left_padded_batch_matches_transformers() {
+    let device = Default::default();
+    for name in ["llama4_text", "llama4_text_dense_moe"] {
+        let model = model_on::<Cpu>(name, &device);
+        let r = reference(name);
+        let (mask, shape) = r.i64("padded.attention_mask");
+        let (pos, _) = r.i64("padded.position_ids");
+        let segments: Vec<Vec<u32>> =
+            mask.chunks(shape[1]).map(|row| row.iter().map(|&x| x as u32).collect()).collect();
+        let positions: Vec<Vec<usize>> =
+            pos.chunks(shape[1]).map(|row| row.iter().map(|&p| p as usize).collect()).collect();
+        let got = logits_at(&model, ids::<Cpu>(&r, "padded.input_ids", &device), positions, Some(segments));
+        let (want, wshape) = r.f32("padded.logits");
+        let vocab = wshape[2];
+        let mut worst = 0f32;
+        let mut real = 0;
+        for (p, &keep) in mask.iter().enumerate() {
+            if keep == 1 {
+                let span = p * vocab..(p + 1) * vocab;
+                worst = worst.max(max_abs_diff(&got[span.clone()], &want[span]));
+                real += 1;
+            }
+        }
+        assert!(real > shape[1], "{name}: the padded batch has real tokens in both rows");
+        assert!(worst <= TOL * scale_of(&want), "{name}: left-padded logits differ by {worst:e} at real positions");
+    }
+}
+
+/// The long row's loss equals transformers' `model(input_ids, labels=input_ids).loss`.
+#[test]
+fn llama4_loss_matches_transformers() {
+    let device = Default::default();
+    let m = manifest();
+    for name in MODELS {
+        let model = model_on::<Cpu>(name, &device);
+        let r = reference(name);
+        let input = ids::<Cpu>(&r, "long.input_ids", &device);
+        let (targets, count) = shift_labels(&[r.i64("long.input_ids").0]);
+        let [b, t] = input.dims();
+        let hidden = model.hidden_states(input, &model.causal_context(b, t, 0), None);
+        let loss = model.nll_sum(hidden, &targets).into_scalar().elem::<f32>() / count as f32;
+        let want = m["models"][name]["loss_long"].as_f64().unwrap() as f32;
+        assert!((loss - want).abs() <= TOL, "{name}: loss {loss} vs transformers {want}");
+    }
+}
+
+/// Greedy generation with the KV cache (chunks and the temperature at the cached positions)
+/// gives transformers' tokens, and cached decoding in steps that cross chunk boundaries equals
+/// the full pass.
+#[test]
+fn llama4_generation_with_the_kv_cache_matches() {
+    let m = manifest();
+    let device = Default::default();
+    for name in MODELS {
+        let model = model_on::<Cpu>(name, &device);
+        let r = reference(name);
+        let prompt: Vec<u32> = r.i64("long.input_ids").0[..90].iter().map(|&x| x as u32).collect();
+        let want: Vec<u32> = m["models"][name]["generate"]["new_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let cfg = SamplingConfig {
+            max_new_tokens: want.len(),
+            temperature: 0.0,
+            stop_tokens: Vec::new(),
+            ..Default::default()
+        };
+        let got = generate(&model, &prompt, &cfg, |_| {}).unwrap();
+        assert_eq!(got, want, "{name}: greedy tokens with the KV cache");
+        let all: Vec<i64> = prompt.iter().chain(&got).map(|&x| x as i64).collect();
+        let n = all.len();
+        let full: Vec<f32> = model
+            .forward(Tensor::from_data(TensorData::new(all.clone(), [1, n]), &device))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let mut cache = temper::model::KvCache::new(model.config.num_layers);
+        let vocab = model.config.vocab_size;
+        for (start, end) in [(0, 30), (30, 31), (31, 70), (70, n)] {
+            let ids =
+                Tensor::<Cpu, 2, Int>::from_data(TensorData::new(all[start..end].to_vec(), [1, end - start]), &device);
+            let ctx = model.causal_context(1, end - start, start);
+            let step: Vec<f32> =
+                model.logits(model.hidden_states(ids, &ctx, Some(&mut cache))).into_data().to_vec().unwrap();
+            let d = max_abs_diff(&step, &full[start * vocab..end * vocab]);
+            assert!(d <= 1e-4, "{name}: cached positions {start}..{end} differ from the full pass by {d:e}");
+        }
+    }
+}
+
+/// PEFT adapters: on llama4_text (attention, dense MLP, shared expert, and the routed experts
+/// through `target_parameters` in PEFT's Llama 4 orientation), logits, loss and every LoRA
+/// gradient within 1e-4; on the wrapper (`language_model.model.*` names, a regex target), the
+/// same adapter's logits.
+#[test]
+fn llama4_peft_logits_and_gradients_match() {
+    check_peft_on::<CpuAutodiff>(&Default::default());
+}
+
+/// [`llama4_peft_logits_and_gradients_match`] on backend `B`.
+pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
+    let m = manifest();
+    for name in ["llama4_text", "llama4"] {
+        let e = &m["peft"][name];
+        let mut model = model_at::<B>(&dir().join(e["base_model"].as_str().unwrap()), device);
+        let adapter =
+            Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
+        apply_adapter(&mut model, &adapter).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
+        let input = ids::<B>(&r, "input_ids", device);
+        let labels = vec![r.i64("input_ids").0];
+        let logits = model.forward(input);
+        let got: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
+        let want = r.f32("logits").0;
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= TOL * scale_of(&want), "{name}: adapter logits differ by {d:e} (largest {})", scale_of(&want));
+        let (targets, count) = shift_labels(&labels);
+        let loss = nll_sum(logits, &targets).div_scalar(count as f32);
+        let value = loss.clone().into_scalar().elem::<f32>();
+        let want_loss = e["loss"].as_f64().unwrap() as f32;
+        assert!((value - want_loss).abs() <= TOL, "{name}: loss {value} vs PEFT {want_loss}");
+        if e["grad_keys"].as_u64() == Some(0) {
+            continue;
+        }
+        let grads = loss.backward();
+        let host = crate::common::lora_grads(&mut model, &grads, name);
+        let fused = fuse_experts(&host).unwrap().0;
+        let mut checked = 0;
+        for (module, pair) in &fused {
+            for (which, t) in [("A", &pair.a), ("B", &pair.b)] {
+                let key = format!("grad.base_model.model.{module}.lora_{which}.weight");
+                assert!(r.names().contains(&key), "{name}: Temper has {key}, PEFT has no such gradient");
+                let (want, want_shape) = r.f32(&key);
+                assert_eq!(t.shape, want_shape, "{name}: {key} shape");
+                let d = max_abs_diff(&t.data, &want);
+                assert!(d <= TOL * scale_of(&want), "{name}: {key} differs by {d:e} (largest {})", scale_of(&want));
+                checked += 1;
+            }
+        }
+        let want_keys = r.names().iter().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(checked, want_keys, "{name}: every PEFT gradient checked");
+    }
+}
+
+/// The adapter Temper writes for llama4_text is PEFT's, key for key and bit for bit (the experts'
+/// orientation swapped back), and the wrapper's keeps PEFT's `language_model.model.*` names and
+/// a regex that cannot reach the vision tower.
+#[test]
+fn llama4_adapters_round_trip_in_peft_layout() {
+    let m = manifest();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama4_text", "llama4"] {
+        let src = dir().join(m["peft"][name]["adapter"].as_str().unwrap());
+        let adapter = Adapter::read(&src).unwrap();
+        let out = tmp.path().join(name);
+        adapter.write(&out, temper::export::WriteMode::Refuse, &[]).unwrap();
+        let want = raw_tensors(&src.join("adapter_model.safetensors"));
+        let got = raw_tensors(&out.join("adapter_model.safetensors"));
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: keys");
+        for (k, (shape, bytes)) in &want {
+            assert_eq!(&got[k].0, shape, "{name}: {k}");
+            assert!(f32s(&got[k].1) == f32s(bytes), "{name}: {k} changed in the round trip");
+        }
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        if name == "llama4" {
+            let re = cfg["target_modules"].as_str().expect("a regex");
+            assert!(re.starts_with("^language_model\\.model\\."), "{re}");
+        }
+        let params: Vec<&str> =
+            cfg["target_parameters"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(params, ["feed_forward.experts.down_proj", "feed_forward.experts.gate_up_proj"], "{name}");
+    }
+}
+
+/// `temper merge` of the llama4_text adapter against PEFT's `merge_and_unload`: the adapted
+/// tensors (the fused experts in their `[E, in, out]` layout included) within 1e-5 of
+/// max(1, |x|), every other tensor byte for byte.
+#[test]
+fn llama4_merge_matches_peft_merge_and_unload() {
+    use temper::export::{merge_model, MergeDtype, MergeInput, MergeOptions, WriteMode};
+    let m = manifest();
+    let e = &m["peft"]["llama4_text"];
+    let want: std::collections::BTreeMap<String, Vec<f32>> =
+        raw_tensors(&dir().join(e["merged"]["path"].as_str().unwrap()))
+            .into_iter()
+            .map(|(k, (_, b))| (k, f32s(&b)))
+            .collect();
+    assert!(want.keys().any(|k| k.ends_with("feed_forward.experts.gate_up_proj")), "experts merged by PEFT");
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter_dir = dir().join(e["adapter"].as_str().unwrap());
+    let input = MergeInput { adapter: Adapter::read(&adapter_dir).unwrap(), dir: adapter_dir, weight: 1.0 };
+    let base_dir = dir().join(e["base_model"].as_str().unwrap());
+    let out = tmp.path().join("merged");
+    let opts = MergeOptions { dtype: MergeDtype::Auto, untie: false };
+    merge_model(&base_dir, &[input], opts, &out, WriteMode::Refuse, &mut |_| {}).unwrap();
+    let base = raw_tensors(&base_dir.join("model.safetensors"));
+    let got = raw_tensors(&out.join("model.safetensors"));
+    assert_eq!(got.keys().collect::<Vec<_>>(), base.keys().collect::<Vec<_>>(), "the base's tensors");
+    let mut changed = 0;
+    for (name, (shape, bytes)) in &base {
+        let (got_shape, got_bytes) = &got[name];
+        assert_eq!(got_shape, shape, "{name}");
+        match want.get(name) {
+            Some(w) => {
+                let worst = worst_relative(&f32s(got_bytes), w);
+                assert!(worst <= 1e-5, "{name} differs from merge_and_unload by {worst:e}");
+                changed += 1;
+            }
+            None => assert!(got_bytes == bytes, "{name} is not adapted and must be copied byte for byte"),
+        }
+    }
+    assert_eq!(changed, want.len(), "every adapted tensor merged");
+}
+
+/// Ten AdamW steps of LoRA on llama4_text reproduce PyTorch + PEFT's curve.
+#[test]
+fn llama4_ten_step_curve_matches_pytorch() {
+    crate::train_parity::run_with::<CpuAutodiff>("llama4/llama4_text_train", false, 5e-4, &Default::default());
+}
+
+/// The config rules: Llama4TextConfig's defaults (Scout's shape), the NoPE / chunked layer
+/// pattern, the MoE layers from `interleave_moe_layer_step`, the wrapper's text config, and the
+/// refusals naming their keys.
+#[test]
+fn llama4_config_defaults_and_refusals() {
+    let path = std::path::Path::new("config.json");
+    let derive = |v: Value| HfConfig::from_value(path, v).and_then(|hf| hf.to_decoder_config(path));
+    let bare = serde_json::json!({"model_type": "llama4_text", "num_hidden_layers": 8, "interleave_moe_layer_step": 2});
+    let cfg = derive(bare.clone()).unwrap();
+    assert_eq!((cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), (5120, 40, 8, 128));
+    assert_eq!(cfg.intermediate_size, 16_384, "dense layers use intermediate_size_mlp");
+    let moe = cfg.moe.clone().unwrap();
+    assert_eq!((moe.num_experts, moe.top_k, moe.expert_intermediate), (16, 1, 8192));
+    assert_eq!(moe.routing, Routing::SigmoidTopK);
+    assert!(moe.scale_input && moe.shared_expert_intermediate == Some(8192) && !moe.shared_expert_gated);
+    assert_eq!(moe.sparse_layers, vec![false, true, false, true, false, true, false, true]);
+    assert_eq!(cfg.layer_rope, vec![true, true, true, false, true, true, true, false]);
+    assert_eq!(
+        cfg.layer_chunks,
+        vec![Some(8192), Some(8192), Some(8192), None, Some(8192), Some(8192), Some(8192), None]
+    );
+    let temp = cfg.attn_temperature.unwrap();
+    assert_eq!((temp.factor(8190), temp.factor(8191)), (1.0, 1.0 + 0.1 * 2f32.ln()));
+    assert!(cfg.qk_weightless_norm && cfg.rope_pairs && cfg.ffn_name == "feed_forward");
+    let wrapped = derive(serde_json::json!({"model_type": "llama4", "text_config": bare})).unwrap();
+    assert_eq!((wrapped.model_type.as_str(), wrapped.composite.as_deref()), ("llama4_text", Some("llama4")));
+    let refused = |v: Value, key: &str| {
+        let e = derive(v).expect_err("refused").to_string();
+        assert!(e.contains(key), "the error names {key}: {e}");
+    };
+    refused(serde_json::json!({"model_type": "llama4_text", "attention_chunk_size": 0}), "attention_chunk_size");
+    refused(serde_json::json!({"model_type": "llama4_text", "num_hidden_layers": 2, "moe_layers": [5]}), "moe_layers");
+    refused(
+        serde_json::json!({"model_type": "llama4_text", "num_hidden_layers": 2, "layer_types": ["chunked_attention", "sliding_attention"]}),
+        "layer_types",
+    );
+}
