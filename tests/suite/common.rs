@@ -111,3 +111,58 @@ pub fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
 }
+
+/// A copy of the tiny fixture model in `src` (vocabulary 128, f32) in `dst`, its embeddings and
+/// head widened to the stories260K tokenizer's 512 ids (the new rows small and deterministic)
+/// and that tokenizer beside it: a model the CLI can train, chat with and evaluate.
+pub fn with_stories_vocab(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    match cfg.get_mut("text_config") {
+        Some(text) => text["vocab_size"] = 512.into(),
+        None => cfg["vocab_size"] = 512.into(),
+    }
+    std::fs::write(dst.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = raw_tensors(&src.join("model.safetensors"))
+        .into_iter()
+        .map(|(name, (mut shape, mut data))| {
+            if name.ends_with("embed_tokens.weight") || name.ends_with("lm_head.weight") {
+                let cols = shape[1];
+                data.extend(
+                    (0..(512 - shape[0]) * cols)
+                        .flat_map(|i| ((((i * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.1).to_le_bytes()),
+                );
+                shape[0] = 512;
+            }
+            (name, shape, data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(shared("models/stories260K").join(f), dst.join(f)).unwrap();
+    }
+}
+
+/// `temper train` on `model` with a small packed-text recipe (`extra` appended under `lora:`),
+/// writing into `run`: the process output.
+pub fn train_stories(model: &Path, run: &Path, seq_len: usize, lora_extra: &str) -> std::process::Output {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/stories/train.jsonl");
+    let recipe = run.with_extension("yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base_model: {}\ndata:\n  train: {}\n  format: text\n  seq_len: {seq_len}\n  packing: true\n  max_rows: 40\nlora:\n  r: 4\n  lora_alpha: 8\n  target_modules: all-linear\n{lora_extra}train:\n  max_steps: 3\n  micro_batch_size: 2\n  learning_rate: 1.0e-3\noutput:\n  dir: {}\ndevice: cpu\n",
+            model.display(),
+            data.display(),
+            run.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(["train", recipe.to_str().unwrap()]).output().unwrap()
+}

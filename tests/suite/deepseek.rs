@@ -400,3 +400,49 @@ fn deepseek_config_defaults_and_refusals() {
     bad["q_lora_rank"] = Value::Null;
     refused(bad, "q_lora_rank");
 }
+
+/// `temper train` from a recipe on a DeepSeek-V3 checkpoint (all-linear plus the routed experts
+/// through `target_parameters`), then `temper generate` with the adapter; the adapter holds the
+/// MLA projections, the shared experts and PEFT's 3-D expert pairs, and no router. DeepSeek-V3.2
+/// with `seq_len` past its `index_topk` is refused before training, the limit named.
+#[test]
+fn recipe_trains_deepseek_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest();
+    let model = tmp.path().join("deepseek_v3_qlora");
+    crate::common::with_stories_vocab(&dir().join(m["models"]["deepseek_v3_qlora"]["path"].as_str().unwrap()), &model);
+    let run = tmp.path().join("run");
+    let experts = "  target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n  lora_dropout: 0.0\n";
+    let o = crate::common::train_stories(&model, &run, 96, experts);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names: Vec<String> = raw_tensors(&run.join("adapter/adapter_model.safetensors")).into_keys().collect();
+    let has = |s: &str| names.iter().any(|k| k.contains(s));
+    for part in [
+        "layers.0.self_attn.q_a_proj.lora_A",
+        "layers.0.self_attn.q_b_proj.lora_B",
+        "layers.1.self_attn.kv_a_proj_with_mqa.lora_A",
+        "layers.1.self_attn.kv_b_proj.lora_B",
+        "layers.3.self_attn.o_proj.lora_A",
+        "layers.0.mlp.down_proj.lora_A",
+        "layers.1.mlp.shared_experts.gate_proj.lora_A",
+        "layers.1.mlp.experts.base_layer.lora_A",
+        "layers.1.mlp.experts.lora_B",
+    ] {
+        assert!(has(part), "{part} in {names:?}");
+    }
+    assert!(!has("mlp.gate.") && !has("e_score"), "no router LoRA unless asked: {names:?}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--adapter", run.join("adapter").to_str().unwrap()])
+        .args(["--prompt", "Once upon a time", "--max-new-tokens", "8", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // V3.2: 96 tokens per row is past the fixture's index_topk of 64.
+    let v32 = tmp.path().join("deepseek_v32");
+    crate::common::with_stories_vocab(&dir().join(m["models"]["deepseek_v32"]["path"].as_str().unwrap()), &v32);
+    let o = crate::common::train_stories(&v32, &tmp.path().join("run32"), 96, "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("data.seq_len") && err.contains("index_topk = 64"), "{err}");
+    let o = crate::common::train_stories(&v32, &tmp.path().join("run32b"), 64, "");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

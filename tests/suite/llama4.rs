@@ -398,3 +398,38 @@ fn llama4_config_defaults_and_refusals() {
         "layer_types",
     );
 }
+
+/// `temper train` from a recipe on the `llama4` wrapper (all-linear plus the routed experts),
+/// then `temper generate` with the adapter: PEFT's `language_model.model.*` names, the experts
+/// under `feed_forward`, nothing of the vision tower.
+#[test]
+fn recipe_trains_a_llama4_checkpoint_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("llama4");
+    crate::common::with_stories_vocab(&dir().join(manifest()["models"]["llama4"]["path"].as_str().unwrap()), &model);
+    let run = tmp.path().join("run");
+    let experts =
+        "  target_parameters: [feed_forward.experts.gate_up_proj, feed_forward.experts.down_proj]\n  lora_dropout: 0.0\n";
+    let o = crate::common::train_stories(&model, &run, 96, experts);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("vision-language checkpoint"), "the VLM notice: {err}");
+    let names: Vec<String> = raw_tensors(&run.join("adapter/adapter_model.safetensors")).into_keys().collect();
+    let has = |s: &str| names.iter().any(|k| k.contains(s));
+    for part in [
+        "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A",
+        "layers.0.feed_forward.gate_proj.lora_A",
+        "layers.1.feed_forward.shared_expert.down_proj.lora_B",
+        "layers.1.feed_forward.experts.base_layer.lora_A",
+        "layers.3.feed_forward.experts.lora_B",
+    ] {
+        assert!(has(part), "{part} in {names:?}");
+    }
+    assert!(!has("vision") && !has("projector") && !has("router"), "{names:?}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--adapter", run.join("adapter").to_str().unwrap()])
+        .args(["--prompt", "Once upon a time", "--max-new-tokens", "8", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -374,37 +374,7 @@ fn qwen35_packed_rows_equal_unpacked_documents() {
 fn recipe_trains_a_qwen35_vlm_checkpoint_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("qwen3_5");
-    std::fs::create_dir_all(&model).unwrap();
-    let src = dir().join("models/qwen3_5");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    cfg["text_config"]["vocab_size"] = 512.into();
-    std::fs::write(model.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, view) in st.tensors() {
-        let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
-        if name == "model.language_model.embed_tokens.weight" {
-            // Rows 128..512: small deterministic values, so every id of the tokenizer embeds.
-            let cols = shape[1];
-            data.extend(
-                (0..(512 - shape[0]) * cols)
-                    .flat_map(|i| (((i * 7919) % 1000) as f32 / 1000.0 - 0.5).mul_add(0.1, 0.0).to_le_bytes()),
-            );
-            shape[0] = 512;
-        }
-        tensors.push((name.to_string(), shape, data));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(crate::common::shared("models/stories260K").join(f), model.join(f)).unwrap();
-    }
+    crate::common::with_stories_vocab(&dir().join("models/qwen3_5"), &model);
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/stories/train.jsonl");
     let recipe = tmp.path().join("r.yaml");
     let run = tmp.path().join("run");
