@@ -85,6 +85,15 @@ pub fn run(args: ExportArgs) -> Result<()> {
             if cfg.moe.is_none() {
                 bail!("{} is not a mixture-of-experts model ({}): use --format peft", dir.display(), cfg.model_type);
             }
+            // The 2-D per-expert form is the Hub layout of the families that store experts one
+            // by one; gpt-oss and Llama 4 store them fused, and no reader takes them per expert.
+            if matches!(cfg.model_type.as_str(), "gpt_oss" | "llama4_text") {
+                bail!(
+                    "{} stores its experts fused ({}), and no server reads their LoRA per expert: use --format peft (PEFT's 3-D target_parameters form)",
+                    dir.display(),
+                    cfg.model_type
+                );
+            }
             let mut per = adapter.clone();
             per.expert_format =
                 temper::export::experts::ExpertFormat::PerExpert { mixtral: cfg.model_type == "mixtral" };

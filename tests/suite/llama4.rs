@@ -433,3 +433,23 @@ fn recipe_trains_a_llama4_checkpoint_end_to_end() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `temper export --format peft-per-expert` refuses Llama 4, whose experts are fused in every
+/// format that exists (no server reads them per expert), and says what to use.
+#[test]
+fn llama4_per_expert_export_is_refused() {
+    let m = manifest();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["export", "--format", "peft-per-expert", "--adapter"])
+        .arg(dir().join(m["peft"]["llama4_text"]["adapter"].as_str().unwrap()))
+        .arg("--base")
+        .arg(dir().join(m["models"]["llama4_text"]["path"].as_str().unwrap()))
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("fused") && err.contains("--format peft"), "{err}");
+    assert!(!tmp.path().join("out").exists(), "nothing written");
+}
