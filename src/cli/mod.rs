@@ -76,6 +76,10 @@ pub struct ModelArgs {
     /// `bnb_4bit_use_double_quant`).
     #[arg(long, requires = "load_in_4bit")]
     pub double_quant: bool,
+    /// Dequantize an FP8 checkpoint's projections as they load instead of keeping them in 8 bits
+    /// on the device.
+    #[arg(long)]
+    pub dequantize_fp8: bool,
 }
 
 impl QuantTypeArg {
@@ -105,7 +109,7 @@ impl ModelArgs {
         let four_bit = self
             .load_in_4bit
             .then_some(temper::quant::LoadIn4Bit { kind: self.quant_type.four_bit(), double_quant: self.double_quant });
-        let mut loaded = temper::model::load_model_4bit::<B>(&dir, precision, four_bit, device)
+        let mut loaded = temper::model::load_model_with::<B>(&dir, precision, four_bit, !self.dequantize_fp8, device)
             .with_context(|| format!("loading {}", dir.display()))?;
         if let Some(notice) = loaded.model.config.composite_notice() {
             eprintln!("{notice}");

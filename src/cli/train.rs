@@ -63,9 +63,17 @@ impl TrainTask for TrainJob {
             .transpose()
             .map_err(|(k, e)| anyhow::anyhow!("quantization.{k}: {e}"))?
             .flatten();
-        let loaded =
-            temper::model::load_model_4bit::<B>(&dir, train_precision(r.train.precision, kind)?, four_bit, &device)
-                .with_context(|| format!("loading {}", dir.display()))?;
+        let keep_fp8 = !r.quantization.as_ref().is_some_and(|q| q.dequantize_fp8);
+        let precision = train_precision(r.train.precision, kind)?;
+        let mut loaded = temper::model::load_model_with::<B>(&dir, precision, four_bit, keep_fp8, &device)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let fp8 = temper::lora::projections_mut(&mut loaded.model)
+            .iter()
+            .filter(|(_, p)| p.quant.as_ref().is_some_and(|q| q.is_fp8()))
+            .count();
+        if fp8 > 0 {
+            eprintln!("{fp8} FP8 projections kept in 8 bits on the device (quantization.dequantize_fp8: true dequantizes them as they load)");
+        }
         if let Some(k) = four_bit {
             eprintln!("base quantized to {} as it loads (QLoRA)", k.describe());
         }

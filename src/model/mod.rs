@@ -70,9 +70,23 @@ pub fn load_model_4bit<B: Backend>(
     load_in_4bit: Option<crate::quant::LoadIn4Bit>,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
+    load_model_with(dir, precision, load_in_4bit, true, device)
+}
+
+/// [`load_model_4bit`], choosing what becomes of an FP8 checkpoint's projections: kept in 8 bits
+/// on the device and dequantized block by block in each forward and backward (`keep_fp8`, one
+/// byte per weight), or dequantized to the model's dtype as they load.
+pub fn load_model_with<B: Backend>(
+    dir: &Path,
+    precision: WeightPrecision,
+    load_in_4bit: Option<crate::quant::LoadIn4Bit>,
+    keep_fp8: bool,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     let (hf_config, cfg) = DecoderConfig::from_model_dir(dir)?;
     let mut checkpoint = Checkpoint::open(dir)?;
     checkpoint.quantize_on_load(load_in_4bit);
+    checkpoint.keep_fp8(keep_fp8);
     let dtype = precision.resolve(checkpoint.dominant_dtype());
     let mut source = WeightSource::Checkpoint(checkpoint);
     let model = CausalLm::load(&cfg, &mut source, dtype, device)?;

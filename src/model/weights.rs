@@ -14,7 +14,7 @@ use safetensors::Dtype;
 use serde::Deserialize;
 
 use crate::model::names::TextLayout;
-use crate::quant::device::Weight4Bit;
+use crate::quant::device::{Fp8Grid, Weight4Bit};
 use crate::quant::{is_bnb_4bit, read_bnb_4bit, LoadIn4Bit};
 use crate::{Error, Result};
 
@@ -37,6 +37,9 @@ pub struct Checkpoint {
     quantize_on_load: Option<LoadIn4Bit>,
     /// An FP8 checkpoint's `quantization_config.weight_block_size` (`[rows, cols]` of a block).
     fp8_block: Option<[usize; 2]>,
+    /// Keep FP8 projections in 8 bits on the device (dequantized block by block in the forward
+    /// and backward) instead of dequantizing them as they load.
+    keep_fp8: bool,
 }
 
 #[derive(Deserialize)]
@@ -96,7 +99,15 @@ impl Checkpoint {
         }
         let layout = TextLayout::detect(index.keys());
         let fp8_block = fp8_block_size(dir);
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, index, layout, quantize_on_load: None, fp8_block })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+            layout,
+            quantize_on_load: None,
+            fp8_block,
+            keep_fp8: true,
+        })
     }
 
     /// Quantize every decoder projection to `kind` (blocks of 64, double quantization if asked)
@@ -199,6 +210,20 @@ impl Checkpoint {
 impl Checkpoint {
     /// An FP8 (e4m3) weight and its `<name>_scale_inv`, dequantized ([`crate::quant::fp8`]).
     fn read_fp8(&self, name: &str, shape: &[usize], bytes: &[u8], dtype: DType) -> Result<TensorData> {
+        let (scales, layout) = self.fp8_scales(name, shape, bytes)?;
+        let values = crate::quant::fp8::dequantize_e4m3(bytes, shape, &scales, layout);
+        let data = TensorData::new(values, shape.to_vec());
+        Ok(if dtype == DType::F32 { data } else { data.convert_dtype(dtype) })
+    }
+
+    /// The scales of the FP8 weight `name` (its bytes `bytes`, its shape `shape`) and their layout,
+    /// checked against the weight.
+    fn fp8_scales(
+        &self,
+        name: &str,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<(Vec<f32>, crate::quant::fp8::Fp8Scales)> {
         let scale_name = format!("{name}_scale_inv");
         let path = self.index.get(name).map_or_else(|| self.dir.clone(), |&i| self.shards[i].path.clone());
         let bad = |reason: String| Error::Safetensors { path: path.clone(), reason: format!("`{name}`: {reason}") };
@@ -222,9 +247,41 @@ impl Checkpoint {
         if bytes.len() != shape.iter().product::<usize>() {
             return Err(bad(format!("{} bytes for a {shape:?} float8 tensor", bytes.len())));
         }
-        let values = crate::quant::fp8::dequantize_e4m3(bytes, shape, &scales, layout);
-        let data = TensorData::new(values, shape.to_vec());
-        Ok(if dtype == DType::F32 { data } else { data.convert_dtype(dtype) })
+        Ok((scales, layout))
+    }
+
+    /// Keep FP8 projections in 8 bits on the device (the default) or dequantize them as they load.
+    pub fn keep_fp8(&mut self, keep: bool) {
+        self.keep_fp8 = keep;
+    }
+
+    /// The FP8 e4m3 weight `name` (`[out, in]`) in 8 bits with its scale grid, when the
+    /// checkpoint stores it so and FP8 weights are kept ([`Checkpoint::keep_fp8`]).
+    fn fp8_weight<B: Backend>(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Option<Weight4Bit<B>>> {
+        if !self.keep_fp8 {
+            return Ok(None);
+        }
+        let Some((Dtype::F8_E4M3, stored, bytes)) = self.raw(name) else { return Ok(None) };
+        if stored != shape {
+            let path = self.index.get(name).map_or_else(|| self.dir.clone(), |&i| self.shards[i].path.clone());
+            return Err(Error::TensorShape {
+                path,
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                actual: stored,
+            });
+        }
+        let (scales, layout) = self.fp8_scales(name, &shape, bytes)?;
+        let grid = match layout {
+            crate::quant::fp8::Fp8Scales::PerTensor => Fp8Grid { bm: shape[0].max(1), bn: shape[1].max(1) },
+            crate::quant::fp8::Fp8Scales::Blocks { bm, bn } => Fp8Grid { bm, bn },
+        };
+        Ok(Some(Weight4Bit::fp8(bytes, &scales, grid, shape, device)))
     }
 }
 
@@ -402,6 +459,11 @@ impl WeightSource {
         };
         let name = c.layout.checkpoint_name(name);
         if !is_bnb_4bit(c, &name) {
+            if c.quantize_on_load.is_none() {
+                if let Some(w) = c.fp8_weight::<B>(&name, shape, device)? {
+                    return Ok(Some(w));
+                }
+            }
             let Some(kind) = c.quantize_on_load else { return Ok(None) };
             let data = c.read(&name, &shape, DType::F32)?;
             let values = data.to_vec::<f32>().map_err(|e| Error::InvalidArgument(format!("reading {name}: {e:?}")))?;

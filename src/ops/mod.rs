@@ -266,6 +266,7 @@ impl<B: TemperBackend, C: CheckpointStrategy> TemperBackend for Autodiff<B, C> {
             code: w.code.primitive.clone(),
             shape: w.shape,
             blocksize: w.blocksize,
+            fp8: w.fp8,
         };
         match Linear4BitBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {

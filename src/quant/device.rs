@@ -1,4 +1,4 @@
-//! A 4-bit weight on a device, and `y = x · dequant(W)ᵀ` whose backward gives
+//! A 4-bit weight on a device (or an FP8 one: [`Fp8Grid`]), and `y = x · dequant(W)ᵀ` whose backward gives
 //! `dx = dy · dequant(W)` without keeping a dense copy of W between the two (bitsandbytes'
 //! `MatMul4Bit` algorithm; shared/docs/QLORA-NOTES.md §1). The codes stay packed: 8 per 32-bit
 //! word (WGSL has no 8-bit type), the bitsandbytes bytes reinterpreted little-endian, so word j
@@ -38,6 +38,18 @@ pub struct Packed4Bit<B: Backend> {
     pub code: FloatTensor<B>,
     pub shape: [usize; 2],
     pub blocksize: usize,
+    /// An FP8 (e4m3) weight kept in 8 bits: 4 codes per word, the 256-entry e4m3 code book, and
+    /// `absmax` holding its scale grid (`weight_scale_inv`) instead of per-block absmax.
+    pub fp8: Option<Fp8Grid>,
+}
+
+/// The scale grid of an FP8 weight on a device: one scale per `[bm, bn]` block of the `[out,
+/// in]` weight (edge blocks partial; a per-tensor scale is one block of the whole weight),
+/// row-major `[ceil(out / bm), ceil(in / bn)]` in `absmax`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Grid {
+    pub bm: usize,
+    pub bn: usize,
 }
 
 impl<B: Backend> Packed4Bit<B> {
@@ -62,7 +74,50 @@ impl<B: Backend> Packed4Bit<B> {
             None => (floats(q.absmax.clone()), None),
         };
         let code = floats(q.kind.code().to_vec());
-        Packed4Bit { words, absmax, nested, code, shape, blocksize: q.blocksize }
+        Packed4Bit { words, absmax, nested, code, shape, blocksize: q.blocksize, fp8: None }
+    }
+
+    /// Upload an FP8 e4m3 weight `[out, in]` (one byte per value, row-major) with its scale grid
+    /// in blocks of `grid` (`scales` row-major, `[ceil(out / bm), ceil(in / bn)]`).
+    pub fn upload_fp8(bytes: &[u8], scales: &[f32], grid: Fp8Grid, shape: [usize; 2], device: &B::Device) -> Self {
+        let floats = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32)).into_primitive().tensor()
+        };
+        Packed4Bit {
+            words: words_of::<B>(bytes, device),
+            absmax: floats(scales.to_vec()),
+            nested: None,
+            code: floats(crate::quant::fp8::e4m3_values().to_vec()),
+            shape,
+            blocksize: 0,
+            fp8: Some(grid),
+        }
+    }
+
+    /// An FP8 weight: `code[q] * scale[i / bm, j / bn]` in f32 (exactly the on-load values).
+    fn dequantize_fp8(&self, grid: Fp8Grid, dtype: DType) -> Tensor<B, 2> {
+        let [out, inp] = self.shape;
+        let n = out * inp;
+        let words: Tensor<B, 1, Int> = Tensor::from_primitive(self.words.clone());
+        let w = words.dims()[0];
+        let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24]
+            .iter()
+            .map(|&s| {
+                words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])
+            })
+            .collect();
+        let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice(0..n);
+        let code: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.code.clone()));
+        let values = code.select(0, idx).reshape([out, inp]);
+        let (gr, gc) = (out.div_ceil(grid.bm), inp.div_ceil(grid.bn));
+        let scales: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone()));
+        let full = scales
+            .reshape([gr, 1, gc, 1])
+            .expand([gr, grid.bm, gc, grid.bn])
+            .reshape([gr * grid.bm, gc * grid.bn])
+            .slice([0..out, 0..inp]);
+        (values * full).cast(dtype)
     }
 
     /// The f32 absmax of every block: stored, or dequantized from the 8-bit codes.
@@ -92,6 +147,9 @@ impl<B: Backend> Packed4Bit<B> {
     /// dequant(W) `[out, in]` in `dtype`: `code[q] * absmax[block]` in f32, then cast (as
     /// bitsandbytes).
     pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
+        if let Some(grid) = self.fp8 {
+            return self.dequantize_fp8(grid, dtype);
+        }
         let [out, inp] = self.shape;
         let n = out * inp;
         let words: Tensor<B, 1, Int> = Tensor::from_primitive(self.words.clone());
@@ -137,11 +195,30 @@ impl<B: Backend> Packed4Bit<B> {
             .convert::<f32>()
             .to_vec()
             .ok()?;
+        let mut values = vec![0.0f32; out * inp];
+        if let Some(Fp8Grid { bm, bn }) = self.fp8 {
+            let gc = inp.div_ceil(bn.max(1));
+            if words.len() * 4 < out * inp || absmax.len() < out.div_ceil(bm.max(1)) * gc || code.len() < 256 {
+                return None;
+            }
+            values.par_chunks_mut(inp.max(1)).enumerate().for_each(|(row, dst)| {
+                let base = row * inp;
+                let scales = &absmax[(row / bm) * gc..(row / bm + 1) * gc];
+                for (j, v) in dst.iter_mut().enumerate() {
+                    let i = base + j;
+                    let byte = (words[i / 4] as u32 >> (8 * (i % 4))) & 0xff;
+                    *v = code[byte as usize] * scales[j / bn];
+                }
+            });
+            let device = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.code.clone())).device();
+            return Some(
+                Tensor::<B, 2>::from_data(TensorData::new(values, [out, inp]), (&device, DType::F32)).cast(dtype),
+            );
+        }
         let bs = self.blocksize.max(1);
         if words.len() * 8 < out * inp || absmax.len() < (out * inp).div_ceil(bs) || code.len() < 16 {
             return None;
         }
-        let mut values = vec![0.0f32; out * inp];
         values.par_chunks_mut(inp.max(1)).enumerate().for_each(|(row, dst)| {
             let base = row * inp;
             for (j, v) in dst.iter_mut().enumerate() {
@@ -187,9 +264,35 @@ pub struct Weight4Bit<B: Backend> {
     pub out_features: usize,
     pub in_features: usize,
     pub blocksize: usize,
+    /// An FP8 weight in 8 bits: its scale blocks `[bm, bn]` (`[0, 0]` for a 4-bit weight).
+    pub fp8_block: [usize; 2],
 }
 
 impl<B: Backend> Weight4Bit<B> {
+    /// An FP8 e4m3 weight kept in 8 bits on the device ([`Packed4Bit::upload_fp8`]).
+    pub fn fp8(bytes: &[u8], scales: &[f32], grid: Fp8Grid, shape: [usize; 2], device: &B::Device) -> Self {
+        let p = Packed4Bit::<B>::upload_fp8(bytes, scales, grid, shape, device);
+        Weight4Bit {
+            words: Tensor::from_primitive(p.words),
+            absmax: Tensor::from_primitive(TensorPrimitive::Float(p.absmax)),
+            absmax_codes: None,
+            nested_absmax: None,
+            absmax_map: None,
+            absmax_offset: 0.0,
+            absmax_blocks: 0,
+            code: Tensor::from_primitive(TensorPrimitive::Float(p.code)),
+            out_features: shape[0],
+            in_features: shape[1],
+            blocksize: 0,
+            fp8_block: [grid.bm, grid.bn],
+        }
+    }
+
+    /// Whether this is an FP8 weight (8 bits per value) rather than a 4-bit one.
+    pub fn is_fp8(&self) -> bool {
+        self.fp8_block != [0, 0]
+    }
+
     pub fn new(q: &Quantized4Bit, shape: [usize; 2], device: &B::Device) -> Self {
         let p = Packed4Bit::<B>::upload(q, shape, device);
         let float = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
@@ -215,6 +318,7 @@ impl<B: Backend> Weight4Bit<B> {
             out_features: shape[0],
             in_features: shape[1],
             blocksize: p.blocksize,
+            fp8_block: [0, 0],
         }
     }
 
@@ -237,6 +341,7 @@ impl<B: Backend> Weight4Bit<B> {
             code: self.code.clone().into_primitive().tensor(),
             shape: [self.out_features, self.in_features],
             blocksize: self.blocksize,
+            fp8: self.is_fp8().then_some(Fp8Grid { bm: self.fp8_block[0], bn: self.fp8_block[1] }),
         }
     }
 }

@@ -32,6 +32,11 @@ fn e4m3_table() -> &'static [f32; 256] {
     })
 }
 
+/// The 256 e4m3 values, indexed by the byte (the code book of an FP8 weight kept in 8 bits).
+pub fn e4m3_values() -> &'static [f32; 256] {
+    e4m3_table()
+}
+
 /// How the scales of one FP8 tensor are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Scales {

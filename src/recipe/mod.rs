@@ -20,13 +20,20 @@ pub struct OutputConfig {
     pub dir: PathBuf,
 }
 
-/// `quantization:` in a recipe: a 4-bit frozen base (QLoRA), bit for bit as bitsandbytes.
+/// `quantization:` in a recipe: a 4-bit frozen base (QLoRA), bit for bit as bitsandbytes; and
+/// what becomes of an FP8 checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizationConfig {
     /// Quantize the decoder projections to 4 bits as they load (a bitsandbytes 4-bit
     /// checkpoint is 4-bit either way).
+    #[serde(default)]
     pub load_in_4bit: bool,
+    /// An FP8 checkpoint's projections are kept in 8 bits on the device (one byte per weight,
+    /// dequantized block by block in each forward and backward) unless this is true: then they
+    /// are dequantized to the training dtype as they load (faster steps, 2-4x the memory).
+    #[serde(default)]
+    pub dequantize_fp8: bool,
     /// `nf4` (default) or `fp4`.
     #[serde(default = "default_quant_type")]
     pub quant_type: String,

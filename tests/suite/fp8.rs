@@ -232,3 +232,99 @@ fn other_quantization_schemes_are_refused_by_name() {
     let bnb8 = with(serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}));
     assert!(bnb8.contains("bitsandbytes 8-bit"), "{bnb8}");
 }
+
+/// By default the FP8 projections stay in 8 bits on the device: one byte per weight (4 codes
+/// per 32-bit word) plus one f32 scale per block, dequantized block by block in each forward
+/// and backward. That model gives the dequantize-on-load model's logits bit for bit and its LoRA
+/// gradients, on every scale layout (divisible blocks, ragged edge blocks, per tensor).
+#[test]
+fn fp8_base_stays_in_8_bits_and_equals_dequantize_on_load() {
+    use temper::model::load_model_with;
+    use temper::ops::loss::{nll_sum, shift_labels};
+    let device = Default::default();
+    for name in MODELS {
+        let path = dir().join(name);
+        let mut kept = load_model_with::<CpuAutodiff>(&path, WeightPrecision::F32, None, true, &device).unwrap().model;
+        let mut dense =
+            load_model_with::<CpuAutodiff>(&path, WeightPrecision::F32, None, false, &device).unwrap().model;
+        let (mut fp8, mut params, mut bytes) = (0, 0, 0);
+        for (module, p) in temper::lora::projections_mut(&mut kept) {
+            let Some(q) = p.quant.as_ref().filter(|q| q.is_fp8()) else { continue };
+            fp8 += 1;
+            let n = q.out_features * q.in_features;
+            let (words, scales) = (q.words.dims()[0], q.absmax.dims()[0]);
+            assert!(words * 4 >= n && words * 4 < n + 4, "{name}: {module} holds one byte per weight");
+            assert!(scales * 4 <= n / 16, "{name}: {module} has {scales} scales for {n} weights");
+            params += n;
+            bytes += words * 4 + scales * 4;
+        }
+        assert_eq!(fp8, 14, "{name}: every FP8 projection kept in 8 bits");
+        assert!(bytes as f64 <= params as f64 * 1.07, "{name}: {bytes} bytes for {params} FP8 weights");
+        assert!(
+            temper::lora::projections_mut(&mut dense).iter().all(|(_, p)| p.quant.is_none()),
+            "{name}: dequantize_fp8 gives dense weights"
+        );
+        let r = Reference::open(&dir().join(format!("{name}.reference.safetensors")));
+        let (ids, shape) = r.i64("input_ids");
+        let lora = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            init_lora_weights: temper::lora::LoraInit::Flag(false),
+            ..LoraConfig::default()
+        };
+        let run = |model: &mut temper::model::CausalLm<CpuAutodiff>| {
+            inject(model, &lora, 11).unwrap();
+            let input = burn::tensor::Tensor::<CpuAutodiff, 2, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(ids.clone(), [shape[0], shape[1]]),
+                &device,
+            );
+            let logits = model.forward(input);
+            let values: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
+            let rows: Vec<Vec<i64>> = ids.chunks(shape[1]).map(<[i64]>::to_vec).collect();
+            let (targets, _) = shift_labels(&rows);
+            let grads = nll_sum(logits, &targets).backward();
+            (values, crate::common::lora_grads(model, &grads, name))
+        };
+        let (kept_logits, kept_grads) = run(&mut kept);
+        let (dense_logits, dense_grads) = run(&mut dense);
+        assert!(
+            kept_logits.iter().zip(&dense_logits).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: logits of the 8-bit base differ from the dequantized one"
+        );
+        assert_eq!(kept_grads.len(), dense_grads.len());
+        for (module, pair) in &kept_grads {
+            let want = &dense_grads[module];
+            for (got, want) in [(&pair.a.data, &want.a.data), (&pair.b.data, &want.b.data)] {
+                let d = max_abs_diff(got, want);
+                assert!(d <= 1e-6, "{name}: {module} LoRA gradient differs by {d:e} on the 8-bit base");
+            }
+        }
+    }
+}
+
+/// The 8-bit dequantization's two paths agree bit for bit with the on-load values: the generic
+/// tensor path (every GPU backend runs it) and the CPU's host loop, on every scale layout.
+#[test]
+fn fp8_device_dequantization_equals_the_on_load_values() {
+    let device = Default::default();
+    for name in MODELS {
+        let r = Reference::open(&dir().join(format!("{name}.reference.safetensors")));
+        let mut model = load_model::<Cpu>(&dir().join(name), WeightPrecision::F32, &device).unwrap().model;
+        let mut checked = 0;
+        for (module, p) in temper::lora::projections_mut(&mut model) {
+            let Some(q) = p.quant.as_ref() else { continue };
+            let packed = q.packed();
+            let want = r.f32(&format!("dequant.{module}.weight")).0;
+            let generic: Vec<f32> = packed.dequantize(DType::F32).into_data().to_vec().unwrap();
+            let host: Vec<f32> = packed.dequantize_on_host(DType::F32).unwrap().into_data().to_vec().unwrap();
+            for (path, got) in [("generic", &generic), ("host", &host)] {
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}: {module} dequantized on the device ({path}) differs from the reference"
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 14, "{name}");
+    }
+}

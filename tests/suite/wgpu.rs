@@ -135,3 +135,27 @@ fn wgpu_llama4_logits_and_peft_gradients_match() {
     crate::llama4::check_logits_on::<Gpu>(&WgpuDevice::default());
     crate::llama4::check_peft_on::<Autodiff<Gpu>>(&WgpuDevice::default());
 }
+
+/// FP8 bases kept in 8 bits on wgpu (the generic dequantization: bytes unpacked from 32-bit
+/// words, the e4m3 code book, the scale grid expanded): logits within 1e-4 of transformers on
+/// divisible, ragged and per-tensor scales.
+#[test]
+#[ignore = "needs a Vulkan / Metal / DX12 device: run with --ignored --test-threads 1 (see the module docs)"]
+fn wgpu_fp8_base_in_8_bits_matches_transformers() {
+    let device = WgpuDevice::default();
+    for name in ["block", "ragged", "per_tensor"] {
+        let dir = crate::common::fixtures().join("fp8");
+        let r = crate::common::Reference::open(&dir.join(format!("{name}.reference.safetensors")));
+        let model = temper::model::load_model::<Gpu>(&dir.join(name), temper::model::WeightPrecision::F32, &device)
+            .unwrap()
+            .model;
+        let (ids, shape) = r.i64("input_ids");
+        let input = burn::tensor::Tensor::<Gpu, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids, [shape[0], shape[1]]),
+            &device,
+        );
+        let got: Vec<f32> = model.forward(input).into_data().to_vec().unwrap();
+        let d = crate::common::max_abs_diff(&got, &r.f32("logits").0);
+        assert!(d <= 1e-4, "{name}: logits on an 8-bit FP8 base differ from transformers by {d:e}");
+    }
+}
