@@ -47,9 +47,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Temper's `all-linear`: every decoder projection, on Qwen 3.5 / Qwen3-Next the gated delta nets'
-# in_proj_qkv, in_proj_z and out_proj too (names a model lacks match nothing; PEFT only refuses a
-# list that matches no module at all).
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z", "out_proj"]
+# in_proj_qkv, in_proj_z and out_proj too, on DeepSeek / Kimi / Moonlight the MLA projections
+# (names a model lacks match nothing; PEFT only refuses a list that matches no module at all).
+TARGET_MODULES = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+]
 ATTENTION = "sdpa"
 
 

@@ -103,6 +103,22 @@ fn flops_per_token(cfg: &DecoderConfig, seq: usize, rank: usize, training: bool)
     let attn_proj = h * q + 2.0 * h * kv + q * h;
     let attn_lora = (h + q) + 2.0 * (h + kv) + (q + h);
     let (mut linear, mut lora) = (cfg.vocab_size as f64 * h, 0.0);
+    // MLA: the query (plain or through its latent), the shared latent, its expansion to per-head
+    // keys and values, and o_proj; attention over (nope + rope)-wide keys and v-wide values.
+    let (attn_proj, attn_lora, attn_width) = match &cfg.mla {
+        Some(m) => {
+            let (heads, kvr) = (cfg.num_heads as f64, m.kv_lora_rank as f64);
+            let (qk, vd) = (heads * m.qk_dim() as f64, heads * m.v_dim as f64);
+            let kv_a = kvr + m.rope_dim as f64;
+            let kv_b = heads * (m.nope_dim + m.v_dim) as f64;
+            let (q_proj, q_lora) = match m.q_lora_rank {
+                Some(qr) => (h * qr as f64 + qr as f64 * qk, (h + qr as f64) + (qr as f64 + qk)),
+                None => (h * qk, h + qk),
+            };
+            (q_proj + h * kv_a + kvr * kv_b + vd * h, q_lora + (h + kv_a) + (kvr + kv_b) + (vd + h), (qk + vd) / 2.0)
+        }
+        None => (attn_proj, attn_lora, q),
+    };
     for layer in 0..cfg.num_layers {
         linear += attn_proj;
         lora += attn_lora * r;
@@ -122,7 +138,7 @@ fn flops_per_token(cfg: &DecoderConfig, seq: usize, rank: usize, training: bool)
             }
         }
     }
-    let attn = 4.0 * seq as f64 * q * l;
+    let attn = 4.0 * seq as f64 * attn_width * l;
     if training {
         4.0 * linear + 3.0 * attn + 6.0 * lora
     } else {
@@ -184,10 +200,11 @@ impl TrainTask for BenchArgs {
             }
         } else {
             // A mixture-of-experts model: LoRA on its experts too (PEFT's target_parameters).
+            let ffn = cfg.ffn_name;
             let target_parameters = cfg
                 .moe
                 .as_ref()
-                .map(|_| vec!["mlp.experts.gate_up_proj".to_string(), "mlp.experts.down_proj".to_string()]);
+                .map(|_| vec![format!("{ffn}.experts.gate_up_proj"), format!("{ffn}.experts.down_proj")]);
             let lora = LoraConfig {
                 r: self.rank,
                 lora_alpha: 2.0 * self.rank as f64,
