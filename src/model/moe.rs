@@ -166,13 +166,9 @@ impl<B: TemperBackend> MoeBlock<B> {
             inv[a] = pos as i64;
         }
         let ints = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [s]), &device);
-        let tokens_sorted = ints(perm.iter().map(|&a| (a / k) as i64).collect());
+        let tokens_sorted: Vec<i64> = perm.iter().map(|&a| (a / k) as i64).collect();
         let x2 = x.clone().reshape([n, h]);
         let w_sorted = weights.reshape([s]).select(0, ints(perm.iter().map(|&a| a as i64).collect()));
-        let mut x_sorted = x2.select(0, tokens_sorted);
-        if self.scale_input {
-            x_sorted = x_sorted * w_sorted.clone().unsqueeze_dim(1);
-        }
         let mut outputs = Vec::new();
         let mut offset = 0;
         // An expert no token chose still gets a (zero) gradient for its LoRA delta, as in PEFT,
@@ -191,7 +187,17 @@ impl<B: TemperBackend> MoeBlock<B> {
                 }
                 continue;
             }
-            let rows = x_sorted.clone().slice(offset..offset + count).reshape([1, count, h]);
+            // Each expert gathers its rows from the tokens (not a slice of one gathered [T * k, H]
+            // tensor: a slice's backward writes a zero tensor of its whole source, once per expert).
+            let idx = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(tokens_sorted[offset..offset + count].to_vec(), [count]),
+                &device,
+            );
+            let mut rows = x2.clone().select(0, idx);
+            if self.scale_input {
+                rows = rows * w_sorted.clone().slice(offset..offset + count).unsqueeze_dim(1);
+            }
+            let rows = rows.reshape([1, count, h]);
             outputs.push(self.experts[e].forward(rows, self.activation).reshape([count, h]));
             offset += count;
         }
