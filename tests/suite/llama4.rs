@@ -9,16 +9,16 @@
 
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde_json::Value;
-use temper::export::experts::fuse_experts;
 use temper::export::Adapter;
-use temper::lora::apply_adapter;
 use temper::model::config::{HfConfig, Routing};
 use temper::model::generate::{generate, SamplingConfig};
 use temper::model::{load_model, CausalLm, WeightPrecision};
-use temper::ops::loss::{nll_sum, shift_labels};
+use temper::ops::loss::shift_labels;
 use temper::ops::{TemperAutodiff, TemperBackend};
 
-use crate::common::{f32s, fixtures, max_abs_diff, raw_tensors, worst_relative, Cpu, CpuAutodiff, Reference};
+use crate::common::{
+    arange, fixtures, logits_at, max_abs_diff, raw_tensors, ref_ids, scale_of, Cpu, CpuAutodiff, Reference,
+};
 
 /// Logits and LoRA gradients: within 1e-4 of max(1, the largest reference value).
 const TOL: f32 = 1e-4;
@@ -35,10 +35,6 @@ fn manifest() -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
 }
 
-fn scale_of(x: &[f32]) -> f32 {
-    x.iter().fold(1f32, |m, v| m.max(v.abs()))
-}
-
 fn model_at<B: TemperBackend>(path: &std::path::Path, device: &B::Device) -> CausalLm<B> {
     load_model::<B>(path, WeightPrecision::F32, device).unwrap_or_else(|e| panic!("{}: {e}", path.display())).model
 }
@@ -49,25 +45,6 @@ fn model_on<B: TemperBackend>(name: &str, device: &B::Device) -> CausalLm<B> {
 
 fn reference(name: &str) -> Reference {
     Reference::open(&dir().join(manifest()["models"][name]["reference"].as_str().unwrap()))
-}
-
-fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::Device) -> Tensor<B, 2, Int> {
-    let (ids, shape) = r.i64(key);
-    Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
-}
-
-fn logits_at<B: TemperBackend>(
-    model: &CausalLm<B>,
-    input: Tensor<B, 2, Int>,
-    positions: Vec<Vec<usize>>,
-    segments: Option<Vec<Vec<u32>>>,
-) -> Vec<f32> {
-    let ctx = model.context(&positions, 0, segments);
-    model.logits(model.hidden_states(input, &ctx, None)).into_data().to_vec().unwrap()
-}
-
-fn arange(b: usize, t: usize) -> Vec<Vec<usize>> {
-    vec![(0..t).collect(); b]
 }
 
 /// Every model's logits (a 2x40 batch and a 100-token row, both longer than a chunk) within
@@ -83,7 +60,7 @@ pub fn check_logits_on<B: TemperBackend>(device: &B::Device) {
         let model = model_on::<B>(name, device);
         let r = reference(name);
         for key in ["batch.", "long."] {
-            let input = ids::<B>(&r, &format!("{key}input_ids"), device);
+            let input = ref_ids::<B>(&r, &format!("{key}input_ids"), device);
             let [b, t] = input.dims();
             let got = logits_at(&model, input, arange(b, t), None);
             let want = r.f32(&format!("{key}logits")).0;
@@ -112,7 +89,7 @@ fn llama4_router_choices_match_transformers() {
     for name in ["llama4_text", "llama4_text_dense_moe"] {
         let model = model_on::<Cpu>(name, &device);
         let r = reference(name);
-        let input = ids::<Cpu>(&r, "batch.input_ids", &device);
+        let input = ref_ids::<Cpu>(&r, "batch.input_ids", &device);
         let [b, t] = input.dims();
         let ctx = model.causal_context(b, t, 0).recording_router();
         model.hidden_states(input, &ctx, None);
@@ -143,26 +120,9 @@ fn llama4_left_padded_batch_matches_transformers() {
     for name in ["llama4_text", "llama4_text_dense_moe"] {
         let model = model_on::<Cpu>(name, &device);
         let r = reference(name);
-        let (mask, shape) = r.i64("padded.attention_mask");
-        let (pos, _) = r.i64("padded.position_ids");
-        let segments: Vec<Vec<u32>> =
-            mask.chunks(shape[1]).map(|row| row.iter().map(|&x| x as u32).collect()).collect();
-        let positions: Vec<Vec<usize>> =
-            pos.chunks(shape[1]).map(|row| row.iter().map(|&p| p as usize).collect()).collect();
-        let got = logits_at(&model, ids::<Cpu>(&r, "padded.input_ids", &device), positions, Some(segments));
-        let (want, wshape) = r.f32("padded.logits");
-        let vocab = wshape[2];
-        let mut worst = 0f32;
-        let mut real = 0;
-        for (p, &keep) in mask.iter().enumerate() {
-            if keep == 1 {
-                let span = p * vocab..(p + 1) * vocab;
-                worst = worst.max(max_abs_diff(&got[span.clone()], &want[span]));
-                real += 1;
-            }
-        }
-        assert!(real > shape[1], "{name}: the padded batch has real tokens in both rows");
-        assert!(worst <= TOL * scale_of(&want), "{name}: left-padded logits differ by {worst:e} at real positions");
+        let (worst, real, cols, scale) = crate::common::padded_batch_diff(&model, &r, &device);
+        assert!(real > cols, "{name}: the padded batch has real tokens in both rows");
+        assert!(worst <= TOL * scale, "{name}: left-padded logits differ by {worst:e} at real positions");
     }
 }
 
@@ -174,7 +134,7 @@ fn llama4_loss_matches_transformers() {
     for name in MODELS {
         let model = model_on::<Cpu>(name, &device);
         let r = reference(name);
-        let input = ids::<Cpu>(&r, "long.input_ids", &device);
+        let input = ref_ids::<Cpu>(&r, "long.input_ids", &device);
         let (targets, count) = shift_labels(&[r.i64("long.input_ids").0]);
         let [b, t] = input.dims();
         let hidden = model.hidden_states(input, &model.causal_context(b, t, 0), None);
@@ -244,43 +204,18 @@ pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
     let m = manifest();
     for name in ["llama4_text", "llama4"] {
         let e = &m["peft"][name];
-        let mut model = model_at::<B>(&dir().join(e["base_model"].as_str().unwrap()), device);
-        let adapter =
-            Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
-        apply_adapter(&mut model, &adapter).unwrap_or_else(|err| panic!("{name}: {err}"));
-        let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-        let input = ids::<B>(&r, "input_ids", device);
-        let labels = vec![r.i64("input_ids").0];
-        let logits = model.forward(input);
-        let got: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
-        let want = r.f32("logits").0;
-        let d = max_abs_diff(&got, &want);
-        assert!(d <= TOL * scale_of(&want), "{name}: adapter logits differ by {d:e} (largest {})", scale_of(&want));
-        let (targets, count) = shift_labels(&labels);
-        let loss = nll_sum(logits, &targets).div_scalar(count as f32);
-        let value = loss.clone().into_scalar().elem::<f32>();
+        let path = |key: &str| dir().join(e[key].as_str().unwrap());
         let want_loss = e["loss"].as_f64().unwrap() as f32;
-        assert!((value - want_loss).abs() <= TOL, "{name}: loss {value} vs PEFT {want_loss}");
-        if e["grad_keys"].as_u64() == Some(0) {
-            continue;
-        }
-        let grads = loss.backward();
-        let host = crate::common::lora_grads(&mut model, &grads, name);
-        let fused = fuse_experts(&host).unwrap().0;
-        let mut checked = 0;
-        for (module, pair) in &fused {
-            for (which, t) in [("A", &pair.a), ("B", &pair.b)] {
-                let key = format!("grad.base_model.model.{module}.lora_{which}.weight");
-                assert!(r.names().contains(&key), "{name}: Temper has {key}, PEFT has no such gradient");
-                let (want, want_shape) = r.f32(&key);
-                assert_eq!(t.shape, want_shape, "{name}: {key} shape");
-                let d = max_abs_diff(&t.data, &want);
-                assert!(d <= TOL * scale_of(&want), "{name}: {key} differs by {d:e} (largest {})", scale_of(&want));
-                checked += 1;
-            }
-        }
-        let want_keys = r.names().iter().filter(|k| k.starts_with("grad.")).count();
-        assert_eq!(checked, want_keys, "{name}: every PEFT gradient checked");
+        let grads = e["grad_keys"].as_u64() != Some(0);
+        crate::common::check_peft_adapter::<B>(
+            name,
+            &path("base_model"),
+            &path("adapter"),
+            &path("reference"),
+            want_loss,
+            grads,
+            device,
+        );
     }
 }
 
@@ -301,7 +236,10 @@ fn llama4_adapters_round_trip_in_peft_layout() {
         assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: keys");
         for (k, (shape, bytes)) in &want {
             assert_eq!(&got[k].0, shape, "{name}: {k}");
-            assert!(f32s(&got[k].1) == f32s(bytes), "{name}: {k} changed in the round trip");
+            assert!(
+                crate::common::f32s(&got[k].1) == crate::common::f32s(bytes),
+                "{name}: {k} changed in the round trip"
+            );
         }
         let cfg: Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
@@ -320,39 +258,13 @@ fn llama4_adapters_round_trip_in_peft_layout() {
 /// max(1, |x|), every other tensor byte for byte.
 #[test]
 fn llama4_merge_matches_peft_merge_and_unload() {
-    use temper::export::{merge_model, MergeDtype, MergeInput, MergeOptions, WriteMode};
     let m = manifest();
     let e = &m["peft"]["llama4_text"];
-    let want: std::collections::BTreeMap<String, Vec<f32>> =
-        raw_tensors(&dir().join(e["merged"]["path"].as_str().unwrap()))
-            .into_iter()
-            .map(|(k, (_, b))| (k, f32s(&b)))
-            .collect();
+    let merged = dir().join(e["merged"]["path"].as_str().unwrap());
+    let want = raw_tensors(&merged);
     assert!(want.keys().any(|k| k.ends_with("feed_forward.experts.gate_up_proj")), "experts merged by PEFT");
-    let tmp = tempfile::tempdir().unwrap();
-    let adapter_dir = dir().join(e["adapter"].as_str().unwrap());
-    let input = MergeInput { adapter: Adapter::read(&adapter_dir).unwrap(), dir: adapter_dir, weight: 1.0 };
-    let base_dir = dir().join(e["base_model"].as_str().unwrap());
-    let out = tmp.path().join("merged");
-    let opts = MergeOptions { dtype: MergeDtype::Auto, untie: false };
-    merge_model(&base_dir, &[input], opts, &out, WriteMode::Refuse, &mut |_| {}).unwrap();
-    let base = raw_tensors(&base_dir.join("model.safetensors"));
-    let got = raw_tensors(&out.join("model.safetensors"));
-    assert_eq!(got.keys().collect::<Vec<_>>(), base.keys().collect::<Vec<_>>(), "the base's tensors");
-    let mut changed = 0;
-    for (name, (shape, bytes)) in &base {
-        let (got_shape, got_bytes) = &got[name];
-        assert_eq!(got_shape, shape, "{name}");
-        match want.get(name) {
-            Some(w) => {
-                let worst = worst_relative(&f32s(got_bytes), w);
-                assert!(worst <= 1e-5, "{name} differs from merge_and_unload by {worst:e}");
-                changed += 1;
-            }
-            None => assert!(got_bytes == bytes, "{name} is not adapted and must be copied byte for byte"),
-        }
-    }
-    assert_eq!(changed, want.len(), "every adapted tensor merged");
+    let path = |key: &str| dir().join(e[key].as_str().unwrap());
+    crate::common::check_merge_matches_peft(&path("base_model"), &path("adapter"), &merged);
 }
 
 /// Ten AdamW steps of LoRA on llama4_text reproduce PyTorch + PEFT's curve.

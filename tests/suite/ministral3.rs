@@ -5,7 +5,7 @@
 //! left-padded batch with generate's position ids, tied and untied heads, greedy generation with
 //! the KV cache, and PEFT adapters' logits, loss and LoRA gradients.
 
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::ElementConversion;
 use serde_json::Value;
 use temper::export::Adapter;
 use temper::lora::apply_adapter;
@@ -15,7 +15,10 @@ use temper::model::{load_model, CausalLm, WeightPrecision};
 use temper::ops::loss::{nll_sum, shift_labels};
 use temper::ops::{TemperAutodiff, TemperBackend};
 
-use crate::common::{f32s, fixtures, max_abs_diff, raw_tensors, worst_relative, Cpu, CpuAutodiff, Reference};
+use crate::common::{
+    arange, f32s, fixtures, logits_at, max_abs_diff, raw_tensors, ref_ids, scale_of, worst_relative, Cpu, CpuAutodiff,
+    Reference,
+};
 
 /// Logits and LoRA gradients: within 1e-4 of max(1, the largest reference value).
 const TOL: f32 = 1e-4;
@@ -28,31 +31,8 @@ fn manifest() -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
 }
 
-fn scale_of(x: &[f32]) -> f32 {
-    x.iter().fold(1f32, |m, v| m.max(v.abs()))
-}
-
 fn model_on<B: TemperBackend>(rel: &str, device: &B::Device) -> CausalLm<B> {
     load_model::<B>(&dir().join(rel), WeightPrecision::F32, device).unwrap_or_else(|e| panic!("{rel}: {e}")).model
-}
-
-fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::Device) -> Tensor<B, 2, Int> {
-    let (ids, shape) = r.i64(key);
-    Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
-}
-
-fn logits_at<B: TemperBackend>(
-    model: &CausalLm<B>,
-    input: Tensor<B, 2, Int>,
-    positions: Vec<Vec<usize>>,
-    segments: Option<Vec<Vec<u32>>>,
-) -> Vec<f32> {
-    let ctx = model.context(&positions, 0, segments);
-    model.logits(model.hidden_states(input, &ctx, None)).into_data().to_vec().unwrap()
-}
-
-fn arange(b: usize, t: usize) -> Vec<Vec<usize>> {
-    vec![(0..t).collect(); b]
 }
 
 /// Every checkpoint's logits (batch, and the 100-token row where the query scale reaches 1.19)
@@ -81,7 +61,7 @@ pub fn check_logits_on<B: TemperBackend>(device: &B::Device) {
             if !r.names().contains(&format!("{key}input_ids")) {
                 continue;
             }
-            let input = ids::<B>(&r, &format!("{key}input_ids"), device);
+            let input = ref_ids::<B>(&r, &format!("{key}input_ids"), device);
             let [b, t] = input.dims();
             let got = logits_at(&model, input, arange(b, t), None);
             let d = max_abs_diff(&got, &r.f32(&format!("{key}logits")).0);
@@ -100,25 +80,8 @@ fn ministral3_left_padded_batch_matches_transformers() {
     for name in ["ministral3", "ministral3_tied"] {
         let model = model_on::<Cpu>(m["models"][name]["path"].as_str().unwrap(), &device);
         let r = Reference::open(&dir().join(m["models"][name]["reference"].as_str().unwrap()));
-        let (mask, shape) = r.i64("padded.attention_mask");
-        let (pos, _) = r.i64("padded.position_ids");
-        let segments: Vec<Vec<u32>> =
-            mask.chunks(shape[1]).map(|row| row.iter().map(|&x| x as u32).collect()).collect();
-        let positions: Vec<Vec<usize>> =
-            pos.chunks(shape[1]).map(|row| row.iter().map(|&p| p as usize).collect()).collect();
-        let got = logits_at(&model, ids::<Cpu>(&r, "padded.input_ids", &device), positions, Some(segments));
-        let (want, wshape) = r.f32("padded.logits");
-        let vocab = wshape[2];
-        let mut worst = 0f32;
-        let mut real = 0;
-        for (p, &keep) in mask.iter().enumerate() {
-            if keep == 1 {
-                let span = p * vocab..(p + 1) * vocab;
-                worst = worst.max(max_abs_diff(&got[span.clone()], &want[span]));
-                real += 1;
-            }
-        }
-        assert!(real > shape[1], "{name}: the padded batch has real tokens in both rows");
+        let (worst, real, cols, _) = crate::common::padded_batch_diff(&model, &r, &device);
+        assert!(real > cols, "{name}: the padded batch has real tokens in both rows");
         assert!(worst <= TOL, "{name}: left-padded logits differ by {worst:e} at real positions");
     }
 }
@@ -132,7 +95,7 @@ fn ministral3_loss_matches_transformers() {
         let e = &m["models"][name];
         let model = model_on::<Cpu>(e["path"].as_str().unwrap(), &device);
         let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-        let input = ids::<Cpu>(&r, "long.input_ids", &device);
+        let input = ref_ids::<Cpu>(&r, "long.input_ids", &device);
         let (targets, count) = shift_labels(&[r.i64("long.input_ids").0]);
         let [b, t] = input.dims();
         let hidden = model.hidden_states(input, &model.causal_context(b, t, 0), None);
@@ -205,7 +168,7 @@ pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
             Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
         apply_adapter(&mut model, &adapter).unwrap_or_else(|err| panic!("{name}: {err}"));
         let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-        let input = ids::<B>(&r, "input_ids", device);
+        let input = ref_ids::<B>(&r, "input_ids", device);
         let labels = vec![r.i64("input_ids").0];
         let logits = model.forward(input);
         let got: Vec<f32> = logits.clone().into_data().to_vec().unwrap();

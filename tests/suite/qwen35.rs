@@ -18,7 +18,7 @@ use temper::ops::loss::{nll_sum, shift_labels};
 
 use temper::ops::{TemperAutodiff, TemperBackend};
 
-use crate::common::{fixtures, max_abs_diff, Cpu, CpuAutodiff, Reference};
+use crate::common::{fixtures, max_abs_diff, ref_ids, scale_of, Cpu, CpuAutodiff, Reference};
 
 /// Logits and LoRA gradients: within 1e-4 of max(1, the largest reference value). The gated
 /// norm rescales every value head's output to unit RMS, so where q and k are nearly orthogonal
@@ -33,10 +33,6 @@ const GRAD_TOL: f32 = 1e-4;
 /// lavapipe), where transformers' own two kernels are 8.3e-5 apart.
 pub const GPU_LOGITS_TOL: f32 = 1.5e-4;
 
-/// max(1, max |x|): the scale a tolerance is relative to.
-fn scale_of(x: &[f32]) -> f32 {
-    x.iter().fold(1f32, |m, v| m.max(v.abs()))
-}
 const MODELS: &[&str] =
     &["qwen3_5_text", "qwen3_5_text_r3", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next"];
 
@@ -56,11 +52,6 @@ fn model_on<B: TemperBackend>(name: &str, device: &B::Device) -> CausalLm<B> {
     let m = manifest();
     let path = dir().join(m["models"][name]["path"].as_str().unwrap());
     load_model::<B>(&path, WeightPrecision::F32, device).unwrap_or_else(|e| panic!("{name}: {e}")).model
-}
-
-fn ids<B: burn::tensor::backend::Backend>(r: &Reference, key: &str, device: &B::Device) -> Tensor<B, 2, Int> {
-    let (ids, shape) = r.i64(key);
-    Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
 }
 
 fn logits_of<B: TemperBackend>(
@@ -92,7 +83,7 @@ pub fn check_logits_on<B: TemperBackend>(device: &B::Device, tol: f32) {
             if !r.names().contains(&format!("{key}input_ids")) {
                 continue;
             }
-            let got = logits_of(&model, ids::<B>(&r, &format!("{key}input_ids"), device), None);
+            let got = logits_of(&model, ref_ids::<B>(&r, &format!("{key}input_ids"), device), None);
             let d = max_abs_diff(&got, &r.f32(&format!("{key}logits")).0);
             assert!(d <= tol, "{name} {key}logits differ by {d:e} (tolerance {tol:e})");
         }
@@ -115,7 +106,7 @@ fn qwen35_left_padded_batch_matches_transformers() {
         let (mask, shape) = r.i64("padded.attention_mask");
         let segments: Vec<Vec<u32>> =
             mask.chunks(shape[1]).map(|row| row.iter().map(|&x| x as u32).collect()).collect();
-        let got = logits_of(&model, ids::<Cpu>(&r, "padded.input_ids", &device), Some(segments));
+        let got = logits_of(&model, ref_ids::<Cpu>(&r, "padded.input_ids", &device), Some(segments));
         let (want, wshape) = r.f32("padded.logits");
         let vocab = wshape[2];
         let mut worst = 0f32;
@@ -138,7 +129,7 @@ fn qwen35_loss_matches_transformers() {
         let e = &m["models"][name];
         let model = model::<Cpu>(name);
         let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-        let input = ids::<Cpu>(&r, "long.input_ids", &device);
+        let input = ref_ids::<Cpu>(&r, "long.input_ids", &device);
         let labels: Vec<Vec<i64>> = vec![r.i64("long.input_ids").0];
         let (targets, count) = shift_labels(&labels);
         let [b, t] = input.dims();
@@ -226,7 +217,7 @@ pub fn check_peft_on<B: TemperAutodiff>(device: &B::Device) {
             Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap_or_else(|err| panic!("{name}: {err}"));
         apply_adapter(&mut model, &adapter).unwrap_or_else(|err| panic!("{name}: {err}"));
         let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-        let input = ids::<B>(&r, "input_ids", device);
+        let input = ref_ids::<B>(&r, "input_ids", device);
         let (labels, shape) = r.i64("labels");
         let labels: Vec<Vec<i64>> = labels.chunks(shape[1]).map(<[i64]>::to_vec).collect();
         let logits = model.forward(input);
@@ -278,7 +269,7 @@ fn qwen35_vlm_adapter_matches_peft() {
         load_model::<Cpu>(&dir().join(e["base_model"].as_str().unwrap()), WeightPrecision::F32, &device).unwrap().model;
     apply_adapter(&mut model, &Adapter::read(&dir().join(e["adapter"].as_str().unwrap())).unwrap()).unwrap();
     let r = Reference::open(&dir().join(e["reference"].as_str().unwrap()));
-    let got = logits_of(&model, ids::<Cpu>(&r, "input_ids", &device), None);
+    let got = logits_of(&model, ref_ids::<Cpu>(&r, "input_ids", &device), None);
     let d = max_abs_diff(&got, &r.f32("logits").0);
     assert!(d <= LOGITS_TOL, "VLM adapter logits differ by {d:e}");
 }
