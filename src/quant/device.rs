@@ -99,15 +99,7 @@ impl<B: Backend> Packed4Bit<B> {
     fn dequantize_fp8(&self, grid: Fp8Grid, dtype: DType) -> Tensor<B, 2> {
         let [out, inp] = self.shape;
         let n = out * inp;
-        let words: Tensor<B, 1, Int> = Tensor::from_primitive(self.words.clone());
-        let w = words.dims()[0];
-        let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24]
-            .iter()
-            .map(|&s| {
-                words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])
-            })
-            .collect();
-        let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice(0..n);
+        let idx = unpack_bytes(Tensor::from_primitive(self.words.clone()), n);
         let code: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(self.code.clone()));
         let values = code.select(0, idx).reshape([out, inp]);
         let (gr, gc) = (out.div_ceil(grid.bm), inp.div_ceil(grid.bn));
@@ -123,15 +115,7 @@ impl<B: Backend> Packed4Bit<B> {
     /// The f32 absmax of every block: stored, or dequantized from the 8-bit codes.
     pub fn absmax(&self) -> Tensor<B, 1> {
         let Some(n) = &self.nested else { return Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone())) };
-        let words: Tensor<B, 1, Int> = Tensor::from_primitive(n.codes.clone());
-        let w = words.dims()[0];
-        let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24]
-            .iter()
-            .map(|&s| {
-                words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1])
-            })
-            .collect();
-        let idx = Tensor::cat(bytes, 1).reshape([w * 4]).slice(0..n.blocks);
+        let idx = unpack_bytes(Tensor::from_primitive(n.codes.clone()), n.blocks);
         let map: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.map.clone()));
         let values = map.select(0, idx);
         let nested: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(n.nested_absmax.clone()));
@@ -232,6 +216,17 @@ impl<B: Backend> Packed4Bit<B> {
         let device = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.code.clone())).device();
         Some(Tensor::<B, 2>::from_data(TensorData::new(values, [out, inp]), (&device, DType::F32)).cast(dtype))
     }
+}
+
+/// The first `n` bytes of 32-bit words packed little endian (byte `i` is bits `8 (i % 4)..` of
+/// word `i / 4`): the inverse of [`words_of`], on the device.
+fn unpack_bytes<B: Backend>(words: Tensor<B, 1, Int>, n: usize) -> Tensor<B, 1, Int> {
+    let w = words.dims()[0];
+    let bytes: Vec<Tensor<B, 2, Int>> = [0i64, 8, 16, 24]
+        .iter()
+        .map(|&s| words.clone().bitwise_right_shift_scalar(s.elem()).bitwise_and_scalar(255i64.elem()).reshape([w, 1]))
+        .collect();
+    Tensor::cat(bytes, 1).reshape([w * 4]).slice(0..n)
 }
 
 /// `bytes` as 32-bit words (little endian, zero-padded), the device's packed integer form.
